@@ -1,0 +1,111 @@
+"""Typed results that stages hand to each other (and that Prefect shows as task results)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from pydantic import BaseModel
+
+
+class _Result(BaseModel):
+    def write_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
+        return path
+
+    @classmethod
+    def read_json(cls, path: str | Path):
+        return cls.model_validate_json(Path(path).read_text())
+
+
+class BaseModelRef(_Result):
+    """Where the base model can be loaded from: a local folder or a hub id."""
+
+    source: str  # what the user asked for (model.base)
+    path: str  # what from_pretrained receives
+    revision: str | None = None
+
+
+class ContractCheck(_Result):
+    expectation: str  # e.g. "no_empty_content"
+    split: str  # "train" | "validation"
+    passed: bool
+    severity: str = "fail"  # "fail" | "warn"
+    observed: str = ""
+    threshold: str = ""
+    examples: list[str] = []  # "data/train.jsonl:12: <why>"
+
+
+class ContractReport(_Result):
+    passed: bool
+    checks: list[ContractCheck]
+    train_rows: int
+    validation_rows: int
+    format: str
+    report_path: str | None = None
+
+    def failures(self) -> list[ContractCheck]:
+        return [check for check in self.checks if not check.passed and check.severity == "fail"]
+
+
+class EvalMetrics(_Result):
+    loss: float  # token-weighted mean NLL over target tokens
+    perplexity: float
+    tokens: int
+    examples: int
+
+    @classmethod
+    def from_totals(cls, total_nll: float, tokens: int, examples: int) -> EvalMetrics:
+        loss = total_nll / max(tokens, 1)
+        return cls(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=tokens, examples=examples)
+
+
+class TrainResult(_Result):
+    adapter_dir: str
+    trainable_params: int
+    total_params: int
+    steps: int
+    best_step: int | None
+    best_eval_loss: float | None
+    stopped_early: bool
+    history_path: str  # JSON list of {"step", "loss"|"eval_loss", ...} from the trainer
+
+
+class ChampionRef(_Result):
+    version: str
+    loss: float | None  # validation loss recorded at registration
+    data_md5: str | None
+    base_model: str | None
+    adapter_uri: str | None
+
+
+class GateDecision(_Result):
+    passed: bool
+    reasons: list[str]
+    baseline_loss: float
+    candidate_loss: float
+    champion_loss: float | None = None
+    champion_version: str | None = None
+
+
+class Lineage(_Result):
+    git_commit: str
+    git_dirty: bool
+    data_md5: str
+    dvc_lock_md5: str
+    params_hash: str
+    base_model: str
+    base_revision: str | None = None
+
+    def as_tags(self) -> dict[str, str]:
+        return {f"loraops.{key}": "" if value is None else str(value) for key, value in self.model_dump().items()}
+
+
+class Registration(_Result):
+    run_id: str
+    model_name: str
+    version: str | None  # None when the gate failed: the run is logged, nothing is registered
+    aliases: list[str] = []
