@@ -1,0 +1,5 @@
+"""Prefect flows of loraops."""
+
+import os
+
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "loraops")

@@ -7,6 +7,7 @@ SmolLM2 path is covered by tests marked ``slow``.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,3 +110,62 @@ def tiny_data_dir(tmp_path) -> Path:
     target = tmp_path / "data"
     shutil.copytree(TINY_DATA, target)
     return target
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GIT = ["git", "-c", "user.name=loraops-tests", "-c", "user.email=tests@loraops.invalid"]
+
+
+def tiny_params(base_model: Path, **sections) -> dict:
+    """params.yaml contents for a tiny-model project; ``sections`` update whole sections."""
+    import yaml
+
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["model"]["base"] = str(base_model)
+    params["data"]["max_length"] = 64
+    params["train"].update(learning_rate=0.01, max_steps=8, batch_size=8, eval_steps=4, early_stopping_patience=0)
+    params["eval"]["batch_size"] = 8
+    params["registry"]["model_name"] = "tiny-adapter"
+    for section, values in sections.items():
+        params[section].update(values)
+    return params
+
+
+def make_project(directory: Path, base_model: Path, **sections) -> Path:
+    """A real loraops project: git repo, DVC repo with a local remote, tiny data under data.dvc."""
+    import shutil
+    import subprocess
+
+    import yaml
+
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(REPO_ROOT / "loraops", directory / "loraops", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO_ROOT / "dvc.yaml", directory / "dvc.yaml")
+    shutil.copy(REPO_ROOT / ".gitignore", directory / ".gitignore")
+    shutil.copytree(TINY_DATA, directory / "data")
+    (directory / "params.yaml").write_text(yaml.safe_dump(tiny_params(base_model, **sections), sort_keys=False))
+    dvc = str(Path(sys.executable).parent / "dvc")
+    run = lambda *args: subprocess.run(args, cwd=directory, check=True, capture_output=True, text=True)  # noqa: E731
+    run("git", "init", "-q", "-b", "main")
+    run(dvc, "init", "-q")
+    run(dvc, "remote", "add", "-d", "local", str(directory.parent / f"{directory.name}-remote"))
+    run(dvc, "add", "-q", "data")
+    run("git", "add", "-A")
+    run(*GIT, "commit", "-q", "-m", "tiny project")
+    return directory
+
+
+@pytest.fixture
+def tiny_project(tmp_path, tiny_model_dir, monkeypatch) -> Path:
+    """A fresh tiny project whose MLflow store lives inside it (sqlite under mlflow/)."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return make_project(tmp_path / "project", tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect test server per session (starts in ~10 s on 2 cores)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

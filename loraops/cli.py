@@ -1,0 +1,168 @@
+"""The ``loraops`` command line. Every command runs the same stage functions as the flow and dvc.yaml."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from loraops.config import ConfigError, LoraopsConfig, load_config, parse_override
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+
+ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="The parameters file (DVC-tracked)")]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-S", help="Override a params.yaml key, e.g. -S lora.r=8 -S train.max_steps=10"),
+]
+
+
+class UserError(Exception):
+    """Raised for problems the user can fix; printed without a traceback."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from loraops.contract import DataContractError
+    from loraops.data import DataError
+
+    errors: list[type[BaseException]] = [ConfigError, DataError, DataContractError, UserError, FileNotFoundError]
+    try:
+        from loraops.training import TrainingDivergedError
+
+        errors.append(TrainingDivergedError)
+    except ImportError:  # the training extras are optional for data-only installs
+        pass
+    return tuple(errors)
+
+
+@contextmanager
+def _exit_cleanly_on_user_error():
+    try:
+        yield
+    except _user_errors() as error:
+        typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1) from None
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _config(params: Path, overrides: list[str] | None) -> LoraopsConfig:
+    return load_config(params, dict(parse_override(item) for item in overrides or []))
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    """loraops: specialise LLMs with LoRA/QLoRA under a data contract, a gate and a registry."""
+    _configure_logging(verbose)
+
+
+@app.command()
+def retrain(params: ParamsOption = Path("params.yaml"), overrides: SetOption = None) -> None:
+    """Run the Prefect retrain flow: contract, baseline, train, evaluate, gate, version, register."""
+    with _exit_cleanly_on_user_error():
+        cfg = _config(params, overrides)
+        from flows.retrain import retrain as retrain_flow
+        from loraops.reporting import closing_lines
+
+        result = retrain_flow(config=cfg, project_dir=str(params.resolve().parent))
+        for line in closing_lines(result.baseline, result.candidate, result.decision, result.registration):
+            typer.echo(line)
+
+
+class DataFormat(str, Enum):
+    auto = "auto"
+    chat = "chat"
+    alpaca = "alpaca"
+    text = "text"
+
+
+@app.command()
+def validate(
+    path: Annotated[Path, typer.Argument(help="A data folder with train/validation files, or one training file")],
+    validation: Annotated[Path | None, typer.Option(help="The validation file (when PATH is a file)")] = None,
+    data_format: Annotated[DataFormat | None, typer.Option("--format", help="Override data.format")] = None,
+    max_length: Annotated[int | None, typer.Option(help="Override data.max_length")] = None,
+    params: ParamsOption = Path("params.yaml"),
+) -> None:
+    """Run the data contract on PATH alone; exit 0 when it passes, 1 when it fails."""
+    from loraops import stages
+
+    with _exit_cleanly_on_user_error():
+        overrides: dict[str, object] = {}
+        train_file, validation_file = _split_files(path, validation)
+        overrides["data.train_file"] = str(train_file.resolve())
+        overrides["data.validation_file"] = str(validation_file.resolve())
+        if data_format is not None:
+            overrides["data.format"] = data_format.value
+        if max_length is not None:
+            overrides["data.max_length"] = max_length
+        cfg = load_config(params, overrides) if params.exists() else _defaults_with(overrides)
+        root = params.resolve().parent
+        stages.prepare_base_model(cfg, root)
+        from loraops.contract import format_report
+
+        report = stages.validate_dataset(cfg, root)
+        typer.echo(format_report(report))
+
+
+def _defaults_with(overrides: dict[str, object]) -> LoraopsConfig:
+    from loraops.config import apply_overrides, config_from_dict
+
+    return config_from_dict(apply_overrides({}, overrides), source="defaults")
+
+
+def _split_files(path: Path, validation: Path | None) -> tuple[Path, Path]:
+    if path.is_dir():
+        matches = {split: sorted(path.glob(f"{split}.*")) for split in ("train", "validation")}
+        missing = [split for split, found in matches.items() if not found]
+        if missing:
+            raise UserError(f"{path}: no {' or '.join(missing)} file found (expected train.jsonl and validation.jsonl)")
+        return matches["train"][0], validation or matches["validation"][0]
+    if validation is None:
+        raise UserError(f"{path}: pass --validation FILE too (the contract checks leakage between the splits)")
+    return path, validation
+
+
+@app.command("import-data")
+def import_data(params: ParamsOption = Path("params.yaml")) -> None:
+    """Rebuild data/ from the embedded chatterbot corpus (byte-identical to what data.dvc records)."""
+    from loraops import stages
+
+    with _exit_cleanly_on_user_error():
+        summary = stages.import_data(load_config(params), params.resolve().parent)
+        typer.echo(f"imported {summary}")
+
+
+class StageName(str, Enum):
+    prepare_base_model = "prepare-base-model"
+    validate_dataset = "validate-dataset"
+    evaluate_baseline = "evaluate-baseline"
+    train_adapter = "train-adapter"
+    evaluate_adapter = "evaluate-adapter"
+
+
+@app.command()
+def stage(name: StageName, params: ParamsOption = Path("params.yaml")) -> None:
+    """Run one pipeline stage (what dvc.yaml calls); the flow runs the same functions."""
+    from loraops import stages
+
+    runner: Callable = getattr(stages, name.name)
+    with _exit_cleanly_on_user_error():
+        result = runner(load_config(params), params.resolve().parent)
+        typer.echo(result.model_dump_json(indent=1) if hasattr(result, "model_dump_json") else str(result))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,243 @@
+"""The pipeline stages: one definition each, shared by the Prefect flow, the CLI and ``dvc.yaml``.
+
+A stage reads its inputs from the project's files (paths in the config, relative to the
+project root), writes its outputs there, and returns a typed result. The heavy libraries are
+imported inside each stage so that ``loraops --help`` and the data contract stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+from loraops.config import LoraopsConfig, write_params
+from loraops.results import (
+    BaseModelRef,
+    ContractReport,
+    EvalMetrics,
+    GateDecision,
+    Lineage,
+    Registration,
+    TrainResult,
+)
+
+log = logging.getLogger(__name__)
+
+BASELINE_METRICS = "baseline.json"
+ADAPTER_METRICS = "adapter.json"
+TRAIN_METRICS = "train.json"
+TRAIN_HISTORY = "train_history.json"
+GATE_DECISION = "gate.json"
+CONTRACT_SUMMARY = "data_contract_summary.json"
+
+
+def _path(root: Path, relative: str) -> Path:
+    return Path(root) / relative
+
+
+def record_run_config(cfg: LoraopsConfig, root: Path) -> bool:
+    """Write the run's effective config into params.yaml so dvc.lock and lineage describe what ran."""
+    changed = write_params(cfg, _path(root, "params.yaml"))
+    if changed:
+        log.info("params.yaml updated with this run's settings (params hash %s)", cfg.params_hash())
+    return changed
+
+
+def import_data(cfg: LoraopsConfig, root: Path) -> dict:
+    """Rebuild the embedded default dataset (deterministic: same bytes as data.dvc records)."""
+    from loraops.data import import_chatterbot
+
+    settings = cfg.data_import.model_copy(update={"output_dir": str(_path(root, cfg.data_import.output_dir))})
+    return import_chatterbot(settings)
+
+
+def prepare_base_model(cfg: LoraopsConfig, root: Path) -> BaseModelRef:
+    from loraops import modeling
+
+    return modeling.prepare_base_model(cfg.model, _path(root, cfg.paths.base_model_dir))
+
+
+def _load_splits(cfg: LoraopsConfig, root: Path):
+    from loraops.data import load_split
+
+    train = load_split(_path(root, cfg.data.train_file), cfg.data.format)
+    validation = load_split(_path(root, cfg.data.validation_file), cfg.data.format)
+    return train, validation
+
+
+def _tokenizer(cfg: LoraopsConfig, root: Path):
+    from loraops import modeling
+
+    base = modeling.read_base_model_ref(_path(root, cfg.paths.base_model_dir))
+    return modeling.load_tokenizer(base, cfg.model)
+
+
+def validate_dataset(cfg: LoraopsConfig, root: Path) -> ContractReport:
+    """Run the data contract; raise DataContractError (after writing the report) if it fails."""
+    from loraops.contract import DataContractError, validate_dataset as run_contract
+
+    train, validation = _load_splits(cfg, root)
+    report = run_contract(train, validation, _tokenizer(cfg, root), cfg.data.max_length, _path(root, cfg.paths.reports_dir))
+    if not report.passed:
+        raise DataContractError(report)
+    return report
+
+
+def _tokenized_splits(cfg: LoraopsConfig, root: Path):
+    from loraops.tokenization import build_dataset
+
+    train, validation = _load_splits(cfg, root)
+    tokenizer = _tokenizer(cfg, root)
+    return (
+        build_dataset(tokenizer, train.examples, cfg.data.max_length),
+        build_dataset(tokenizer, validation.examples, cfg.data.max_length),
+    )
+
+
+def _validation_dataset(cfg: LoraopsConfig, root: Path):
+    from loraops.tokenization import build_dataset
+
+    _, validation = _load_splits(cfg, root)
+    return build_dataset(_tokenizer(cfg, root), validation.examples, cfg.data.max_length)
+
+
+def evaluate_baseline(cfg: LoraopsConfig, root: Path) -> EvalMetrics:
+    """Validation loss of the base model (quantised as training will see it) on the target tokens."""
+    from loraops import modeling
+    from loraops.evaluation import evaluate_loss
+
+    base = modeling.read_base_model_ref(_path(root, cfg.paths.base_model_dir))
+    device = modeling.resolve_device(cfg.train)
+    model = modeling.load_base_model(base, cfg.model, cfg.quant, device)
+    metrics = evaluate_loss(model, _validation_dataset(cfg, root), cfg.eval.batch_size)
+    metrics.write_json(_path(root, cfg.paths.metrics_dir) / BASELINE_METRICS)
+    log.info("baseline validation loss %.4f (perplexity %.2f) over %d tokens", metrics.loss, metrics.perplexity, metrics.tokens)
+    return metrics
+
+
+def train_adapter(cfg: LoraopsConfig, root: Path) -> TrainResult:
+    from loraops import modeling, training
+
+    base = modeling.read_base_model_ref(_path(root, cfg.paths.base_model_dir))
+    train_dataset, validation_dataset = _tokenized_splits(cfg, root)
+    metrics_dir = _path(root, cfg.paths.metrics_dir)
+    local = cfg.model_copy(
+        update={"train": cfg.train.model_copy(update={"output_dir": str(_path(root, cfg.train.output_dir))})}
+    )
+    result = training.train_adapter(
+        local,
+        base,
+        train_dataset,
+        validation_dataset,
+        _path(root, cfg.paths.adapter_dir),
+        history_path=metrics_dir / TRAIN_HISTORY,
+    )
+    result.write_json(metrics_dir / TRAIN_METRICS)
+    write_loss_plots(Path(result.history_path), metrics_dir / "plots")
+    return result
+
+
+def write_loss_plots(history_path: Path, plots_dir: Path) -> None:
+    """Split the trainer's log history into the two series ``dvc plots`` draws."""
+    history = json.loads(history_path.read_text())
+    series = {
+        "train_loss.json": [{"step": row["step"], "loss": row["loss"]} for row in history if "loss" in row],
+        "eval_loss.json": [{"step": row["step"], "eval_loss": row["eval_loss"]} for row in history if "eval_loss" in row],
+    }
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    for name, rows in series.items():
+        (plots_dir / name).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+def evaluate_adapter(cfg: LoraopsConfig, root: Path) -> EvalMetrics:
+    """The candidate's validation loss, computed exactly as the baseline's."""
+    metrics = _evaluate_adapter_dir(cfg, root, _path(root, cfg.paths.adapter_dir))
+    metrics.write_json(_path(root, cfg.paths.metrics_dir) / ADAPTER_METRICS)
+    log.info("adapter validation loss %.4f (perplexity %.2f)", metrics.loss, metrics.perplexity)
+    return metrics
+
+
+def _evaluate_adapter_dir(cfg: LoraopsConfig, root: Path, adapter_dir: Path) -> EvalMetrics:
+    from loraops import modeling
+    from loraops.evaluation import evaluate_loss
+
+    base = modeling.read_base_model_ref(_path(root, cfg.paths.base_model_dir))
+    device = modeling.resolve_device(cfg.train)
+    model = modeling.load_adapter_model(base, adapter_dir, cfg.model, cfg.quant, device)
+    return evaluate_loss(model, _validation_dataset(cfg, root), cfg.eval.batch_size)
+
+
+def gate_candidate(cfg: LoraopsConfig, root: Path, baseline: EvalMetrics, candidate: EvalMetrics) -> GateDecision:
+    """Compare the candidate with the base model and with the current champion on today's data."""
+    from loraops import gate, registry
+
+    client = registry.client_for(cfg.registry, root)
+    champion = registry.find_champion(client, cfg.registry.model_name)
+    champion_loss = None
+    if champion is not None:
+        champion_loss = _champion_loss_on_current_data(cfg, root, client, champion)
+    decision = gate.gate_candidate(
+        baseline, candidate, champion_loss, champion.version if champion else None, cfg.gate
+    )
+    decision.write_json(_path(root, cfg.paths.metrics_dir) / GATE_DECISION)
+    for reason in decision.reasons:
+        log.info("gate: %s", reason)
+    return decision
+
+
+def _champion_loss_on_current_data(cfg: LoraopsConfig, root: Path, client, champion) -> float:
+    """Reuse the champion's recorded loss when it was measured on this data and base; else re-measure."""
+    from loraops import registry, versioning
+
+    same_data = champion.data_md5 == versioning.data_md5(root)
+    same_base = champion.base_model == cfg.model.base
+    if same_data and same_base and champion.loss is not None:
+        return champion.loss
+    log.info("champion v%s was measured on other data or base: re-evaluating it on the current split", champion.version)
+    with tempfile.TemporaryDirectory() as scratch:
+        adapter_dir = registry.download_adapter(client, champion, Path(scratch))
+        return _evaluate_adapter_dir(cfg, root, adapter_dir).loss
+
+
+def version_outputs(cfg: LoraopsConfig, root: Path) -> Lineage:
+    """Record what ran in dvc.lock, push data and outputs to the remote, and return the lineage."""
+    from loraops import modeling, versioning
+
+    versioning.record_pipeline_state(root)
+    if cfg.version.push:
+        versioning.push_outputs(root)
+    base = modeling.read_base_model_ref(_path(root, cfg.paths.base_model_dir))
+    return versioning.collect_lineage(cfg, root, base.source, base.revision)
+
+
+def register_adapter(
+    cfg: LoraopsConfig,
+    root: Path,
+    trained: TrainResult,
+    baseline: EvalMetrics,
+    candidate: EvalMetrics,
+    decision: GateDecision,
+    lineage: Lineage,
+) -> Registration:
+    """Log the run to MLflow; register a version only when the gate passed."""
+    from loraops import registry
+
+    extra_files = [
+        _path(root, "params.yaml"),
+        _path(root, "dvc.lock"),
+        _path(root, cfg.paths.reports_dir) / CONTRACT_SUMMARY,
+        _path(root, cfg.paths.metrics_dir) / TRAIN_HISTORY,
+    ]
+    return registry.log_and_register(
+        cfg,
+        client=registry.client_for(cfg.registry, root),
+        root=root,
+        trained=trained,
+        baseline=baseline,
+        candidate=candidate,
+        decision=decision,
+        lineage=lineage,
+        extra_files=[path for path in extra_files if path.exists()],
+    )

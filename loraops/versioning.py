@@ -1,0 +1,169 @@
+"""Data and pipeline lineage with DVC and git.
+
+The flow runs stages in-process instead of through ``dvc repro``, so afterwards
+``record_pipeline_state`` makes ``dvc.lock`` describe what ran (``dvc commit --force``: hashes of
+the deps, params and outs as they are on disk now, nothing re-run) and caches the outputs, and
+``push_outputs`` sends the cache to the remote. DVC and git are driven through their CLIs in a
+subprocess: the same commands a user would type, no global state in this process, and errors
+carry the tool's own message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from loraops.config import LoraopsConfig
+from loraops.results import Lineage
+
+logger = logging.getLogger(__name__)
+
+UNKNOWN_COMMIT = "unknown"
+# Files whose content lineage records by hash of its own; a change to them is not "dirty code".
+LINEAGE_FILES = ("dvc.lock", "data.dvc", "params.yaml")
+
+
+class VersioningError(RuntimeError):
+    """A git or DVC command failed; the message names the command, the folder and the tool's error."""
+
+
+def _run(command: list[str], cwd: str | Path, what: str) -> str:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    try:
+        done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    except FileNotFoundError as error:
+        raise VersioningError(f"{what}: '{command[0]}' is not installed or not on PATH") from error
+    if done.returncode != 0:
+        detail = (done.stderr or done.stdout).strip()
+        raise VersioningError(f"{what} failed in {cwd} (exit {done.returncode}): {detail}")
+    return done.stdout
+
+
+def _dvc(repo_root: str | Path, *args: str, what: str | None = None) -> str:
+    # The interpreter's own DVC, so a venv's dvc is used even when its bin/ is not on PATH.
+    return _run([sys.executable, "-m", "dvc", *args], repo_root, what or f"dvc {' '.join(args)}")
+
+
+def _git(repo_root: str | Path, *args: str) -> str:
+    return _run(["git", *args], repo_root, f"git {' '.join(args)}").strip()
+
+
+def file_md5(path: str | Path) -> str:
+    digest = hashlib.md5()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def data_md5(repo_root: str | Path, dvc_file: str = "data.dvc") -> str:
+    """The md5 DVC recorded for the tracked data (``outs[0].md5`` of ``dvc_file``)."""
+    path = Path(repo_root) / dvc_file
+    if not path.exists():
+        raise VersioningError(f"{path} not found: track the data first with `dvc add data`")
+    outs = (yaml.safe_load(path.read_text()) or {}).get("outs") or []
+    md5 = outs[0].get("md5") if outs and isinstance(outs[0], dict) else None
+    if not md5:
+        raise VersioningError(f"{path} records no md5 for its output: run `dvc commit {dvc_file}`")
+    return md5
+
+
+def git_state(repo_root: str | Path, ignore: tuple[str, ...] = ()) -> tuple[str, bool]:
+    """HEAD commit and whether tracked files differ from it (untracked files do not count).
+
+    Outside a git repository, or in one without commits, returns ``("unknown", True)`` rather
+    than failing: the run still happens, and its lineage says plainly that the code is unversioned.
+    Paths in ``ignore`` (relative to ``repo_root``) are left out of the dirty check.
+    """
+    try:
+        commit = _git(repo_root, "rev-parse", "HEAD")
+        excludes = [f":(exclude){path}" for path in ignore]
+        changes = _git(repo_root, "status", "--porcelain", "--untracked-files=no", "--", ".", *excludes)
+    except VersioningError as error:
+        logger.warning("no git commit for %s, lineage records '%s': %s", repo_root, UNKNOWN_COMMIT, error)
+        return UNKNOWN_COMMIT, True
+    return commit, bool(changes)
+
+
+def collect_lineage(
+    cfg: LoraopsConfig,
+    repo_root: str | Path,
+    base_model: str,
+    base_revision: str | None,
+    dvc_file: str = "data.dvc",
+) -> Lineage:
+    """Lineage of a run; call after ``record_pipeline_state`` so dvc.lock describes what ran.
+
+    ``git_dirty`` ignores dvc.lock, data.dvc and params.yaml: each is recorded by its own hash.
+    """
+    lock = Path(repo_root) / "dvc.lock"
+    if not lock.exists():
+        raise VersioningError(f"{lock} not found: call record_pipeline_state (dvc commit) before collecting lineage")
+    commit, dirty = git_state(repo_root, ignore=(*LINEAGE_FILES, dvc_file))
+    return Lineage(
+        git_commit=commit,
+        git_dirty=dirty,
+        data_md5=data_md5(repo_root, dvc_file),
+        dvc_lock_md5=file_md5(lock),
+        params_hash=cfg.params_hash(),
+        base_model=base_model,
+        base_revision=base_revision,
+    )
+
+
+def record_pipeline_state(repo_root: str | Path, stages: list[str] | None = None) -> None:
+    """Make dvc.lock (and .dvc files) match the workspace without re-running anything.
+
+    ``dvc commit --force`` records the current hashes of each stage's deps, params and outs in
+    dvc.lock and copies the outs into the DVC cache. With ``stages=None`` every target is
+    committed, ``data.dvc`` included, so a dataset edited since ``dvc add`` is recorded as the
+    data that trained this adapter. Pass stage names (or ``.dvc`` files) to commit only those,
+    e.g. when some stages of dvc.yaml did not run and their outputs are missing.
+    """
+    targets = list(stages or [])
+    _dvc(repo_root, "commit", "--force", *targets, what=f"dvc commit --force {' '.join(targets) or '(all stages)'}")
+    logger.info("recorded pipeline state in %s", Path(repo_root) / "dvc.lock")
+
+
+def default_remote(repo_root: str | Path) -> str | None:
+    name = _dvc(repo_root, "remote", "default").strip()
+    return name or None
+
+
+def ensure_default_remote(repo_root: str | Path, path: str | Path, name: str = "local") -> str:
+    """Use the configured default remote, else add a local-directory remote at ``path`` as default."""
+    try:
+        existing = default_remote(repo_root)
+    except VersioningError:
+        existing = None  # `dvc remote default` fails when none is set
+    if existing:
+        return existing
+    target = Path(path).resolve()
+    target.mkdir(parents=True, exist_ok=True)
+    _dvc(repo_root, "remote", "add", "--default", "--force", name, str(target))
+    logger.info("added DVC default remote '%s' at %s", name, target)
+    return name
+
+
+def push_outputs(repo_root: str | Path, remote: str | None = None) -> str:
+    """``dvc push`` the cached data and outputs; returns the remote's name."""
+    name = remote
+    if name is None:
+        try:
+            name = default_remote(repo_root)
+        except VersioningError:
+            name = None
+        if not name:
+            raise VersioningError(
+                f"no default DVC remote in {repo_root}: add one with `dvc remote add -d NAME URL` "
+                "or set version.push: false"
+            )
+    output = _dvc(repo_root, "push", "--remote", name, what=f"dvc push to remote '{name}'")
+    logger.info("dvc push to '%s': %s", name, output.strip().splitlines()[-1] if output.strip() else "done")
+    return name

@@ -1,0 +1,96 @@
+"""The retrain pipeline's tasks. The work lives in loraops.stages; tasks add retries and artifacts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from loraops import reporting, stages
+from loraops.config import LoraopsConfig
+from loraops.results import (
+    BaseModelRef,
+    ContractReport,
+    EvalMetrics,
+    GateDecision,
+    Lineage,
+    Registration,
+    TrainResult,
+)
+
+# Stages read and write the project's files, so Prefect's input-hash caching would hide reruns.
+_stage = dict(cache_policy=NO_CACHE, persist_result=False)
+
+
+@task(name="record-run-config", **_stage)
+def record_run_config(cfg: LoraopsConfig, root: Path) -> bool:
+    return stages.record_run_config(cfg, root)
+
+
+@task(name="prepare-base-model", retries=1, **_stage)
+def prepare_base_model(cfg: LoraopsConfig, root: Path) -> BaseModelRef:
+    return stages.prepare_base_model(cfg, root)
+
+
+@task(name="validate-dataset", retries=0, **_stage)
+def validate_dataset(cfg: LoraopsConfig, root: Path) -> ContractReport:
+    """Never retried: bad data stays bad."""
+    from loraops.contract import DataContractError
+
+    try:
+        report = stages.validate_dataset(cfg, root)
+    except DataContractError as error:
+        create_markdown_artifact(reporting.contract_markdown(error.report), key="data-contract")
+        raise
+    create_markdown_artifact(reporting.contract_markdown(report), key="data-contract")
+    return report
+
+
+@task(name="evaluate-baseline", **_stage)
+def evaluate_baseline(cfg: LoraopsConfig, root: Path) -> EvalMetrics:
+    return stages.evaluate_baseline(cfg, root)
+
+
+@task(name="train-adapter", **_stage)
+def train_adapter(cfg: LoraopsConfig, root: Path) -> TrainResult:
+    return stages.train_adapter(cfg, root)
+
+
+@task(name="evaluate-adapter", **_stage)
+def evaluate_adapter(cfg: LoraopsConfig, root: Path) -> EvalMetrics:
+    return stages.evaluate_adapter(cfg, root)
+
+
+@task(name="gate-candidate", retries=2, retry_delay_seconds=[5, 30], **_stage)
+def gate_candidate(cfg: LoraopsConfig, root: Path, baseline: EvalMetrics, candidate: EvalMetrics) -> GateDecision:
+    decision = stages.gate_candidate(cfg, root, baseline, candidate)
+    create_markdown_artifact(reporting.evaluation_markdown(baseline, candidate, decision), key="gate-decision")
+    return decision
+
+
+@task(name="version-outputs", retries=2, retry_delay_seconds=[5, 30], **_stage)
+def version_outputs(cfg: LoraopsConfig, root: Path) -> Lineage:
+    return stages.version_outputs(cfg, root)
+
+
+@task(name="register-adapter", retries=2, retry_delay_seconds=[5, 30], **_stage)
+def register_adapter(
+    cfg: LoraopsConfig,
+    root: Path,
+    trained: TrainResult,
+    baseline: EvalMetrics,
+    candidate: EvalMetrics,
+    decision: GateDecision,
+    lineage: Lineage,
+) -> Registration:
+    """Retry-safe: registration is keyed on the run, so a retry never adds a second version."""
+    from loraops import registry
+
+    registration = stages.register_adapter(cfg, root, trained, baseline, candidate, decision, lineage)
+    create_markdown_artifact(
+        reporting.registration_markdown(registration, registry.version_url(cfg.registry, root, registration)),
+        key="registration",
+    )
+    return registration

@@ -1,0 +1,91 @@
+"""The whole retrain flow on the tiny model, with real Prefect, MLflow (SQLite), DVC and GX."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from loraops.config import load_config
+
+DVC = str(Path(sys.executable).parent / "dvc")
+
+
+def _dvc(project: Path, *args: str) -> str:
+    return subprocess.run([DVC, *args], cwd=project, check=True, capture_output=True, text=True).stdout
+
+
+def _client(project: Path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{project}/mlflow/mlflow.db"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_retrain_registers_a_gated_adapter_with_lineage_and_versions_it(tiny_project, prefect_harness):
+    from flows.retrain import retrain
+
+    cfg = load_config(tiny_project / "params.yaml", {"registry.auto_promote": True})
+    result = retrain(config=cfg, project_dir=str(tiny_project))
+
+    assert result.decision.passed, result.decision.reasons
+    assert result.candidate.loss < result.baseline.loss - cfg.gate.min_improvement_over_base
+    assert result.candidate.tokens == result.baseline.tokens  # same target tokens on both sides
+    assert result.registration.version == "1"
+    assert set(result.registration.aliases) == {"challenger", "champion"}
+
+    # the CLI override was recorded in params.yaml, so dvc.lock describes what ran
+    assert yaml.safe_load((tiny_project / "params.yaml").read_text())["registry"]["auto_promote"] is True
+
+    version = _client(tiny_project).get_model_version_by_alias("tiny-adapter", "champion")
+    assert version.version == "1"
+    lock = (tiny_project / "dvc.lock").read_bytes()
+    import hashlib
+
+    assert version.tags["loraops.dvc_lock_md5"] == hashlib.md5(lock).hexdigest()
+    assert version.tags["loraops.params_hash"] == cfg.params_hash()
+    assert version.tags["loraops.data_md5"] == yaml.safe_load((tiny_project / "data.dvc").read_text())["outs"][0]["md5"]
+    assert version.tags["loraops.base_model"] == cfg.model.base
+
+    # dvc.lock matches the workspace: `dvc status` has nothing to report, outputs were pushed
+    assert "up to date" in _dvc(tiny_project, "status").lower()
+    assert "up to date" in _dvc(tiny_project, "status", "--cloud").lower()
+    metrics = json.loads((tiny_project / "metrics" / "adapter.json").read_text())
+    assert metrics["loss"] == pytest.approx(result.candidate.loss)
+
+
+def test_retrain_with_no_gain_over_the_champion_registers_nothing(tiny_project, prefect_harness):
+    from flows.retrain import retrain
+
+    cfg = load_config(tiny_project / "params.yaml", {"registry.auto_promote": True})
+    first = retrain(config=cfg, project_dir=str(tiny_project))
+    assert first.registration.version == "1"
+
+    # Same seed, same data: the same adapter again cannot beat the champion it equals.
+    second = retrain(config=cfg, project_dir=str(tiny_project))
+    assert not second.decision.passed
+    assert second.decision.champion_version == "1"
+    assert second.registration.version is None
+    client = _client(tiny_project)
+    assert [v.version for v in client.search_model_versions("name='tiny-adapter'")] == ["1"]
+    assert client.get_run(second.registration.run_id).data.tags["loraops.gate"] == "failed"
+
+
+def test_bad_data_stops_the_flow_before_any_model_is_loaded(tiny_project, prefect_harness):
+    from flows.retrain import retrain
+    from loraops.contract import DataContractError
+
+    validation = tiny_project / "data" / "validation.jsonl"
+    rows = validation.read_text().splitlines()
+    rows[2] = json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  "}]})
+    validation.write_text("\n".join(rows) + "\n")
+
+    with pytest.raises(DataContractError, match=r"validation\.jsonl:3"):
+        retrain(config=load_config(tiny_project / "params.yaml"), project_dir=str(tiny_project))
+    assert not (tiny_project / "metrics" / "baseline.json").exists()
+    assert not (tiny_project / "adapters" / "candidate").exists()
+    assert not (tiny_project / "mlflow" / "mlflow.db").exists()
