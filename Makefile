@@ -36,7 +36,7 @@ data: install
 	$(BIN)/dvc status data.dvc
 
 demo: data
-	time $(BIN)/loraops retrain
+	$(BIN)/loraops retrain
 
 test: install
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
