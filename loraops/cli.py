@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Callable
 from contextlib import contextmanager
 from enum import Enum
@@ -76,7 +77,9 @@ def retrain(params: ParamsOption = Path("params.yaml"), overrides: SetOption = N
         from flows.retrain import retrain as retrain_flow
         from loraops.reporting import closing_lines
 
+        started = time.monotonic()
         result = retrain_flow(config=cfg, project_dir=str(params.resolve().parent))
+        typer.echo(f"retrain finished in {time.monotonic() - started:.0f} s")
         for line in closing_lines(result.baseline, result.candidate, result.decision, result.registration):
             typer.echo(line)
 
