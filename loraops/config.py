@@ -91,6 +91,7 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = False
     eval_steps: int = Field(10, gt=0, description="Evaluate on the validation split every N steps")
     early_stopping_patience: int = Field(2, ge=0, description="Evaluations without improvement before stopping; 0 = off")
+    save_total_limit: int = Field(2, gt=0, description="Checkpoints kept in train.output_dir; the best is always kept")
     seed: int = 42
     output_dir: str = "checkpoints"
 

@@ -53,10 +53,6 @@ class LoadedSplit:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def location(self, index: int) -> str:
-        """``file:line`` of row ``index``, the prefix of every report about that row."""
-        return f"{self.path}:{self.lines[index]}"
-
 
 # --- normalisation -------------------------------------------------------------------------
 
@@ -149,7 +145,7 @@ def load_split(path: str | Path, fmt: FormatChoice = "auto") -> LoadedSplit:
                 f"{type(row).__name__}; write one JSON object per row"
             )
     resolved = _resolve_format(path, rows, lines, fmt)
-    if resolved == "chat":
+    if resolved == "chat" and path.suffix.lower() in (".csv", ".parquet"):
         rows = [_decode_messages(path, row, line) for row, line in zip(rows, lines)]
     logger.info("Loaded %d %s rows from %s", len(rows), resolved, path)
     return LoadedSplit(path=str(path), format=resolved, rows=rows, lines=lines)
@@ -174,7 +170,7 @@ def _read_rows(path: Path) -> tuple[list[Any], list[int]]:
 def _read_jsonl(path: Path) -> tuple[list[Any], list[int]]:
     rows: list[Any] = []
     lines: list[int] = []
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:
         for number, text in enumerate(handle, start=1):
             if not text.strip():
                 continue
@@ -191,7 +187,7 @@ def _read_jsonl(path: Path) -> tuple[list[Any], list[int]]:
 
 def _read_json_array(path: Path) -> tuple[list[Any], list[int]]:
     """Decode a JSON list element by element so each row keeps the line it starts on."""
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     decoder = json.JSONDecoder()
     position = _skip_space(text, 0)
     if text[position : position + 1] != "[":
@@ -226,7 +222,7 @@ def _skip_space(text: str, position: int) -> int:
 
 def _read_csv(path: Path) -> tuple[list[Any], list[int]]:
     # Every cell is read as a string (an empty cell is ""), so nothing is silently turned into NaN.
-    with path.open(encoding="utf-8", newline="") as handle:
+    with path.open(encoding="utf-8-sig", newline="") as handle:
         rows = [dict(row) for row in csv.DictReader(handle)]
     return rows, list(range(1, len(rows) + 1))
 
@@ -237,12 +233,12 @@ def _read_parquet(path: Path) -> tuple[list[Any], list[int]]:
     try:
         rows = pq.read_table(path).to_pylist()
     except Exception as error:  # pyarrow raises several unrelated types for a corrupt file
-        raise DataError(f"{path}: cannot read as Parquet ({error}); write it with pandas.DataFrame.to_parquet") from None
+        raise DataError(f"{path}: cannot read as Parquet ({error}); rewrite it with DataFrame.to_parquet") from None
     return rows, list(range(1, len(rows) + 1))
 
 
 def _decode_messages(path: Path, row: dict[str, Any], line: int) -> dict[str, Any]:
-    """CSV (and some Parquet) files hold ``messages`` as a JSON string; decode it to a list."""
+    """Tables hold ``messages`` as a JSON string (CSV always, Parquet often); decode it to a list."""
     messages = row.get("messages")
     if not isinstance(messages, str):
         return row
@@ -267,7 +263,8 @@ def row_format(row: dict[str, Any]) -> str | None:
 
 
 def _needs() -> str:
-    return "; ".join(f"{name} needs {' + '.join(repr(key) for key in fields)}" for name, fields in FORMAT_FIELDS.items())
+    needs = (f"{name} needs {' + '.join(repr(key) for key in fields)}" for name, fields in FORMAT_FIELDS.items())
+    return "; ".join(needs)
 
 
 def _resolve_format(path: Path, rows: list[dict[str, Any]], lines: list[int], fmt: FormatChoice) -> str:
@@ -278,7 +275,7 @@ def _resolve_format(path: Path, rows: list[dict[str, Any]], lines: list[int], fm
         known = [name for name in found if name is not None]
         if not known:
             raise DataError(
-                f"{path}:{lines[0]}: unknown data format; found fields {sorted(rows[0])}, but {_needs()}; "
+                f"{path}:{lines[0]}: unknown data format; found fields {_field_names(rows[0])}, but {_needs()}; "
                 "rename the fields or convert the file"
             )
         detected = max(FORMAT_FIELDS, key=known.count)  # ties go to the earlier format
@@ -298,10 +295,14 @@ def _check_uniform(
     shown = ", ".join(str(lines[index]) for index in wrong[:5])
     raise DataError(
         f"{path}: format '{expected}' ({how}) needs fields {list(FORMAT_FIELDS[expected])}, but {len(wrong)} "
-        f"row(s) differ, at line(s) {shown}; line {lines[first]} has fields {sorted(rows[first])} "
+        f"row(s) differ, at line(s) {shown}; line {lines[first]} has fields {_field_names(rows[first])} "
         f"({found[first] or 'no known format'}). Use one format per file ({_needs()})"
         + ("" if how == "detected" else " or set data.format: auto")
     )
+
+
+def _field_names(row: dict[str, Any]) -> list[str]:
+    return sorted(str(key) for key in row)  # a CSV row with surplus cells has the key None
 
 
 def _has_fields(row: dict[str, Any], fmt: str) -> bool:

@@ -55,21 +55,33 @@ def dvc_status(repo: Path) -> dict:
     return json.loads(dvc(repo, "status", "--json"))
 
 
-@pytest.fixture
-def project(tmp_path) -> Path:
-    """A committed git+DVC project: data/ added with DVC, one stage, a local default remote."""
-    repo = tmp_path / "project"
+@pytest.fixture(scope="session")
+def project_template(tmp_path_factory) -> Path:
+    """Built once: a committed git+DVC project (data/ added with DVC, one stage) and its remote.
+
+    The remote path is relative, so a copy of the whole folder is a self-contained project.
+    """
+    root = tmp_path_factory.mktemp("template")
+    repo = root / "project"
     (repo / "data").mkdir(parents=True)
     sh(repo, "git", "init", "-q")
     dvc(repo, "init", "-q")
-    ensure_default_remote(repo, tmp_path / "remote")
+    dvc(repo, "remote", "add", "--default", "local", "../remote")
     (repo / "data" / "train.jsonl").write_text('{"text": "hello"}\n')
     dvc(repo, "add", "-q", "data")
     (repo / "params.yaml").write_text("train:\n  steps: 3\nother: 1\n")
     (repo / "dvc.yaml").write_text(DVC_YAML)
     (repo / "train.py").write_text("print('code under version control')\n")
+    # Like the project's own .gitignore, stage outputs are ignored up front (DVC would append them).
+    (repo / ".gitignore").write_text("/data\n/out\n")
     git_commit(repo, "project")
-    return repo
+    return root
+
+
+@pytest.fixture
+def project(project_template, tmp_path) -> Path:
+    shutil.copytree(project_template, tmp_path, dirs_exist_ok=True)
+    return tmp_path / "project"
 
 
 def write_output(repo: Path, text: str = "written in-process") -> Path:
@@ -160,6 +172,15 @@ def test_push_failure_names_the_remote(project):
 def test_ensure_default_remote_keeps_an_existing_default(project, tmp_path):
     assert ensure_default_remote(project, tmp_path / "elsewhere", name="other") == "local"
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_ensure_default_remote_adds_a_local_directory_remote(project, tmp_path):
+    dvc(project, "remote", "remove", "local")
+
+    assert ensure_default_remote(project, tmp_path / "store") == "local"
+
+    assert (tmp_path / "store").is_dir()
+    assert Path(dvc(project, "remote", "list").split()[1]).resolve() == (tmp_path / "store").resolve()
 
 
 def test_data_md5_reads_data_dvc(project):

