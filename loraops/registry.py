@@ -28,6 +28,7 @@ from mlflow.exceptions import MlflowException
 
 from loraops.config import LoraopsConfig, RegistryConfig
 from loraops.results import ChampionRef, EvalMetrics, GateDecision, Lineage, Registration, TrainResult
+from loraops.versioning import file_md5
 
 logger = logging.getLogger(__name__)
 
@@ -239,7 +240,7 @@ def derive_run_key(record: RunRecord) -> str:
         digest.update(part.model_dump_json().encode())
     for path in sorted(_files_under(Path(record.train.adapter_dir))):
         digest.update(str(path.relative_to(record.train.adapter_dir)).encode())
-        digest.update(hashlib.md5(path.read_bytes()).digest())
+        digest.update(file_md5(path).encode())
     return digest.hexdigest()[:32]
 
 
@@ -347,8 +348,12 @@ def flatten_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str
 def _redact(name: str, value: str) -> str:
     if any(word in name.lower() for word in _SECRET_WORDS):
         return "***"
-    parts = urlsplit(value)
-    if parts.password:
+    try:
+        parts = urlsplit(value)
+        has_password = bool(parts.password)
+    except ValueError:  # not a URL (e.g. an unbalanced '[')
+        return value
+    if has_password:
         host = parts.netloc.rsplit("@", 1)[-1]
         return urlunsplit(parts._replace(netloc=f"***@{host}"))
     return value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,9 +23,8 @@ def tiny_model(tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def validation_dataset(tiny_tokenizer):
-    from conftest import TINY_DATA
-
-    rows = [json.loads(line) for line in (TINY_DATA / "validation.jsonl").read_text().splitlines()]
+    lines = (Path(__file__).parent / "fixtures" / "data" / "validation.jsonl").read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
     return build_dataset(tiny_tokenizer, rows, max_length=64)
 
 

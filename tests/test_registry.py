@@ -12,19 +12,16 @@ import os
 import uuid
 from pathlib import Path
 
+import mlflow.artifacts
 import pytest
+from mlflow.exceptions import MlflowException
 
 from loraops.config import LoraopsConfig, RegistryConfig
-from loraops.results import EvalMetrics, GateDecision, Lineage, TrainResult
-
-mlflow = pytest.importorskip("mlflow")
-
-from mlflow.exceptions import MlflowException  # noqa: E402
-
-from loraops.registry import (  # noqa: E402
+from loraops.registry import (
     artifact_root_for,
     client_for,
     download_adapter,
+    ensure_experiment,
     find_champion,
     flatten_params,
     log_and_register,
@@ -33,6 +30,7 @@ from loraops.registry import (  # noqa: E402
     resolve_tracking_uri,
     version_url,
 )
+from loraops.results import EvalMetrics, GateDecision, Lineage, TrainResult
 
 HISTORY = [
     {"loss": 2.6, "grad_norm": 1.5, "learning_rate": 1e-3, "epoch": 0.5, "step": 10},
@@ -50,6 +48,12 @@ def store(tmp_path_factory) -> tuple[str, Path]:
     uri = f"sqlite:///{root / 'mlflow.db'}"
     make_client(uri).search_experiments()  # create the tables once
     return uri, root
+
+
+@pytest.fixture(autouse=True)
+def _away_from_the_checkout(tmp_path, monkeypatch):
+    """Anything MLflow would put in the working directory (mlruns/, mlflow.db) lands in tmp."""
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture
@@ -184,7 +188,7 @@ def test_retry_reuses_the_run_and_the_version(cfg, project, client, run_key):
 
 
 def test_retry_after_a_crash_mid_logging_replaces_the_partial_run(cfg, project, client):
-    experiment_id = client.create_experiment(cfg.registry.experiment)
+    experiment_id = ensure_experiment(client, cfg.registry.experiment, artifact_root_for(cfg.registry.tracking_uri))
     partial = client.create_run(experiment_id, tags={"loraops.run_key": "flow-run-7"})  # never terminated
 
     registration = log_and_register(cfg, root=project, **outcome(), run_key="flow-run-7", client=client)
@@ -288,3 +292,11 @@ def test_params_are_flat_and_carry_no_credentials():
     assert params["train.learning_rate"] == "0.0002"
     assert params["registry.tracking_uri"] == "https://***@mlflow.example.com/"
     assert not any("s3cret" in value for value in params.values())
+
+
+def test_a_deleted_experiment_is_reported_not_silently_restored(cfg, client):
+    experiment_id = ensure_experiment(client, cfg.registry.experiment, artifact_root_for(cfg.registry.tracking_uri))
+    client.delete_experiment(experiment_id)
+
+    with pytest.raises(MlflowException, match="is deleted: restore it"):
+        ensure_experiment(client, cfg.registry.experiment, None)

