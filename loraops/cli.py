@@ -167,5 +167,19 @@ def stage(name: StageName, params: ParamsOption = Path("params.yaml")) -> None:
         typer.echo(result.model_dump_json(indent=1) if hasattr(result, "model_dump_json") else str(result))
 
 
+def _add_area_commands() -> None:
+    """Commands of other areas live in their own modules (registry, reproduce, plan); they add themselves here."""
+    import importlib
+
+    for module in ("loraops.cli_registry", "loraops.cli_reproduce", "loraops.cli_plan"):
+        try:
+            importlib.import_module(module).add_commands(app, _exit_cleanly_on_user_error)
+        except ModuleNotFoundError as error:
+            if error.name != module:
+                raise
+
+
+_add_area_commands()
+
 if __name__ == "__main__":
     app()

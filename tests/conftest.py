@@ -24,6 +24,9 @@ for _key, _value in {
 }.items():
     os.environ.setdefault(_key, _value)
 
+# dvc.yaml stage commands call `python -m loraops`: that must be this interpreter, as under `make test`.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY_DATA = FIXTURES / "data"
 
