@@ -99,8 +99,9 @@ def validate(
     max_length: Annotated[int | None, typer.Option(help="Override data.max_length")] = None,
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
-    """Run the data contract on PATH alone; exit 0 when it passes, 1 when it fails."""
+    """Run the data contract on PATH alone; print its summary; exit 0 when it passes, 1 when it fails."""
     from loraops import stages
+    from loraops.contract import DataContractError, format_report
 
     with _exit_cleanly_on_user_error():
         overrides: dict[str, object] = {}
@@ -114,9 +115,11 @@ def validate(
         cfg = load_config(params, overrides) if params.exists() else _defaults_with(overrides)
         root = params.resolve().parent
         stages.prepare_base_model(cfg, root)
-        from loraops.contract import format_report
-
-        report = stages.validate_dataset(cfg, root)
+        try:
+            report = stages.validate_dataset(cfg, root)
+        except DataContractError as error:
+            typer.echo(format_report(error.report))
+            raise typer.Exit(code=1) from None
         typer.echo(format_report(report))
 
 
@@ -127,12 +130,23 @@ def _defaults_with(overrides: dict[str, object]) -> LoraopsConfig:
 
 
 def _split_files(path: Path, validation: Path | None) -> tuple[Path, Path]:
+    """The train and validation files: ``train.*``/``validation.*`` in a folder, or PATH and --validation."""
+    from loraops.data import EXTENSIONS
+
     if path.is_dir():
-        matches = {split: sorted(path.glob(f"{split}.*")) for split in ("train", "validation")}
-        missing = [split for split, found in matches.items() if not found]
+        found = {}
+        for split in ("train", "validation"):
+            matches = sorted(match for match in path.glob(f"{split}.*") if match.suffix.lower() in EXTENSIONS)
+            if len(matches) > 1:
+                raise UserError(f"{path}: several {split} files ({', '.join(m.name for m in matches)}); keep one")
+            found[split] = matches[0] if matches else None
+        missing = [split for split, match in found.items() if match is None and not (split == "validation" and validation)]
         if missing:
-            raise UserError(f"{path}: no {' or '.join(missing)} file found (expected train.jsonl and validation.jsonl)")
-        return matches["train"][0], validation or matches["validation"][0]
+            raise UserError(
+                f"{path}: no {' or '.join(missing)} file found (expected e.g. train.jsonl and validation.jsonl, "
+                f"one of {', '.join(EXTENSIONS)})"
+            )
+        return found["train"], validation or found["validation"]
     if validation is None:
         raise UserError(f"{path}: pass --validation FILE too (the contract checks leakage between the splits)")
     return path, validation

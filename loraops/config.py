@@ -37,11 +37,78 @@ class ModelConfig(_Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
+Severity = Literal["fail", "warn"]
+# Row rules of the data contract; their names are the keys of ``data.contract`` and the kinds of
+# rows that ``data.contract.quarantine`` can set aside instead of failing on.
+RowRule = Literal[
+    "required_fields",
+    "empty_content",
+    "roles",
+    "ends_with_assistant",
+    "encoding",
+    "tokenizes",
+    "over_length",
+    "duplicates",
+    "train_overlap",
+    "secrets",
+    "emails",
+]
+
+
+class RuleConfig(_Section):
+    """One contract rule: it breaks when more than ``max_share`` of a split's rows break it."""
+
+    severity: Severity = Field("fail", description="fail stops the pipeline; warn only reports")
+    max_share: float = Field(0.0, ge=0, lt=1, description="Share of rows allowed to break the rule")
+
+
+class DuplicatesConfig(RuleConfig):
+    normalized: bool = Field(True, description="Also count rows equal after casefolding and collapsing whitespace")
+
+
+class MinRowsConfig(_Section):
+    severity: Severity = "fail"
+    train: int = Field(1, ge=1, description="Rows the train split must keep (after quarantine)")
+    validation: int = Field(1, ge=1, description="Rows the validation split must keep (after quarantine)")
+
+
+class ContractConfig(_Section):
+    """Thresholds and severities of the data contract (``data.contract.*``)."""
+
+    min_rows: MinRowsConfig = MinRowsConfig()
+    required_fields: RuleConfig = RuleConfig()
+    empty_content: RuleConfig = RuleConfig()
+    roles: RuleConfig = RuleConfig()
+    ends_with_assistant: RuleConfig = RuleConfig()
+    encoding: RuleConfig = Field(RuleConfig(), description="Invalid UTF-8 or control characters")
+    tokenizes: RuleConfig = Field(RuleConfig(), description="The chat template renders the row")
+    over_length: RuleConfig = Field(RuleConfig(), description="max_share: share of rows truncated at data.max_length")
+    duplicates: DuplicatesConfig = DuplicatesConfig()
+    train_overlap: RuleConfig = Field(RuleConfig(), description="Validation rows sharing a question/answer with train")
+    secrets: RuleConfig = Field(RuleConfig(), description="API keys, access tokens, private key blocks")
+    emails: RuleConfig = Field(RuleConfig(severity="warn"), description="E-mail addresses (personal data)")
+    quarantine: list[RowRule] = Field(
+        [], description="Rules whose failing rows are set aside (reports_dir/quarantine/) instead of failing"
+    )
+    chunk_mb: float = Field(64.0, gt=0, description="Files above this size are validated in chunks of this size")
+
+    @model_validator(mode="after")
+    def _check_quarantine(self) -> ContractConfig:
+        repeated = sorted({kind for kind in self.quarantine if self.quarantine.count(kind) > 1})
+        if repeated:
+            raise ValueError(f"data.contract.quarantine lists {repeated} more than once: list each rule once")
+        return self
+
+    def rule(self, name: str) -> RuleConfig:
+        return getattr(self, name)
+
+
 class DataConfig(_Section):
     train_file: str = "data/train.jsonl"
     validation_file: str = "data/validation.jsonl"
     format: Literal["auto", "chat", "alpaca", "text"] = "auto"
     max_length: int = Field(512, gt=0, description="Tokens per example after the chat template")
+    contract: ContractConfig = ContractConfig()
 
 
 class ImportConfig(_Section):
@@ -123,6 +190,27 @@ class RegistryConfig(_Section):
     experiment: str = Field("loraops", min_length=1)
     tracking_uri: str | None = Field(None, description="None: MLFLOW_TRACKING_URI, else SQLite under mlflow/")
     auto_promote: bool = Field(False, description="Also move the champion alias to a version that passes the gate")
+    card_samples: int = Field(3, ge=0, description="Validation prompts answered by base and adapter in the model card")
+    card_max_new_tokens: int = Field(32, gt=0, description="Greedy tokens per model-card sample answer")
+
+
+class ExportConfig(_Section):
+    """Merging an adapter into its base, and the logit check that the merge changed nothing."""
+
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights of the merged model")
+    tolerance: float = Field(
+        1e-4, gt=0, description="Max |logit| difference allowed between adapter-on-base and the merged model"
+    )
+    quantized_tolerance: float = Field(
+        2.0, gt=0, description="QLoRA only: max |logit| difference between the merged (dequantised) model and "
+        "the adapter on the 4-bit base it was trained and evaluated on"
+    )
+    probe_prompts: list[str] = Field(
+        ["What is the capital of France?", "Tell me a joke.", "How do you feel today?"],
+        min_length=1,
+        description="User messages run under the chat template to compare logits",
+    )
+    check_before_promote: bool = Field(True, description="Run the equivalence check before moving the champion alias")
 
 
 class VersionConfig(_Section):
@@ -146,6 +234,7 @@ class LoraopsConfig(_Section):
     eval: EvalConfig = EvalConfig()
     gate: GateConfig = GateConfig()
     registry: RegistryConfig = RegistryConfig()
+    export: ExportConfig = ExportConfig()
     version: VersionConfig = VersionConfig()
     paths: PathsConfig = PathsConfig()
 

@@ -45,8 +45,9 @@ def prepare_base_model(model_cfg: ModelConfig, output_dir: str | Path) -> BaseMo
     if source.startswith(_PYPI_PREFIX):
         return _prepare_gguf(source, output_dir)
     ref = _reference_in_place(model_cfg)
-    _remove_previous_conversion(output_dir)
-    kind = "local" if Path(source).exists() else "hub"
+    kind = "local" if Path(ref.path).exists() else "hub"
+    if kind == "hub" or Path(ref.path).resolve() != output_dir.resolve():
+        _remove_previous_conversion(output_dir)
     _write_marker(output_dir, {"kind": kind, **ref.model_dump()})
     logger.info("Base model %s used in place (%s)", source, kind)
     return ref
@@ -138,7 +139,11 @@ def _prepare_gguf(source: str, output_dir: Path) -> BaseModelRef:
         return ref
     staging = output_dir.with_name(f".{output_dir.name}.converting")
     shutil.rmtree(staging, ignore_errors=True)
-    convert_gguf(gguf_path, staging)
+    try:
+        convert_gguf(gguf_path, staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     _write_marker(staging, {"kind": "converted", "source": source, "path": str(output_dir), "gguf": fingerprint})
     if output_dir.exists():
         shutil.rmtree(output_dir)
@@ -149,6 +154,8 @@ def _prepare_gguf(source: str, output_dir: Path) -> BaseModelRef:
 def _conversion_is_current(output_dir: Path, source: str, fingerprint: dict[str, Any]) -> bool:
     marker_path = output_dir / MARKER_FILE
     if not marker_path.exists() or not (output_dir / "config.json").exists():
+        return False
+    if not any(output_dir.glob("*.safetensors")):
         return False
     marker = json.loads(marker_path.read_text())
     return marker.get("kind") == "converted" and marker.get("source") == source and marker.get("gguf") == fingerprint

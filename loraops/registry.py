@@ -14,10 +14,10 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import mlflow.artifacts
@@ -29,6 +29,9 @@ from mlflow.exceptions import MlflowException
 from loraops.config import LoraopsConfig, RegistryConfig
 from loraops.results import ChampionRef, EvalMetrics, GateDecision, Lineage, Registration, TrainResult
 from loraops.versioning import file_md5
+
+if TYPE_CHECKING:
+    from loraops.serving import SampleAnswer
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +45,11 @@ BASELINE_LOSS_TAG = "loraops.baseline_val_loss"
 DATA_MD5_TAG = "loraops.data_md5"
 BASE_MODEL_TAG = "loraops.base_model"
 ADAPTER_ARTIFACT_PATH = "adapter"
+MODEL_CARD_ARTIFACT = "model_card.md"
+SAMPLES_ARTIFACT = "evaluation/samples.json"
+LOSS_PLOT_ARTIFACT = "training/loss_curves.png"
+_DESCRIPTION_LIMIT = 4500  # SQL stores cap a version description at 5000 characters
+_CARD_PARAM_SECTIONS = ("model", "data", "lora", "quant", "train", "gate")
 _SECRET_WORDS = ("password", "secret", "token", "api_key")
 _BATCH = 100  # MLflow accepts at most 100 params and 1000 metrics per log_batch call
 
@@ -55,6 +63,7 @@ class RunRecord:
     candidate: EvalMetrics
     decision: GateDecision
     lineage: Lineage
+    samples: tuple[SampleAnswer, ...] = ()  # greedy answers of base and adapter for the model card
 
 
 # --- where runs and models live -------------------------------------------------------------
@@ -134,6 +143,21 @@ def find_champion(client: MlflowClient, model_name: str, alias: str = CHAMPION) 
     )
 
 
+def get_version(client: MlflowClient, model_name: str, version_or_alias: str) -> ModelVersion:
+    """Version ``"3"``, or the version holding alias ``"champion"``; LookupError when neither exists."""
+    try:
+        if version_or_alias.isdigit():
+            return client.get_model_version(model_name, version_or_alias)
+        return client.get_model_version_by_alias(model_name, version_or_alias)
+    except MlflowException as error:
+        if error.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            raise
+        what = "version" if version_or_alias.isdigit() else "alias"
+        raise LookupError(
+            f"registered model {model_name!r} has no {what} {version_or_alias!r} in {client.tracking_uri}"
+        ) from None
+
+
 def download_adapter(client: MlflowClient, champion: ChampionRef, destination: Path) -> Path:
     """Fetch the champion's adapter files (e.g. to re-evaluate it on new data); returns their folder."""
     if not champion.adapter_uri:
@@ -189,15 +213,18 @@ def log_and_register(
     extra_files: Iterable[str | Path] = (),
     run_key: str | None = None,
     client: MlflowClient | None = None,
+    samples: Sequence[SampleAnswer] = (),
 ) -> Registration:
     """Log the run; register the adapter only if the gate passed. Safe to retry.
 
     Relative paths are relative to ``root``. ``extra_files`` are logged under ``lineage/``
-    (params.yaml, dvc.lock, ``*.dvc``) or ``reports/`` (anything else). ``run_key`` defaults to
+    (params.yaml, dvc.lock, ``*.dvc``) or ``reports/`` (anything else; a folder keeps its name and
+    tree, e.g. ``reports/data_docs/``). ``run_key`` defaults to
     a hash of everything logged (lineage, metrics, gate decision, adapter bytes): a retry, or a
     rerun that reproduces the same adapter and evidence, reuses the finished run and its version.
+    ``samples`` (prompt, base and adapter answers) go into the run's samples table and model card.
     """
-    record = RunRecord(trained, baseline, candidate, decision, lineage)
+    record = RunRecord(trained, baseline, candidate, decision, lineage, tuple(samples))
     record = _with_paths_under(record, Path(root))
     extra = _artifact_folders([_under(root, path) for path in extra_files])
     _check_inputs(record, extra)
@@ -205,10 +232,13 @@ def log_and_register(
     client = client or make_client(tracking_uri)
     experiment_id = ensure_experiment(client, cfg.registry.experiment, artifact_root_for(tracking_uri))
     run = log_training_run(client, experiment_id, cfg, record, run_key or derive_run_key(record), extra)
-    if not decision.passed:
+    if decision.passed:
+        registration = register_adapter(client, cfg.registry.model_name, run, record, cfg.registry.auto_promote)
+    else:
         logger.info("gate failed: run %s logged, nothing registered", run.info.run_id)
-        return Registration(run_id=run.info.run_id, model_name=cfg.registry.model_name, version=None)
-    return register_adapter(client, cfg.registry.model_name, run, record, cfg.registry.auto_promote)
+        registration = Registration(run_id=run.info.run_id, model_name=cfg.registry.model_name, version=None)
+    publish_model_card(client, cfg, record, registration)
+    return registration
 
 
 def _artifact_folders(paths: list[Path]) -> dict[str, list[Path]]:
@@ -253,7 +283,7 @@ def _check_inputs(record: RunRecord, extra: Mapping[str, list[Path]]) -> None:
     adapter = Path(record.train.adapter_dir)
     if not adapter.is_dir() or not any(_files_under(adapter)):
         raise FileNotFoundError(f"adapter folder {adapter} is missing or empty: nothing to log or register")
-    missing = [str(path) for paths in extra.values() for path in paths if not path.is_file()]
+    missing = [str(path) for paths in extra.values() for path in paths if not (path.is_file() or path.is_dir())]
     if not Path(record.train.history_path).is_file():
         missing.append(record.train.history_path)
     if missing:
@@ -399,11 +429,49 @@ def _log_files(
 ) -> None:
     client.log_artifacts(run_id, record.train.adapter_dir, ADAPTER_ARTIFACT_PATH)
     client.log_artifact(run_id, record.train.history_path, "training")
+    if record.samples:
+        client.log_table(run_id, data=samples_table(record.samples), artifact_file=SAMPLES_ARTIFACT)
     for folder, paths in extra_files.items():
         for path in paths:
-            client.log_artifact(run_id, str(path), folder)
+            if path.is_dir():  # e.g. the contract's Data Docs site: kept whole, under its own name
+                client.log_artifacts(run_id, str(path), f"{folder}/{path.name}")
+            else:
+                client.log_artifact(run_id, str(path), folder)
     with tempfile.TemporaryDirectory() as scratch:
         client.log_artifact(run_id, str(record.decision.write_json(Path(scratch) / "gate.json")))
+        plot = loss_curves_png(Path(record.train.history_path), Path(scratch) / Path(LOSS_PLOT_ARTIFACT).name)
+        if plot is not None:
+            client.log_artifact(run_id, str(plot), str(Path(LOSS_PLOT_ARTIFACT).parent))
+
+
+def samples_table(samples: Sequence[SampleAnswer]) -> dict[str, list[str]]:
+    return {
+        "prompt": [sample.prompt for sample in samples],
+        "base_answer": [sample.base_answer for sample in samples],
+        "adapter_answer": [sample.adapter_answer for sample in samples],
+    }
+
+
+def loss_curves_png(history_path: Path, target: Path) -> Path | None:
+    """Training and validation loss by step; None (logged) when matplotlib is missing or nothing was logged."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        logger.info("matplotlib is not installed: no loss-curve image for this run")
+        return None
+    history = json.loads(history_path.read_text())
+    axes = Figure(figsize=(6, 4)).subplots()
+    for key, label in (("loss", "training loss"), ("eval_loss", "validation loss")):
+        points = [(row["step"], row[key]) for row in history if _is_number(row.get(key)) and "step" in row]
+        if points:
+            axes.plot(*zip(*points), marker="o", label=label)
+    if not axes.lines:
+        return None
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss (nats per target token)")
+    axes.legend()
+    axes.figure.savefig(target, dpi=100, bbox_inches="tight")
+    return target
 
 
 # --- registering the adapter ----------------------------------------------------------------
@@ -434,7 +502,7 @@ def _create_version(client: MlflowClient, model_name: str, run: Run, record: Run
         source=f"{run.info.artifact_uri}/{ADAPTER_ARTIFACT_PATH}",
         run_id=run.info.run_id,
         tags=version_tags(record),
-        description=summarize(record),
+        description=summarize(record),  # replaced by the model card once the version number is known
     )
     logger.info("registered %s version %s from run %s", model_name, version.version, run.info.run_id)
     return version
@@ -444,6 +512,7 @@ def version_tags(record: RunRecord) -> dict[str, str]:
     # Lineage tags already carry loraops.data_md5 and loraops.base_model, which find_champion reads.
     return {
         **record.lineage.as_tags(),
+        GATE_TAG: "passed" if record.decision.passed else "failed",
         VAL_LOSS_TAG: repr(record.candidate.loss),
         BASELINE_LOSS_TAG: repr(record.baseline.loss),
         "loraops.val_tokens": str(record.candidate.tokens),
@@ -457,3 +526,142 @@ def _ensure_registered_model(client: MlflowClient, model_name: str) -> None:
     except MlflowException as error:
         if error.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
+
+
+# --- the model card -------------------------------------------------------------------------
+
+
+def publish_model_card(client: MlflowClient, cfg: LoraopsConfig, record: RunRecord, registration: Registration) -> str:
+    """Log ``model_card.md`` to the run and, for a registered version, use it as the description.
+
+    Rewriting both is idempotent, so a retried registration leaves one card that names its version.
+    """
+    card = render_model_card(cfg, record, registration)
+    client.log_text(registration.run_id, card, MODEL_CARD_ARTIFACT)
+    if registration.version is not None:
+        client.update_model_version(registration.model_name, registration.version, description=card_description(card))
+    return card
+
+
+def card_description(card: str) -> str:
+    """The card's leading sections that fit a version description; the full card stays an artifact."""
+    head, *sections = card.split("\n## ")
+    kept = [head]
+    for section in sections:
+        if sum(map(len, kept)) + len(section) > _DESCRIPTION_LIMIT:
+            kept.append(f"… the full card is the run artifact `{MODEL_CARD_ARTIFACT}`.\n")
+            break
+        kept.append(section)
+    return "\n## ".join(kept)
+
+
+def render_model_card(cfg: LoraopsConfig, record: RunRecord, registration: Registration) -> str:
+    version = registration.version
+    title = f"{registration.model_name} version {version}" if version else f"{registration.model_name} (not registered)"
+    parts = [
+        f"# {title}\n\n{summarize(record)}\n",
+        _card_how_to_load(registration, record.lineage),
+        _card_evaluation(record),
+        _card_gate(record.decision),
+        _card_base_and_data(record.lineage),
+        _card_samples(record.samples, cfg.registry.card_max_new_tokens),
+        _card_training(record.train),
+        _card_table("Parameters", flatten_params(_card_params(cfg))),
+        _card_table("Lineage tags", {**record.lineage.as_tags(), "mlflow run id": registration.run_id}),
+    ]
+    return "\n".join(part for part in parts if part)
+
+
+def _card_params(cfg: LoraopsConfig) -> dict[str, Any]:
+    dumped = cfg.model_dump(mode="json")
+    return {section: dumped[section] for section in _CARD_PARAM_SECTIONS}
+
+
+def _card_how_to_load(registration: Registration, lineage: Lineage) -> str:
+    if registration.version is None:
+        return "## How to load\n\nNot registered: the gate failed, so no `models:/` URI points at this adapter.\n"
+    uri = f"models:/{registration.model_name}/{registration.version}"
+    base = lineage.base_model
+    base_path = "models/base" if base.startswith("pypi:") else base
+    revision = f", revision={lineage.base_revision!r}" if lineage.base_revision else ""
+    return f"""## How to load
+
+```bash
+loraops generate --model {uri} "Hello, who are you?"
+loraops generate --model models:/{registration.model_name}@champion "Hello"   # once promoted
+```
+
+```python
+import mlflow  # MLFLOW_TRACKING_URI must point at this registry
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+adapter_dir = mlflow.artifacts.download_artifacts("{uri}")
+base_path = "{base_path}"  # {'`loraops stage prepare-base-model` converts ' + base + ' here' if base_path != base else 'the base model'}
+tokenizer = AutoTokenizer.from_pretrained(base_path{revision})
+base = AutoModelForCausalLM.from_pretrained(base_path{revision}, use_safetensors=True)
+model = PeftModel.from_pretrained(base, adapter_dir).eval()
+inputs = tokenizer.apply_chat_template(
+    [{{"role": "user", "content": "Hello"}}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+)
+output = model.generate(**inputs, max_new_tokens=64, do_sample=False)
+print(tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+```
+"""
+
+
+def _card_evaluation(record: RunRecord) -> str:
+    rows = [("base model", record.baseline), ("adapter", record.candidate)]
+    lines = [
+        "## Evaluation (validation split, target tokens only)\n",
+        "| model | loss | perplexity | target tokens | examples |",
+        "|---|---|---|---|---|",
+        *[f"| {name} | {m.loss:.4f} | {m.perplexity:.2f} | {m.tokens} | {m.examples} |" for name, m in rows],
+    ]
+    decision = record.decision
+    if decision.champion_loss is not None:
+        lines.append(f"| champion v{decision.champion_version} | {decision.champion_loss:.4f} | | | |")
+    return "\n".join(lines) + "\n"
+
+
+def _card_gate(decision: GateDecision) -> str:
+    reasons = "\n".join(f"- {reason}" for reason in decision.reasons)
+    return f"## Gate: {'passed' if decision.passed else 'FAILED'}\n\n{reasons}\n"
+
+
+def _card_base_and_data(lineage: Lineage) -> str:
+    dirty = " (uncommitted changes)" if lineage.git_dirty else ""
+    return (
+        "## Base model and data\n\n"
+        f"- base model: `{lineage.base_model}` (revision `{lineage.base_revision or 'default'}`)\n"
+        f"- data version (DVC md5 of data/): `{lineage.data_md5}`\n"
+        f"- dvc.lock md5: `{lineage.dvc_lock_md5}`; params hash `{lineage.params_hash}`\n"
+        f"- git commit: `{lineage.git_commit}`{dirty}\n"
+    )
+
+
+def _card_samples(samples: Sequence[SampleAnswer], max_new_tokens: int) -> str:
+    if not samples:
+        return ""
+    cell = lambda text: " ".join(text.split()).replace("|", "\\|") or "(empty)"  # noqa: E731
+    rows = [f"| {cell(s.prompt)} | {cell(s.base_answer)} | {cell(s.adapter_answer)} |" for s in samples]
+    return (
+        f"## Samples (validation prompts, greedy, at most {max_new_tokens} new tokens)\n\n"
+        "| prompt | base model | adapter |\n|---|---|---|\n" + "\n".join(rows) + "\n"
+    )
+
+
+def _card_training(train: TrainResult) -> str:
+    fraction = train.trainable_params / max(train.total_params, 1)
+    best = f"{train.best_eval_loss:.4f} at step {train.best_step}" if train.best_eval_loss is not None else "n/a"
+    return (
+        "## Training\n\n"
+        f"- steps: {train.steps}{' (stopped early)' if train.stopped_early else ''}; best validation loss {best}\n"
+        f"- trainable parameters: {train.trainable_params:,} of {train.total_params:,} ({fraction:.2%})\n"
+        f"- loss curves: `{LOSS_PLOT_ARTIFACT}`; trainer history: `training/`\n"
+    )
+
+
+def _card_table(title: str, values: Mapping[str, str]) -> str:
+    rows = "\n".join(f"| `{key}` | `{value}` |" for key, value in values.items())
+    return f"## {title}\n\n| key | value |\n|---|---|\n{rows}\n"

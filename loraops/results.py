@@ -37,15 +37,29 @@ class ContractCheck(_Result):
     observed: str = ""
     threshold: str = ""
     examples: list[str] = []  # "data/train.jsonl:12: <why>"
+    hint: str = ""  # what to do when the check fails
+
+
+class QuarantineRecord(_Result):
+    """Rows of one split the contract set aside (``data.contract.quarantine``); training drops them."""
+
+    split: str
+    source: str  # the data file
+    source_md5: str  # of the data file the quarantine was computed on
+    path: str  # JSONL: one {"line", "rules", "reasons"} per quarantined row
+    rows: int
+    by_rule: dict[str, int] = {}
 
 
 class ContractReport(_Result):
     passed: bool
     checks: list[ContractCheck]
-    train_rows: int
+    train_rows: int  # rows read, quarantined ones included
     validation_rows: int
     format: str
     report_path: str | None = None
+    quarantine: dict[str, QuarantineRecord] = {}  # by split; empty when data.contract.quarantine is off
+    data_docs: str | None = None  # index.html of the GX Data Docs built for this run
 
     def failures(self) -> list[ContractCheck]:
         return [check for check in self.checks if not check.passed and check.severity == "fail"]

@@ -60,11 +60,19 @@ def prepare_base_model(cfg: LoraopsConfig, root: Path) -> BaseModelRef:
 
 
 def _load_splits(cfg: LoraopsConfig, root: Path):
+    """Both splits as training sees them: without the rows the data contract quarantined."""
+    from loraops.contract import quarantined_lines
     from loraops.data import load_split
 
-    train = load_split(_path(root, cfg.data.train_file), cfg.data.format)
-    validation = load_split(_path(root, cfg.data.validation_file), cfg.data.format)
-    return train, validation
+    splits = []
+    for name, relative in (("train", cfg.data.train_file), ("validation", cfg.data.validation_file)):
+        split = load_split(_path(root, relative), cfg.data.format)
+        if cfg.data.contract.quarantine:
+            lines = quarantined_lines(_path(root, cfg.paths.reports_dir), name, split.path)
+            split = split.without_lines(lines)
+            log.info("%s: %d quarantined rows left out, %d rows kept", name, len(lines), len(split))
+        splits.append(split)
+    return tuple(splits)
 
 
 def _tokenizer(cfg: LoraopsConfig, root: Path):
@@ -78,8 +86,13 @@ def validate_dataset(cfg: LoraopsConfig, root: Path) -> ContractReport:
     """Run the data contract; raise DataContractError (after writing the report) if it fails."""
     from loraops.contract import DataContractError, validate_dataset as run_contract
 
-    train, validation = _load_splits(cfg, root)
-    report = run_contract(train, validation, _tokenizer(cfg, root), cfg.data.max_length, _path(root, cfg.paths.reports_dir))
+    report = run_contract(
+        _path(root, cfg.data.train_file),
+        _path(root, cfg.data.validation_file),
+        _tokenizer(cfg, root),
+        cfg.data,
+        _path(root, cfg.paths.reports_dir),
+    )
     if not report.passed:
         raise DataContractError(report)
     return report
@@ -221,13 +234,15 @@ def register_adapter(
     decision: GateDecision,
     lineage: Lineage,
 ) -> Registration:
-    """Log the run to MLflow; register a version only when the gate passed."""
-    from loraops import registry
+    """Log the run to MLflow; register a version only when the gate passed (with its model card)."""
+    from loraops import registry, serving
+    from loraops.contract import DOCS_DIR
 
     extra_files = [
         _path(root, "params.yaml"),
         _path(root, "dvc.lock"),
         _path(root, cfg.paths.reports_dir) / CONTRACT_SUMMARY,
+        _path(root, cfg.paths.reports_dir) / DOCS_DIR,  # the contract's GX Data Docs (a folder of HTML)
         _path(root, cfg.paths.metrics_dir) / TRAIN_HISTORY,
     ]
     return registry.log_and_register(
@@ -240,4 +255,5 @@ def register_adapter(
         decision=decision,
         lineage=lineage,
         extra_files=[path for path in extra_files if path.exists()],
+        samples=serving.validation_samples(cfg, root, trained.adapter_dir),
     )

@@ -97,6 +97,54 @@ def test_folder_without_config_json_is_refused(tmp_path):
         modeling.prepare_base_model(ModelConfig(base=str(tmp_path / "weights")), tmp_path / "base")
 
 
+@pytest.fixture
+def fake_conversion(monkeypatch):
+    """Stand-in for the 25 s GGUF conversion (the slow test runs the real one); records its calls."""
+    calls = []
+
+    def convert(gguf_path, target_dir):
+        calls.append(gguf_path)
+        target_dir.mkdir(parents=True)
+        if getattr(convert, "fail", False):
+            raise RuntimeError("conversion interrupted")
+        (target_dir / "config.json").write_text("{}")
+        (target_dir / "model.safetensors").write_bytes(b"weights")
+
+    monkeypatch.setattr(modeling, "convert_gguf", convert)
+    return convert, calls
+
+
+def test_gguf_is_converted_once_and_the_folder_can_move(fake_conversion, tmp_path):
+    _, calls = fake_conversion
+    out = tmp_path / "base"
+    ref = modeling.prepare_base_model(ModelConfig(), out)
+    assert modeling.prepare_base_model(ModelConfig(), out) == ref == modeling.read_base_model_ref(out)
+    assert len(calls) == 1 and calls[0].name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert ref.path == str(out) and ref.source == ModelConfig().base
+    out.rename(tmp_path / "moved")
+    assert modeling.read_base_model_ref(tmp_path / "moved").path == str(tmp_path / "moved")
+
+
+def test_failed_conversion_keeps_the_previous_one(fake_conversion, tmp_path):
+    convert, calls = fake_conversion
+    out = tmp_path / "base"
+    modeling.prepare_base_model(ModelConfig(), out)
+    (out / "model.safetensors").unlink()  # an incomplete folder is converted again
+    convert.fail = True
+    with pytest.raises(RuntimeError, match="interrupted"):
+        modeling.prepare_base_model(ModelConfig(), out)
+    assert len(calls) == 2 and (out / "config.json").exists() and (out / modeling.MARKER_FILE).exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["base"]  # nothing half-written left behind
+
+
+def test_switching_to_a_local_base_drops_the_old_conversion(fake_conversion, tiny_model_dir, tmp_path):
+    out = tmp_path / "base"
+    modeling.prepare_base_model(ModelConfig(), out)
+    modeling.prepare_base_model(ModelConfig(base=str(tiny_model_dir)), out)
+    assert [p.name for p in out.iterdir()] == [modeling.MARKER_FILE]
+    assert modeling.read_base_model_ref(out).path == str(tiny_model_dir)
+
+
 def test_read_ref_before_prepare_says_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="prepare the base model"):
         modeling.read_base_model_ref(tmp_path)
