@@ -120,7 +120,13 @@ def add_commands(app: typer.Typer, exit_cleanly_on_user_error: Callable[[], Abst
 
 
 def _answers(
-    cfg: LoraopsConfig, root: Path, models: list[str], with_base: bool, prompt: str, max_new_tokens: int, temperature: float
+    cfg: LoraopsConfig,
+    root: Path,
+    models: list[str],
+    with_base: bool,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
 ) -> Iterator[tuple[str, str]]:
     """(label, answer) per model; several adapters share one loaded base and are switched per request."""
     from loraops import serving

@@ -90,7 +90,7 @@ class ContractConfig(_Section):
     quarantine: list[RowRule] = Field(
         [], description="Rules whose failing rows are set aside (reports_dir/quarantine/) instead of failing"
     )
-    chunk_mb: float = Field(64.0, gt=0, description="Files above this size are validated in chunks of this size")
+    chunk_mb: float = Field(32.0, gt=0, description="Files above this size are validated in chunks of this size")
 
     @model_validator(mode="after")
     def _check_quarantine(self) -> ContractConfig:
@@ -199,11 +199,12 @@ class ExportConfig(_Section):
 
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights of the merged model")
     tolerance: float = Field(
-        1e-4, gt=0, description="Max |logit| difference allowed between adapter-on-base and the merged model"
+        1e-3, gt=0, description="Max |logit| difference allowed between adapter-on-base and the merged model "
+        "(float32 rounding alone reaches 1e-4 on SmolLM2's logits)"
     )
-    quantized_tolerance: float = Field(
-        2.0, gt=0, description="QLoRA only: max |logit| difference between the merged (dequantised) model and "
-        "the adapter on the 4-bit base it was trained and evaluated on"
+    quantized_tolerance: float | None = Field(
+        None, gt=0, description="QLoRA only: max |logit| difference allowed between the merged (dequantised) model "
+        "and the adapter on the 4-bit base it was evaluated on; None reports it without enforcing it"
     )
     probe_prompts: list[str] = Field(
         ["What is the capital of France?", "Tell me a joke.", "How do you feel today?"],

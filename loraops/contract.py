@@ -48,8 +48,6 @@ DOCS_DIR = "data_docs"
 QUARANTINE_DIR = "quarantine"
 
 CONTROL_CHARS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x{80}-\x{9f}]"  # RE2: all but tab, newline, CR
-# ASCII strings that lower-casing alone does not normalise like ``str.split``/``casefold`` would.
-NEEDS_PYTHON_NORMALISING = r"[\t\n\x0b\x0c\r\x1c-\x1f]|^ | $|  "
 SECRET_PATTERNS = {
     "OpenAI-style API key ('sk-...')": r"\bsk-[A-Za-z0-9_\-]{20,}",
     "AWS access key id ('AKIA...')": r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b",
@@ -59,6 +57,11 @@ SECRET_PATTERNS = {
     "private key block": r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----",
 }
 EMAIL_PATTERN = r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}"
+ASCII_WHITESPACE_RUN = r"[\t\n\x0b\x0c\r\x1c-\x1f ]+"  # what ``str.split()`` splits ASCII text on
+# One pass finds the few ASCII turns any rule or the normalisation must look at closely: control
+# and whitespace characters other than a single inner space (``str.split`` would change them),
+# and anything a secret or e-mail pattern could match. Non-ASCII turns are always looked at.
+UNUSUAL = "|".join([r"[\x00-\x1f\x7f]|^ | $|  ", *SECRET_PATTERNS.values(), EMAIL_PATTERN])
 
 # What to do about each rule; shown under a failing check.
 HINTS = {
@@ -131,6 +134,8 @@ class Turns:
 
     role: pa.Array
     content: pa.Array
+    codes: np.ndarray  # role as 0 system, 1 user, 2 assistant, -1 anything else
+    empty: np.ndarray  # content is null, empty or whitespace-only
     lengths: np.ndarray  # turns per row (0 for a malformed row)
     starts: np.ndarray  # index of each row's first turn
     parent: np.ndarray
@@ -139,13 +144,25 @@ class Turns:
     @classmethod
     def of(cls, messages: pa.ListArray) -> Turns:
         import numpy as np
+        import pyarrow as pa
         import pyarrow.compute as pc
 
         lengths = pc.list_value_length(messages).fill_null(0).to_numpy().astype(np.int64)
         starts = np.concatenate(([0], np.cumsum(lengths)[:-1])).astype(np.int64)
         parent = np.repeat(np.arange(len(lengths)), lengths)
-        flat = pc.list_flatten(messages).flatten()
-        return cls(flat[0], flat[1], lengths, starts, parent, np.arange(len(parent)) - starts[parent])
+        role, content = pc.list_flatten(messages).flatten()
+        codes = pc.fill_null(pc.index_in(role, value_set=pa.array(["system", "user", "assistant"])), -1).to_numpy()
+        empty = pc.fill_null(pc.or_(pc.equal(pc.binary_length(content), 0), pc.utf8_is_space(content)), True)
+        return cls(
+            role,
+            content,
+            codes,
+            empty.to_numpy(zero_copy_only=False),
+            lengths,
+            starts,
+            parent,
+            np.arange(len(parent)) - starts[parent],
+        )
 
     def any_per_row(self, per_turn: np.ndarray) -> np.ndarray:
         import numpy as np
@@ -157,8 +174,11 @@ class Turns:
         import numpy as np
 
         first = np.full(len(self.lengths), -1, dtype=np.int64)
-        hits = np.flatnonzero(per_turn)[::-1]  # assigned last-to-first, so the first hit wins
-        first[self.parent[hits]] = hits
+        hits = np.flatnonzero(per_turn)
+        rows = self.parent[hits]  # non-decreasing: a row's first hit is where the row number changes
+        starts = np.ones(len(hits), dtype=bool)
+        starts[1:] = rows[1:] != rows[:-1]
+        first[rows[starts]] = hits[starts]
         return first
 
 
@@ -187,15 +207,13 @@ def _scan_batch(facts: SplitFacts, batch: RowBatch, tokenizer: Any, max_length: 
     turns = Turns.of(batch.messages)
     chat_like = batch.format != "text"
     well_formed = batch.messages.is_valid().to_numpy(zero_copy_only=False)
+    unusual = _unusual_turns(turns.content)
     facts.add("line", batch.lines)
     facts.add("well_formed", well_formed)
-    _structure(facts, batch, turns, well_formed, chat_like)
-    _content_patterns(facts, batch, turns, well_formed)
-    keys = _keys(facts, turns, well_formed)
+    renderable = _structure(facts, batch, turns, well_formed, chat_like)
+    _content_patterns(facts, batch, turns, well_formed, unusual)
+    keys = _keys(facts, turns, well_formed, unusual)
     if tokenizer is not None:
-        renderable = well_formed & ~facts.columns["empty_content"][-1]
-        if chat_like:
-            renderable &= ~facts.columns["roles"][-1] & ~facts.columns["ends_with_assistant"][-1]
         _token_lengths(facts, batch, tokenizer, max_length, renderable)
     if train_index is not None:
         _leakage(facts, batch, turns, keys, well_formed, train_index)
@@ -204,8 +222,10 @@ def _scan_batch(facts: SplitFacts, batch: RowBatch, tokenizer: Any, max_length: 
         facts.add("train_key_lines", np.concatenate([batch.lines[rows] for rows in keys.rows()]))
 
 
-def _structure(facts: SplitFacts, batch: RowBatch, turns: Turns, well_formed: np.ndarray, chat_like: bool) -> None:
-    """Fields, empty turns, role order and the final turn, as booleans per row."""
+def _structure(
+    facts: SplitFacts, batch: RowBatch, turns: Turns, well_formed: np.ndarray, chat_like: bool
+) -> np.ndarray:
+    """Fields, empty turns, role order and the final turn, as booleans per row; returns the rows fit to render."""
     import numpy as np
     import pyarrow.compute as pc
 
@@ -214,38 +234,25 @@ def _structure(facts: SplitFacts, batch: RowBatch, turns: Turns, well_formed: np
     facts.add("required_fields", broken)
     facts.explain("required_fields", lines, broken, lambda row: batch.problems.get(row, "missing fields"))
 
-    content = turns.content
-    empty_turn = (
-        pc.fill_null(pc.or_(pc.equal(pc.binary_length(content), 0), pc.utf8_is_space(content)), True)
-        .to_numpy(zero_copy_only=False)
-    )
-    empty = turns.any_per_row(empty_turn) & well_formed
+    empty = turns.any_per_row(turns.empty) & well_formed
     facts.add("empty_content", empty)
     facts.explain("empty_content", lines, empty, lambda row: _empty_reason(batch, row))
 
-    codes = _role_codes(turns.role)
-    roles_bad, ends_bad = _role_order(turns, codes) if chat_like else (np.zeros(len(lines), bool),) * 2
-    roles_bad &= well_formed
-    ends_bad &= well_formed
+    no_rows = np.zeros(len(lines), dtype=bool)
+    roles_bad, ends_bad = _role_order(turns) if chat_like else (no_rows, no_rows)
+    roles_bad, ends_bad = roles_bad & well_formed, ends_bad & well_formed
     facts.add("roles", roles_bad)
     facts.add("ends_with_assistant", ends_bad)
     facts.explain("roles", lines, roles_bad, lambda row: role_problem(batch.messages[row].as_py()) or "")
     facts.explain("ends_with_assistant", lines, ends_bad, lambda row: _end_reason(batch, row))
+    return well_formed & ~empty & ~roles_bad & ~ends_bad
 
 
-def _role_codes(role: pa.Array) -> np.ndarray:
-    """0 system, 1 user, 2 assistant, -1 anything else."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    codes = pc.index_in(role, value_set=pa.array(["system", "user", "assistant"]))
-    return pc.fill_null(codes, -1).to_numpy()
-
-
-def _role_order(turns: Turns, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _role_order(turns: Turns) -> tuple[np.ndarray, np.ndarray]:
     """Rows whose roles are not [system,] user, assistant, ...; rows whose last turn is not the assistant's."""
     import numpy as np
 
+    codes = turns.codes
     has_turns = turns.lengths > 0
     leading_system = np.zeros(len(turns.lengths), dtype=bool)
     leading_system[has_turns] = codes[turns.starts[has_turns]] == 0
@@ -297,12 +304,27 @@ def _end_reason(batch: RowBatch, row: int) -> str:
 # --- content patterns: encoding, control characters, secrets, e-mail -----------------------
 
 
-def _content_patterns(facts: SplitFacts, batch: RowBatch, turns: Turns, well_formed: np.ndarray) -> None:
+def _unusual_turns(content: pa.Array) -> np.ndarray:
+    """Indices of the turns that are not plain ASCII text (see ``UNUSUAL``)."""
     import numpy as np
     import pyarrow.compute as pc
 
+    unusual = pc.or_(pc.invert(pc.string_is_ascii(content)), pc.match_substring_regex(content, UNUSUAL))
+    return np.flatnonzero(pc.fill_null(unusual, False).to_numpy(zero_copy_only=False))
+
+
+def _content_patterns(
+    facts: SplitFacts, batch: RowBatch, turns: Turns, well_formed: np.ndarray, unusual: np.ndarray
+) -> None:
+    import numpy as np
+    import pyarrow.compute as pc
+
+    suspects = turns.content.take(unusual)
+
     def per_row(pattern: str) -> np.ndarray:
-        hits = pc.fill_null(pc.match_substring_regex(turns.content, pattern), False).to_numpy(zero_copy_only=False)
+        hits = np.zeros(len(turns.parent), dtype=bool)
+        found = pc.fill_null(pc.match_substring_regex(suspects, pattern), False).to_numpy(zero_copy_only=False)
+        hits[unusual[found]] = True
         return turns.any_per_row(hits) & well_formed
 
     lines = batch.lines
@@ -390,18 +412,37 @@ def _hash_strings(array: pa.Array) -> np.ndarray:
     return np.fromiter(map(hash, values), dtype=np.int64, count=len(values)).view(np.uint64)
 
 
-def normalized_hashes(content: pa.Array) -> np.ndarray:
-    """``hash(normalize_text(s))`` for every string, with Python only for the few that need it."""
+def normalized_hashes(content: pa.Array, unusual: np.ndarray) -> np.ndarray:
+    """``hash(normalize_text(s))`` of every turn, computed by Arrow except for non-ASCII turns.
+
+    For ASCII text ``normalize_text`` (casefold, split on whitespace, join with one space) is
+    lower-casing plus collapsing runs of the characters ``str.split`` splits on; only non-ASCII
+    turns (Unicode case folding and spaces) go through Python.
+    """
     import numpy as np
     import pyarrow.compute as pc
 
-    hashes = _hash_strings(pc.utf8_lower(content))
-    special = pc.or_(pc.invert(pc.string_is_ascii(content)), pc.match_substring_regex(content, NEEDS_PYTHON_NORMALISING))
-    rows = np.flatnonzero(pc.fill_null(special, False).to_numpy(zero_copy_only=False))
-    if len(rows):
-        texts = content.take(rows).to_pylist()
-        hashes[rows] = np.fromiter((hash(normalize_text(text)) for text in texts), np.int64, len(rows)).view(np.uint64)
+    normalised = pc.ascii_lower(content)
+    if len(unusual):
+        spaced = pc.replace_substring_regex(normalised.take(unusual), ASCII_WHITESPACE_RUN, " ")
+        normalised = _replace_at(normalised, unusual, pc.utf8_trim(spaced, " "))
+    hashes = _hash_strings(normalised)
+    foreign = unusual[~pc.fill_null(pc.string_is_ascii(content.take(unusual)), True).to_numpy(zero_copy_only=False)]
+    if len(foreign):
+        texts = content.take(foreign).to_pylist()
+        hashes[foreign] = np.fromiter((hash(normalize_text(text)) for text in texts), np.int64, len(texts)).view(
+            np.uint64
+        )
     return hashes
+
+
+def _replace_at(array: pa.Array, rows: np.ndarray, values: pa.Array) -> pa.Array:
+    import numpy as np
+    import pyarrow as pa
+
+    source = np.arange(len(array))
+    source[rows] = len(array) + np.arange(len(rows))
+    return pa.concat_arrays([array, values.cast(array.type)]).take(pa.array(source))
 
 
 @dataclass
@@ -433,27 +474,24 @@ class BatchKeys:
         )
 
 
-def _keys(facts: SplitFacts, turns: Turns, well_formed: np.ndarray) -> BatchKeys:
+def _keys(facts: SplitFacts, turns: Turns, well_formed: np.ndarray, unusual: np.ndarray) -> BatchKeys:
     """Hash each turn (normalised and exact), combine per row with role and position."""
     import numpy as np
     import pyarrow.compute as pc
 
-    normalised = normalized_hashes(turns.content)
-    exact = _hash_strings(turns.content)
+    normalised = normalized_hashes(turns.content, unusual)
     encoded = pc.dictionary_encode(turns.role)
     role_hash = _hash_strings(encoded.dictionary)[encoded.indices.to_numpy()] if len(turns.role) else np.zeros(0, np.uint64)
     salt = _mix(role_hash ^ turns.position.astype(np.uint64))
     whole = _per_row_sum(turns, _mix(normalised ^ salt))
-    exact_whole = _per_row_sum(turns, _mix(exact ^ salt))
+    exact_whole = _per_row_sum(turns, _mix(_hash_strings(turns.content) ^ salt))
     whole[~well_formed] = 0
     exact_whole[~well_formed] = 0
     facts.add("key", whole)
     facts.add("exact_key", exact_whole)
 
-    codes = _role_codes(turns.role)
-    has_text = ~pc.fill_null(pc.utf8_is_space(turns.content), True).to_numpy(zero_copy_only=False)
-    has_text &= pc.fill_null(pc.binary_length(turns.content), 0).to_numpy() > 0
-    has_text &= well_formed[turns.parent]
+    codes = turns.codes
+    has_text = ~turns.empty & well_formed[turns.parent]
     first_user = turns.first_per_row((codes == 1) & well_formed[turns.parent])
     question = np.zeros(len(turns.lengths), dtype=np.uint64)
     asks = first_user >= 0
@@ -487,12 +525,9 @@ class TrainIndex:
     def of(cls, facts: SplitFacts) -> TrainIndex:
         import numpy as np
 
-        keys, lines = facts.column("train_keys").astype(np.uint64), facts.column("train_key_lines")
-        order = np.lexsort((lines, keys))
-        keys, lines = keys[order], lines[order]
-        first = np.ones(len(keys), dtype=bool)
-        first[1:] = keys[1:] != keys[:-1]
-        return cls(facts.path, keys[first], lines[first])
+        # Keys are appended in line order, so a key's first occurrence holds its first line.
+        keys, first = np.unique(facts.column("train_keys").astype(np.uint64), return_index=True)
+        return cls(facts.path, keys, facts.column("train_key_lines")[first])
 
     def find(self, keys: np.ndarray) -> np.ndarray:
         """Train line of each key, 0 where train does not have it."""
@@ -521,9 +556,10 @@ def _leakage(
     facts.add("train_overlap", leaks)
     if not leaks.any():
         return
-    first_answer = np.full(rows, -1, dtype=np.int64)
-    hits = np.flatnonzero(answer_line > 0)[::-1]
-    first_answer[answer_rows[hits]] = hits
+    first_answer = np.full(rows, -1, dtype=np.int64)  # per row: its first answer found in train
+    hits = np.flatnonzero(answer_line > 0)
+    hit_rows, first_hit = np.unique(answer_rows[hits], return_index=True)
+    first_answer[hit_rows] = hits[first_hit]
     per_row = {kind: np.zeros(rows, dtype=np.int64) for kind in ("question", "whole")}
     per_row["question"][question_rows] = question_line
     per_row["whole"][whole_rows] = whole_line
@@ -551,12 +587,14 @@ def mark_duplicates(facts: SplitFacts, normalized: bool) -> None:
     import numpy as np
 
     line, well_formed = facts.column("line"), facts.column("well_formed")
-    exact_first = _first_occurrence(facts.column("exact_key"), well_formed)
-    first = _first_occurrence(facts.column("key"), well_formed) if normalized else exact_first
+    first = _first_occurrence(facts.column("key" if normalized else "exact_key"), well_formed)
     repeats = well_formed & (first != np.arange(len(line)))
+    grouped = repeats.copy()
+    grouped[first[repeats]] = True  # exact copies can only be among rows with a normalised twin
+    exact_first = _first_occurrence(facts.column("exact_key"), grouped)
+    exact = exact_first != np.arange(len(line))
     facts.columns["duplicates"] = [repeats]
     facts.reasons.pop("duplicates", None)
-    exact = exact_first != np.arange(len(line))
 
     def why(row: int) -> str:
         if exact[row]:

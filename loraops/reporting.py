@@ -6,17 +6,34 @@ from loraops.results import ContractReport, EvalMetrics, GateDecision, Registrat
 
 
 def contract_markdown(report: ContractReport) -> str:
+    """One row per expectation (observed value, threshold, verdict), then quarantined rows and Data Docs."""
     verdict = "passed" if report.passed else "FAILED"
     lines = [
         f"# Data contract {verdict}",
         f"Format `{report.format}`: {report.train_rows} train rows, {report.validation_rows} validation rows.",
         "",
-        "| expectation | split | result | observed | threshold |",
-        "|---|---|---|---|---|",
+        "| expectation | split | severity | result | observed | threshold |",
+        "|---|---|---|---|---|---|",
     ]
     for check in report.checks:
         result = "pass" if check.passed else ("warn" if check.severity == "warn" else "**fail**")
-        lines.append(f"| {check.expectation} | {check.split} | {result} | {check.observed} | {check.threshold} |")
+        lines.append(
+            f"| {check.expectation} | {check.split} | {check.severity} | {result} | {check.observed} | {check.threshold} |"
+        )
+    failing = [check for check in report.checks if not check.passed]
+    if failing:
+        lines += ["", "## Failing rows"]
+        for check in failing:
+            lines.append(f"- **{check.split} {check.expectation}** — {check.hint}")
+            lines += [f"  - `{example}`" for example in check.examples]
+    if report.quarantine:
+        lines += ["", "## Quarantined (left out of training and evaluation)", "", "| split | rows | by rule | file |"]
+        lines.append("|---|---|---|---|")
+        for record in report.quarantine.values():
+            kinds = ", ".join(f"{rule} {count}" for rule, count in record.by_rule.items())
+            lines.append(f"| {record.split} | {record.rows} | {kinds} | `{record.path}` |")
+    if report.data_docs:
+        lines += ["", f"Great Expectations Data Docs: `{report.data_docs}`"]
     return "\n".join(lines)
 
 

@@ -21,10 +21,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loraops.config import ConfigError, LoraopsConfig, ModelConfig, QuantConfig
 from loraops.results import BaseModelRef
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +72,9 @@ def parse_model_uri(uri: str) -> tuple[str, str] | None:
     return match["name"], match["alias"] or match["version"]
 
 
-def fetch_adapter(cfg: LoraopsConfig, root: Path, model: str, destination: Path, client=None) -> AdapterSource:
+def fetch_adapter(
+    cfg: LoraopsConfig, root: Path, model: str, destination: Path, client: MlflowClient | None = None
+) -> AdapterSource:
     """Resolve ``model`` (a models:/ URI or a local adapter folder) into an adapter on local disk."""
     parsed = parse_model_uri(model)
     if parsed is None:
@@ -93,7 +98,7 @@ def fetch_adapter(cfg: LoraopsConfig, root: Path, model: str, destination: Path,
     )
 
 
-def download_version(client, source: str, destination: Path) -> Path:
+def download_version(client: MlflowClient, source: str, destination: Path) -> Path:
     import mlflow.artifacts
 
     destination.mkdir(parents=True, exist_ok=True)
@@ -146,7 +151,7 @@ def _prepared_base(base_dir: Path) -> BaseModelRef | None:
         return None
 
 
-def quant_of_run(client, run_id: str | None, fallback: QuantConfig) -> QuantConfig:
+def quant_of_run(client: MlflowClient, run_id: str | None, fallback: QuantConfig) -> QuantConfig:
     """The 4-bit settings the adapter was trained with (the run's ``quant.*`` params)."""
     if not run_id:
         return fallback
@@ -290,7 +295,8 @@ def load_adapters(sources: Mapping[str, AdapterSource], model_cfg: ModelConfig, 
 
     first = next(iter(sources.values()))
     for name, source in sources.items():
-        if (source.base.path, source.base.revision, source.quant) != (first.base.path, first.base.revision, first.quant):
+        same_base = (source.base.path, source.base.revision) == (first.base.path, first.base.revision)
+        if not same_base or source.quant != first.quant:
             raise ConfigError(
                 f"{source.label} was trained on {source.base.source} ({source.quant.mode}) but {first.label} on "
                 f"{first.base.source} ({first.quant.mode}): adapters share one base model only when it is the same"
@@ -325,12 +331,12 @@ def validation_samples(cfg: LoraopsConfig, root: Path, adapter_dir: str | Path) 
         logger.info("no chat examples in the validation split: the model card has no samples")
         return []
     adapter_dir = Path(adapter_dir) if Path(adapter_dir).is_absolute() else root / adapter_dir
-    source = AdapterSource(label=str(adapter_dir), adapter_dir=adapter_dir, base=project_base(cfg, root), quant=cfg.quant)
+    source = AdapterSource(str(adapter_dir), adapter_dir, base=project_base(cfg, root), quant=cfg.quant)
     model, tokenizer = load_adapter(source, cfg.model, resolve_device(cfg.train))
     answer = lambda turns: generate_text(model, tokenizer, turns, cfg.registry.card_max_new_tokens)  # noqa: E731
     samples = []
     for turns in conversations:
         with model.disable_adapter():
             base_answer = answer(turns)
-        samples.append(SampleAnswer(prompt=str(turns[-1]["content"]), base_answer=base_answer, adapter_answer=answer(turns)))
+        samples.append(SampleAnswer(str(turns[-1]["content"]), base_answer=base_answer, adapter_answer=answer(turns)))
     return samples

@@ -236,13 +236,14 @@ def register_adapter(
 ) -> Registration:
     """Log the run to MLflow; register a version only when the gate passed (with its model card)."""
     from loraops import registry, serving
-    from loraops.contract import DOCS_DIR
+    from loraops.contract import DOCS_DIR, QUARANTINE_DIR
 
     extra_files = [
         _path(root, "params.yaml"),
         _path(root, "dvc.lock"),
         _path(root, cfg.paths.reports_dir) / CONTRACT_SUMMARY,
         _path(root, cfg.paths.reports_dir) / DOCS_DIR,  # the contract's GX Data Docs (a folder of HTML)
+        _path(root, cfg.paths.reports_dir) / QUARANTINE_DIR,  # rows the contract set aside (line, reasons)
         _path(root, cfg.paths.metrics_dir) / TRAIN_HISTORY,
     ]
     return registry.log_and_register(

@@ -27,7 +27,9 @@ def check_promotion(cfg: LoraopsConfig, root: Path, model_name: str, version: st
     return promotion.check_promotion(cfg, root, model_name, version, force)
 
 
-@task(name="apply-promotion", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_unless_refused, **_registry_step)
+@task(
+    name="apply-promotion", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_unless_refused, **_registry_step
+)
 def apply_promotion(
     cfg: LoraopsConfig, root: Path, check: PromotionCheck, force: bool, reason: str | None
 ) -> AliasState:

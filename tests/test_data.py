@@ -312,3 +312,121 @@ def test_jsonl_messages_string_is_left_for_the_contract(tmp_path):
     path.write_text('{"messages": "not a list"}\n')
 
     assert load_split(path).examples == [{"messages": "not a list"}]
+
+
+# --- read_batches: the contract's streaming reader ----------------------------------------
+
+
+def batch_turns(path: Path, fmt: str = "auto", chunk_bytes: int = 64 << 20) -> tuple[list[list[dict]], list[int]]:
+    from loraops.data import read_batches
+
+    batches = list(read_batches(path, fmt, chunk_bytes))
+    return [turns for batch in batches for turns in batch.messages.to_pylist()], [
+        int(line) for batch in batches for line in batch.lines
+    ]
+
+
+def as_turns(example: dict) -> list[dict]:
+    if "text" in example:
+        return [{"role": "text", "content": example["text"]}]
+    return [{"role": message["role"], "content": message["content"]} for message in example["messages"]]
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".parquet"])
+@pytest.mark.parametrize("fmt", ["chat", "alpaca", "text"])
+def test_read_batches_matches_load_split(tmp_path, fmt, suffix):
+    path = write_rows(tmp_path / f"train{suffix}", ROWS[fmt] * 3)
+
+    turns, lines = batch_turns(path)
+    split = load_split(path)
+
+    assert turns == [as_turns(example) for example in split.examples]
+    assert lines == split.lines
+
+
+def test_read_batches_uses_pyarrow_for_clean_jsonl_and_rows_otherwise(tmp_path):
+    from loraops.data import read_batches
+
+    clean = write_rows(tmp_path / "clean.jsonl", CHAT_ROWS)
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text(json.dumps(CHAT_ROWS[0]) + "\n" + json.dumps({"messages": [{"role": "user", "content": None}]}) + "\n")
+
+    (fast,) = read_batches(clean)
+    (slow,) = read_batches(odd)
+
+    assert fast.offsets is not None and not fast.problems and fast.format == "chat"
+    assert slow.messages.to_pylist()[1] == [{"role": "user", "content": None}]  # left for the contract
+
+
+def test_jsonl_line_numbers_and_offsets_survive_blank_lines_crlf_and_bom(tmp_path):
+    from loraops.data import read_batches
+
+    body = [json.dumps(row).encode() for row in TEXT_ROWS * 2]
+    data = b"\xef\xbb\xbf" + body[0] + b"\r\n\r\n   \n" + body[1] + b"\n\n" + body[2] + b"\n" + body[3]
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(data)
+
+    for chunk_bytes in (64 << 20, 40):  # whole, and chunks smaller than a line
+        batches = list(read_batches(path, "auto", chunk_bytes))
+        lines = [int(line) for batch in batches for line in batch.lines]
+        offsets = [int(offset) for batch in batches for offset in batch.offsets]
+        assert lines == load_split(path).lines == [1, 4, 6, 7]
+        assert [data[offset : offset + 9] for offset in offsets] == [b'{"text": '] * 4
+
+
+def test_read_batches_streams_parquet_in_chunks(tmp_path):
+    path = tmp_path / "train.parquet"
+    rows = [{"instruction": f"Count to {index}", "input": "", "output": f"1 ... {index}"} for index in range(3000)]
+    pd.DataFrame(rows).to_parquet(path, row_group_size=1000)
+
+    from loraops.data import read_batches
+
+    batches = list(read_batches(path, "auto", chunk_bytes=20_000))
+    assert len(batches) > 1 and sum(len(batch) for batch in batches) == 3000
+    assert int(batches[1].lines[0]) == len(batches[0]) + 1
+
+
+def test_a_later_chunk_in_another_format_names_its_lines(tmp_path):
+    from loraops.data import read_batches
+
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in CHAT_ROWS * 3 + ALPACA_ROWS))
+
+    with pytest.raises(DataError, match=r"format 'chat' \(detected\).*at line\(s\) 7;"):
+        list(read_batches(path, "auto", chunk_bytes=100))
+
+
+def test_invalid_utf8_loads_replaced_in_jsonl_and_is_named_in_json_and_csv(tmp_path):
+    from loraops.data import read_batches
+
+    jsonl = tmp_path / "train.jsonl"
+    jsonl.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    (batch,) = read_batches(jsonl)
+    assert load_split(jsonl).examples[1] == {"text": "caf\ufffd"}
+    assert batch.encoding == {1: "invalid UTF-8 byte 0xe9 at byte 13 of the line (file offset 28); re-save the file as UTF-8"}
+
+    for name, content in (("train.json", b'[\n {"text": "caf\xe9"}\n]'), ("train.csv", b"text\nok\ncaf\xe9\n")):
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(DataError, match=rf"{name}:(2|3): invalid UTF-8 byte 0xe9 at byte \d+ of the line"):
+            load_split(path)
+
+
+def test_lone_surrogate_escape_is_an_encoding_problem(tmp_path):
+    from loraops.data import read_batches
+
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "bad \\ud800 escape"}\n')
+
+    (batch,) = read_batches(path)
+
+    assert batch.messages.to_pylist() == [[{"role": "text", "content": "bad ? escape"}]]
+    assert batch.encoding[0].startswith("lone surrogate U+D800")
+
+
+def test_without_lines_drops_quarantined_rows(tmp_path):
+    split = load_split(write_rows(tmp_path / "train.jsonl", TEXT_ROWS * 2))
+
+    kept = split.without_lines({2, 3})
+
+    assert kept.lines == [1, 4] and kept.examples == [TEXT_ROWS[0], TEXT_ROWS[1]] and kept.path == split.path

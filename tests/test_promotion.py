@@ -16,14 +16,13 @@ from loraops import promotion, registry
 from loraops.promotion import PromotionRefused, alias_state, apply_promotion, check_promotion, rollback
 from loraops.registry import make_client
 from loraops.serving import SampleAnswer
-from test_serving import make_adapter, register, registry_config
+from test_serving import make_adapter, register, registry_config, shared_store_uri
+from test_serving import single_threaded_torch  # noqa: F401 (an autouse fixture: applies here too)
 
 
 @pytest.fixture(scope="module")
 def store_uri(tmp_path_factory) -> str:
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow-promotion') / 'mlflow.db'}"
-    make_client(uri).search_experiments()
-    return uri
+    return shared_store_uri(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +95,8 @@ def test_failed_or_unrecorded_gate_is_refused_unless_forced_with_a_reason(
     name = cfg.registry.model_name
     register(cfg, tmp_path, adapters[0], str(tiny_model_dir))
     _promote(cfg, tmp_path, "1")
-    failed = _unchecked_version(client, name, "1", {registry.GATE_TAG: "failed", registry.GATE_REASONS_TAG: "worse by 0.2"})
+    gate_failed = {registry.GATE_TAG: "failed", registry.GATE_REASONS_TAG: "worse by 0.2"}
+    failed = _unchecked_version(client, name, "1", gate_failed)
     untagged = _unchecked_version(client, name, "1", {})
 
     with pytest.raises(PromotionRefused, match=rf"version {failed} failed the gate \(worse by 0.2\).*--force --reason"):
@@ -116,7 +116,9 @@ def test_failed_or_unrecorded_gate_is_refused_unless_forced_with_a_reason(
     assert "failed the gate (worse by 0.2)" in tags[promotion.PROMOTION_OVERRIDDEN_TAG]
 
 
-def test_merge_check_runs_before_promotion_and_a_mismatch_refuses_it(store_uri, adapters, tiny_model_dir, tmp_path, client):
+def test_merge_check_runs_before_promotion_and_a_mismatch_refuses_it(
+    store_uri, adapters, tiny_model_dir, tmp_path, client
+):
     cfg = registry_config(store_uri, tmp_path, export={"check_before_promote": True})
     name = cfg.registry.model_name
     register(cfg, tmp_path, adapters[0], str(tiny_model_dir))
@@ -192,12 +194,18 @@ def test_model_card_samples_table_and_loss_curves_are_logged(store_uri, adapters
     assert "## How to load" in version.description and len(version.description) <= 5000
     assert version.tags[registry.GATE_TAG] == "passed"
     table = json.loads(Path(mlflow.artifacts.download_artifacts(
-        run_id=registration.run_id, artifact_path="evaluation/samples.json", tracking_uri=store_uri, dst_path=str(tmp_path)
+        run_id=registration.run_id, artifact_path="evaluation/samples.json", tracking_uri=store_uri,
+        dst_path=str(tmp_path),
     )).read_text())
     assert table["columns"] == ["prompt", "base_answer", "adapter_answer"]
     assert table["data"] == [["What is five plus six?", "Five.", "Five plus six is eleven."]]
     plot = {item.path: item.file_size for item in client.list_artifacts(registration.run_id, "training")}
     assert plot["training/loss_curves.png"] > 1000
+
+    too_long = "# t\n\nsummary\n\n## a\n\n" + "x" * 3000 + "\n\n## b\n\n" + "y" * 3000
+    description = registry.card_description(too_long)
+    assert "## a" in description and "## b" not in description, "whole sections, cut to fit 5000 characters"
+    assert description.endswith("The full model card is the run artifact `model_card.md`.\n")
 
 
 def test_cli_promote_refuses_then_forces_and_rolls_back(store_uri, adapters, tiny_model_dir, tmp_path, client):
@@ -233,6 +241,17 @@ def test_promote_and_rollback_flows(store_uri, adapters, tiny_model_dir, tmp_pat
     promote_flow(model_name=name, version="1", config=cfg, project_dir=str(tmp_path))
     state = promote_flow(model_name=name, version="2", config=cfg, project_dir=str(tmp_path))
     assert _aliases(state) == ("2", "1")
-    assert _aliases(rollback_flow(model_name=name, reason="flow test", config=cfg, project_dir=str(tmp_path))) == ("1", "2")
+    state = rollback_flow(model_name=name, reason="flow test", config=cfg, project_dir=str(tmp_path))
+    assert _aliases(state) == ("1", "2")
     with pytest.raises(PromotionRefused):
         promote_flow(model_name=name, version="2", force=True, config=cfg, project_dir=str(tmp_path))
+
+
+def test_params_redact_secret_keys_but_not_token_counts():
+    flat = registry.flatten_params(
+        {"hub": {"hf_token": "hf_abc", "api_key": "k", "password": "p"}, "gen": {"max_tokens": 64, "tokenizes": "fail"}}
+    )
+    assert flat == {
+        "hub.hf_token": "***", "hub.api_key": "***", "hub.password": "***",
+        "gen.max_tokens": "64", "gen.tokenizes": "fail",
+    }

@@ -110,11 +110,24 @@ def prepare_project_base(root: Path, tiny_model_dir: Path) -> BaseModelRef:
 # --- fixtures -----------------------------------------------------------------------------------
 
 
+_SHARED_STORE: dict[str, str] = {}
+
+
+def shared_store_uri(tmp_path_factory) -> str:
+    """One SQLite MLflow store for every registry test of the session: creating its tables takes seconds.
+
+    Tests stay independent because each registers under its own model and experiment name.
+    """
+    if "uri" not in _SHARED_STORE:
+        uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow-store') / 'mlflow.db'}"
+        make_client(uri).search_experiments()
+        _SHARED_STORE["uri"] = uri
+    return _SHARED_STORE["uri"]
+
+
 @pytest.fixture(scope="module")
 def store_uri(tmp_path_factory) -> str:
-    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow-serving') / 'mlflow.db'}"
-    make_client(uri).search_experiments()
-    return uri
+    return shared_store_uri(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +139,17 @@ def adapters(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(autouse=True)
 def _away_from_the_checkout(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_threaded_torch():
+    """The tiny model gains nothing from threads, and on a shared 2-core machine they spin: 3x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _base_answer(tiny_model_dir: Path, prompt: str) -> str:
@@ -145,7 +169,8 @@ def test_generate_by_alias_by_version_and_from_the_cli(store_uri, adapters, tiny
     registration = register(cfg, tmp_path, adapters["one"], str(tiny_model_dir))
     client = make_client(store_uri)
     promote_version(client, registration.model_name, registration.version)
-    local = AdapterSource("local", adapters["one"], BaseModelRef(source="tiny", path=str(tiny_model_dir)), QuantConfig())
+    tiny = BaseModelRef(source="tiny", path=str(tiny_model_dir))
+    local = AdapterSource("local", adapters["one"], tiny, QuantConfig())
     expected = generate_text(*load_adapter(local, cfg.model, "cpu"), PROMPT, 12)
 
     for uri in (f"models:/{cfg.registry.model_name}@champion", f"models:/{cfg.registry.model_name}/1"):

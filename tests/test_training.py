@@ -251,6 +251,7 @@ def _repacked_layers(model) -> int:
     )
 
 
+@pytest.mark.filterwarnings("ignore:.*an autograd kernel was not registered:UserWarning")
 def test_qlora_gradients_survive_an_evaluation(tiny_model_dir, splits):
     """Regression test for bitsandbytes' CPU inference repacking (stack-notes): eval must not break training."""
     batch = torch.tensor([splits[0][0]["input_ids"], splits[0][1]["input_ids"][: len(splits[0][0]["input_ids"])]])

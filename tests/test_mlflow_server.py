@@ -1,0 +1,95 @@
+"""Register, promote, roll back and serve through a real ``mlflow server`` process on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from loraops.promotion import apply_promotion, check_promotion, rollback
+from loraops.registry import make_client
+from loraops.serving import fetch_adapter, generate_text, load_adapter
+from test_serving import PROMPT, make_adapter, register, registry_config
+from test_serving import single_threaded_torch  # noqa: F401 (an autouse fixture: applies here too)
+
+MLFLOW = str(Path(sys.executable).parent / "mlflow")
+HEALTH_TIMEOUT_S = 60
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + HEALTH_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"mlflow server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"mlflow server not healthy after {HEALTH_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def tracking_server(tmp_path) -> str:
+    port = _free_port()
+    log = tmp_path / "mlflow-server.log"
+    command = [
+        MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+        "--artifacts-destination", str(tmp_path / "server-artifacts"),
+    ]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with log.open("w") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}/health", process, log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)  # the server's own group: uvicorn and its worker
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+
+
+@pytest.mark.integration
+def test_registry_round_trip_through_a_tracking_server(tracking_server, tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = registry_config(tracking_server, tmp_path, export={"check_before_promote": True})
+    name = cfg.registry.model_name
+    adapters = [make_adapter(tiny_model_dir, tmp_path / f"a{seed}", seed) for seed in (1, 2)]
+    for adapter, loss in zip(adapters, (1.5, 1.4)):
+        register(cfg, tmp_path, adapter, str(tiny_model_dir), loss=loss)
+    client = make_client(tracking_server)
+    assert client.get_run(client.get_model_version(name, "1").run_id).info.artifact_uri.startswith("mlflow-artifacts:")
+
+    for version in ("1", "2"):  # the merge check downloads each adapter through the server
+        state = apply_promotion(cfg, tmp_path, check_promotion(cfg, tmp_path, name, version))
+    assert (state.champion, state.previous) == ("2", "1")
+    state = rollback(cfg, tmp_path, name, reason="integration test")
+    assert (state.champion, state.previous) == ("1", "2")
+
+    source = fetch_adapter(cfg, tmp_path, f"models:/{name}@champion", tmp_path / "downloads")
+    assert source.version == "1"
+    local = source.__class__("local", adapters[0], source.base, source.quant)
+    assert generate_text(*load_adapter(source, cfg.model, "cpu"), PROMPT, 12) == generate_text(
+        *load_adapter(local, cfg.model, "cpu"), PROMPT, 12
+    )
+    assert client.get_model_version(name, "1").description.startswith(f"# {name} version 1")
