@@ -415,34 +415,26 @@ def _hash_strings(array: pa.Array) -> np.ndarray:
 def normalized_hashes(content: pa.Array, unusual: np.ndarray) -> np.ndarray:
     """``hash(normalize_text(s))`` of every turn, computed by Arrow except for non-ASCII turns.
 
-    For ASCII text ``normalize_text`` (casefold, split on whitespace, join with one space) is
-    lower-casing plus collapsing runs of the characters ``str.split`` splits on; only non-ASCII
-    turns (Unicode case folding and spaces) go through Python.
+    For plain ASCII text ``normalize_text`` (casefold, split on whitespace, join with one space)
+    is lower-casing; unusual ASCII turns also get their whitespace runs collapsed by Arrow, and
+    only non-ASCII turns (Unicode case folding and spaces) go through Python.
     """
     import numpy as np
     import pyarrow.compute as pc
 
-    normalised = pc.ascii_lower(content)
-    if len(unusual):
-        spaced = pc.replace_substring_regex(normalised.take(unusual), ASCII_WHITESPACE_RUN, " ")
-        normalised = _replace_at(normalised, unusual, pc.utf8_trim(spaced, " "))
-    hashes = _hash_strings(normalised)
-    foreign = unusual[~pc.fill_null(pc.string_is_ascii(content.take(unusual)), True).to_numpy(zero_copy_only=False)]
+    hashes = _hash_strings(pc.ascii_lower(content))
+    if not len(unusual):
+        return hashes
+    odd = content.take(unusual)
+    spaced = pc.replace_substring_regex(pc.ascii_lower(odd), ASCII_WHITESPACE_RUN, " ")
+    hashes[unusual] = _hash_strings(pc.utf8_trim(spaced, " "))
+    foreign = np.flatnonzero(~pc.fill_null(pc.string_is_ascii(odd), True).to_numpy(zero_copy_only=False))
     if len(foreign):
-        texts = content.take(foreign).to_pylist()
-        hashes[foreign] = np.fromiter((hash(normalize_text(text)) for text in texts), np.int64, len(texts)).view(
-            np.uint64
-        )
+        texts = odd.take(foreign).to_pylist()
+        hashes[unusual[foreign]] = np.fromiter(
+            (hash(normalize_text(text)) for text in texts), np.int64, len(texts)
+        ).view(np.uint64)
     return hashes
-
-
-def _replace_at(array: pa.Array, rows: np.ndarray, values: pa.Array) -> pa.Array:
-    import numpy as np
-    import pyarrow as pa
-
-    source = np.arange(len(array))
-    source[rows] = len(array) + np.arange(len(rows))
-    return pa.concat_arrays([array, values.cast(array.type)]).take(pa.array(source))
 
 
 @dataclass

@@ -15,6 +15,7 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
@@ -33,8 +34,8 @@ class VersioningError(RuntimeError):
     """A git or DVC command failed; the message names the command, the folder and the tool's error."""
 
 
-def _run(command: list[str], cwd: str | Path, what: str) -> str:
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+def _run(command: list[str], cwd: str | Path, what: str, env: Mapping[str, str] | None = None) -> str:
+    env = {**(os.environ if env is None else env), "DVC_NO_ANALYTICS": "1"}
     try:
         done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, check=False)
     except FileNotFoundError as error:
@@ -45,12 +46,13 @@ def _run(command: list[str], cwd: str | Path, what: str) -> str:
     return done.stdout
 
 
-def _dvc(repo_root: str | Path, *args: str, what: str | None = None) -> str:
+def run_dvc(repo_root: str | Path, *args: str, what: str | None = None, env: Mapping[str, str] | None = None) -> str:
+    """``dvc ARGS`` in ``repo_root``; ``env`` replaces the process environment (e.g. a PATH for stage commands)."""
     # The interpreter's own DVC, so a venv's dvc is used even when its bin/ is not on PATH.
-    return _run([sys.executable, "-m", "dvc", *args], repo_root, what or f"dvc {' '.join(args)}")
+    return _run([sys.executable, "-m", "dvc", *args], repo_root, what or f"dvc {' '.join(args)}", env)
 
 
-def _git(repo_root: str | Path, *args: str) -> str:
+def run_git(repo_root: str | Path, *args: str) -> str:
     return _run(["git", *args], repo_root, f"git {' '.join(args)}").strip()
 
 
@@ -82,9 +84,9 @@ def git_state(repo_root: str | Path, ignore: tuple[str, ...] = ()) -> tuple[str,
     Paths in ``ignore`` (relative to ``repo_root``) are left out of the dirty check.
     """
     try:
-        commit = _git(repo_root, "rev-parse", "HEAD")
+        commit = run_git(repo_root, "rev-parse", "HEAD")
         excludes = [f":(exclude){path}" for path in ignore]
-        changes = _git(repo_root, "status", "--porcelain", "--untracked-files=no", "--", ".", *excludes)
+        changes = run_git(repo_root, "status", "--porcelain", "--untracked-files=no", "--", ".", *excludes)
     except VersioningError as error:
         logger.warning("no git commit for %s, lineage records '%s': %s", repo_root, UNKNOWN_COMMIT, error)
         return UNKNOWN_COMMIT, True
@@ -127,13 +129,23 @@ def record_pipeline_state(repo_root: str | Path, stages: list[str] | None = None
     e.g. when some stages of dvc.yaml did not run and their outputs are missing.
     """
     targets = list(stages or [])
-    _dvc(repo_root, "commit", "--force", *targets, what=f"dvc commit --force {' '.join(targets) or '(all stages)'}")
+    run_dvc(repo_root, "commit", "--force", *targets, what=f"dvc commit --force {' '.join(targets) or '(all stages)'}")
     logger.info("recorded pipeline state in %s", Path(repo_root) / "dvc.lock")
 
 
 def default_remote(repo_root: str | Path) -> str | None:
-    name = _dvc(repo_root, "remote", "default").strip()
+    name = run_dvc(repo_root, "remote", "default").strip()
     return name or None
+
+
+def remote_urls(repo_root: str | Path) -> dict[str, str]:
+    """Remote name -> URL as DVC resolves it (a relative local path becomes absolute)."""
+    urls = {}
+    for line in run_dvc(repo_root, "config", "--list").splitlines():
+        key, _, value = line.partition("=")
+        if key.startswith("remote.") and key.endswith(".url"):
+            urls[key.removeprefix("remote.").removesuffix(".url")] = value
+    return urls
 
 
 def ensure_default_remote(repo_root: str | Path, path: str | Path, name: str = "local") -> str:
@@ -146,7 +158,7 @@ def ensure_default_remote(repo_root: str | Path, path: str | Path, name: str = "
         return existing
     target = Path(path).resolve()
     target.mkdir(parents=True, exist_ok=True)
-    _dvc(repo_root, "remote", "add", "--default", "--force", name, str(target))
+    run_dvc(repo_root, "remote", "add", "--default", "--force", name, str(target))
     logger.info("added DVC default remote '%s' at %s", name, target)
     return name
 
@@ -164,6 +176,6 @@ def push_outputs(repo_root: str | Path, remote: str | None = None) -> str:
                 f"no default DVC remote in {repo_root}: add one with `dvc remote add -d NAME URL` "
                 "or set version.push: false"
             )
-    output = _dvc(repo_root, "push", "--remote", name, what=f"dvc push to remote '{name}'")
+    output = run_dvc(repo_root, "push", "--remote", name, what=f"dvc push to remote '{name}'")
     logger.info("dvc push to '%s': %s", name, output.strip().splitlines()[-1] if output.strip() else "done")
     return name

@@ -1,0 +1,216 @@
+"""infra/ end to end: a real Prefect server and MLflow server, the deployments from infra/prefect.yaml,
+a process worker, and a scheduled-style retrain run that registers a version through the server."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import GIT, REPO_ROOT, make_project
+
+BIN = Path(sys.executable).parent
+SERVER_START_S = 180  # both servers start together on 2 shared cores
+CLI_S = 240
+RUN_S = 600
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _server(name: str, command: list[str], env: dict, log: Path) -> Iterator[subprocess.Popen]:
+    """A server in its own process group (stopped with its workers), its output in ``log``."""
+    with log.open("w") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+
+
+def _wait_healthy(name: str, url: str, process: subprocess.Popen, log: Path, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"{name} server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"{name} server not healthy at {url} after {SERVER_START_S} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def servers(tmp_path) -> Iterator[dict[str, str]]:
+    """A Prefect server (own PREFECT_HOME, SQLite) and an MLflow server (SQLite, local artifacts)."""
+    prefect_port, mlflow_port = _free_port(), _free_port()
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
+    prefect_env = {
+        **base,
+        "PREFECT_HOME": str(tmp_path / "prefect-server-home"),
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp_path / 'prefect.db'}",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+    }
+    mlflow_env = {**base, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    prefect_log, mlflow_log = tmp_path / "prefect-server.log", tmp_path / "mlflow-server.log"
+    prefect_cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)]
+    mlflow_cmd = [
+        str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--artifacts-destination", str(tmp_path / "mlflow-artifacts"),
+    ]  # fmt: skip
+    started = time.monotonic()
+    with (
+        _server("prefect", prefect_cmd, prefect_env, prefect_log) as prefect,
+        _server("mlflow", mlflow_cmd, mlflow_env, mlflow_log) as mlflow,
+    ):
+        deadline = started + SERVER_START_S
+        prefect_url, mlflow_url = f"http://127.0.0.1:{prefect_port}/api", f"http://127.0.0.1:{mlflow_port}"
+        _wait_healthy("prefect", f"{prefect_url}/health", prefect, prefect_log, deadline)
+        _wait_healthy("mlflow", f"{mlflow_url}/health", mlflow, mlflow_log, deadline)
+        print(f"servers healthy after {time.monotonic() - started:.1f} s")
+        yield {"prefect": prefect_url, "mlflow": mlflow_url}
+
+
+def _cli(args: list[str], env: dict, timeout: float = CLI_S, cwd: Path = REPO_ROOT) -> str:
+    started = time.monotonic()
+    try:
+        done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"{' '.join(args)} still running after {timeout} s:\n{error.stdout}\n{error.stderr}")
+    if done.returncode != 0:
+        pytest.fail(f"{' '.join(args)} exited with {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    print(f"{' '.join(Path(a).name if i == 0 else a for i, a in enumerate(args))}: {time.monotonic() - started:.1f} s")
+    return done.stdout
+
+
+def _checkout(tmp_path: Path, tiny_model_dir: Path, mlflow_url: str) -> Path:
+    """A project checkout as a worker host has it: the code (flows, tasks) with its params and data."""
+    project = make_project(
+        tmp_path / "project", tiny_model_dir, registry={"tracking_uri": mlflow_url, "auto_promote": True}
+    )
+    for package in ("flows", "tasks"):
+        shutil.copytree(REPO_ROOT / package, project / package, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(["git", "add", "-A"], cwd=project, check=True)
+    subprocess.run([*GIT, "commit", "-q", "-m", "flows and tasks"], cwd=project, check=True)
+    return project
+
+
+def _mlflow_get(base: str, endpoint: str, **query) -> dict:
+    url = f"{base}/api/2.0/mlflow/{endpoint}?{urllib.parse.urlencode(query)}"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.load(response)
+
+
+def _finished_run(client, run_id, deadline: float):
+    while True:
+        run = client.read_flow_run(run_id)
+        if run.state.is_final() or time.monotonic() > deadline:
+            return run
+        time.sleep(2)
+
+
+def test_scheduled_retrain_deploys_runs_on_a_worker_and_registers_through_the_server(
+    servers, tiny_model_dir, tmp_path, monkeypatch
+):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    project = _checkout(tmp_path, tiny_model_dir, servers["mlflow"])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        PREFECT_API_URL=servers["prefect"],
+        PREFECT_HOME=str(tmp_path / "prefect-client-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        LORAOPS_PROJECT_DIR=str(project),
+    )
+    _cli([str(REPO_ROOT / "infra" / "work-pools.sh")], {**env, "PREFECT": str(BIN / "prefect")})
+    _cli([str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", "infra/prefect.yaml"], env)
+
+    with temporary_settings(updates={PREFECT_API_URL: servers["prefect"]}), get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("retrain/retrain")
+        assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * 1"]
+        assert all(s.active for s in deployment.schedules)
+        assert deployment.work_pool_name == "gpu" and deployment.enforce_parameter_schema
+        # LORAOPS_PROJECT_DIR was set when deploying: resolved then, so the run moves into this checkout
+        assert deployment.pull_steps == [
+            {"prefect.deployments.steps.set_working_directory": {"directory": str(project)}}
+        ]
+        assert client.read_work_pool("gpu").concurrency_limit == 1
+        for name in ("promote/promote", "rollback/rollback"):
+            assert client.read_deployment_by_name(name).work_pool_name == "cpu"
+
+        # A parameter of the wrong type is refused by the server, naming the field.
+        for bad, field in (({"lora": {"r": "many"}}, "config.lora.r"), ({"lora": {"dropout": 2}}, "config.lora.dropout")):
+            with pytest.raises(Exception, match=field.replace(".", r"\.")):
+                client.create_flow_run_from_deployment(deployment.id, parameters={"config": bad})
+        # A cross-field rule (a model validator) is not in the JSON schema: the run is created and fails
+        # at start, before any task, with the config's own message.
+        invalid = client.create_flow_run_from_deployment(deployment.id, parameters={"config": {"lora": {"r": -1}}})
+        started = time.monotonic()
+        _cli([str(BIN / "prefect"), "worker", "start", "--pool", "gpu", "--run-once"], env, timeout=RUN_S)
+        failed = _finished_run(client, invalid.id, started + 120)
+        assert failed.state.is_failed(), failed.state
+        assert "lora.r must be a positive integer" in failed.state.message
+        print(f"invalid run failed at start after {time.monotonic() - started:.1f} s")
+
+        # The scheduled path: default parameters, params.yaml of the checkout.
+        run = client.create_flow_run_from_deployment(deployment.id, parameters={})
+        started = time.monotonic()
+        _cli([str(BIN / "prefect"), "worker", "start", "--pool", "gpu", "--run-once"], env, timeout=RUN_S)
+        run = _finished_run(client, run.id, started + RUN_S)
+        print(f"retrain run {run.state.type.value} after {time.monotonic() - started:.1f} s")
+        assert run.state.is_completed(), f"{run.state}\n{_cli([str(BIN / 'prefect'), 'flow-run', 'logs', str(run.id)], env)[-4000:]}"
+        artifacts = {
+            a.key: a.data
+            for a in client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
+            )
+        }
+
+    assert {"data-contract", "gate-decision", "registration"} <= set(artifacts)
+    assert f"{servers['mlflow']}/#/models/tiny-adapter/versions/1" in artifacts["registration"]
+
+    champion = _mlflow_get(servers["mlflow"], "registered-models/alias", name="tiny-adapter", alias="champion")
+    assert champion["model_version"]["version"] == "1"
+    version = _mlflow_get(servers["mlflow"], "model-versions/get", name="tiny-adapter", version="1")["model_version"]
+    tags = {t["key"]: t["value"] for t in version["tags"]}
+    git_head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout
+    from loraops.config import load_config
+
+    cfg = load_config(project / "params.yaml")
+    assert {"champion", "challenger"} <= set(version["aliases"])
+    assert tags["loraops.gate"] == "passed"
+    assert tags["loraops.params_hash"] == cfg.params_hash()
+    assert tags["loraops.data_md5"] and tags["loraops.dvc_lock_md5"]
+    assert tags["loraops.git_commit"] == git_head.strip()
+    assert tags["loraops.base_model"] == str(tiny_model_dir)
+    assert version["source"].startswith("mlflow-artifacts:")  # uploaded through the server, not a local path
