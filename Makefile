@@ -52,3 +52,30 @@ bench: install
 
 clean-outputs:
 	rm -rf models adapters checkpoints metrics/plots reports
+
+# --- scheduled retraining and the server stack (infra/; see README "Scheduled retraining and the server stack")
+STACK_ENV = PREFECT_API_URL=http://127.0.0.1:$${PREFECT_PORT:-4200}/api MLFLOW_TRACKING_URI=http://127.0.0.1:$${MLFLOW_PORT:-5000}
+LORAOPS_PROJECT_DIR ?= $(CURDIR)
+
+.PHONY: stack stack-stop stack-status pools deploy worker-gpu worker-cpu
+
+stack: install
+	infra/stack.sh start
+
+stack-stop:
+	infra/stack.sh stop
+
+stack-status:
+	infra/stack.sh status
+
+pools: install
+	$(STACK_ENV) infra/work-pools.sh
+
+deploy: install
+	$(STACK_ENV) LORAOPS_PROJECT_DIR=$(LORAOPS_PROJECT_DIR) $(BIN)/prefect --no-prompt deploy --all --prefect-file infra/prefect.yaml
+
+worker-gpu: install
+	$(STACK_ENV) LORAOPS_PROJECT_DIR=$(LORAOPS_PROJECT_DIR) $(BIN)/prefect worker start --pool gpu --limit 1
+
+worker-cpu: install
+	$(STACK_ENV) LORAOPS_PROJECT_DIR=$(LORAOPS_PROJECT_DIR) $(BIN)/prefect worker start --pool cpu

@@ -22,6 +22,9 @@ from loraops.results import (
 
 # Stages read and write the project's files, so Prefect's input-hash caching would hide reruns.
 _stage = dict(cache_policy=NO_CACHE, persist_result=False)
+# Stages that talk to the MLflow server or the DVC remote: retry transient failures, with jitter so
+# runs that failed together (a server restart) do not all retry at the same second.
+_network = dict(retries=2, retry_delay_seconds=[5, 30], retry_jitter_factor=0.5)
 
 
 @task(name="record-run-config", **_stage)
@@ -63,19 +66,19 @@ def evaluate_adapter(cfg: LoraopsConfig, root: Path) -> EvalMetrics:
     return stages.evaluate_adapter(cfg, root)
 
 
-@task(name="gate-candidate", retries=2, retry_delay_seconds=[5, 30], **_stage)
+@task(name="gate-candidate", **_network, **_stage)
 def gate_candidate(cfg: LoraopsConfig, root: Path, baseline: EvalMetrics, candidate: EvalMetrics) -> GateDecision:
     decision = stages.gate_candidate(cfg, root, baseline, candidate)
     create_markdown_artifact(reporting.evaluation_markdown(baseline, candidate, decision), key="gate-decision")
     return decision
 
 
-@task(name="version-outputs", retries=2, retry_delay_seconds=[5, 30], **_stage)
+@task(name="version-outputs", **_network, **_stage)
 def version_outputs(cfg: LoraopsConfig, root: Path) -> Lineage:
     return stages.version_outputs(cfg, root)
 
 
-@task(name="register-adapter", retries=2, retry_delay_seconds=[5, 30], **_stage)
+@task(name="register-adapter", **_network, **_stage)
 def register_adapter(
     cfg: LoraopsConfig,
     root: Path,

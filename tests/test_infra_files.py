@@ -119,3 +119,11 @@ def test_worker_image_is_cuda_python311_with_this_repo_and_the_offline_model():
 
 def test_the_local_stack_state_is_git_ignored():
     assert "/.stack/" in (REPO_ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_failure_policy_network_stages_retry_with_jitter_and_validation_never_retries():
+    from tasks import pipeline
+
+    for task in (pipeline.gate_candidate, pipeline.version_outputs, pipeline.register_adapter):
+        assert task.retries == 2 and task.retry_jitter_factor, task.name
+    assert pipeline.validate_dataset.retries == 0

@@ -202,6 +202,19 @@ def test_reproduce_refuses_uncommitted_code_unless_allowed(untouched):
     assert "uncommitted code" in result.output and "--allow-dirty" in result.output
 
 
+def test_allow_dirty_lets_a_dirty_version_past_the_checks(untouched):
+    from loraops.registry import client_for
+    from loraops.reproduce import check_reproducible, fetch_recorded_version
+
+    version = _version_with(untouched, loraops__git_dirty="True")
+    client = client_for(load_config(untouched / "params.yaml").registry, untouched)
+    recorded = fetch_recorded_version(client, MODEL, version)
+
+    check_reproducible(recorded, untouched, allow_dirty=True)
+    with pytest.raises(ReproduceError, match="uncommitted code"):
+        check_reproducible(recorded, untouched, allow_dirty=False)
+
+
 def test_reproduce_refuses_a_commit_missing_from_the_repository(untouched):
     version = _version_with(untouched, loraops__git_commit="0123456789abcdef0123456789abcdef01234567")
 
