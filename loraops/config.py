@@ -122,18 +122,11 @@ class ImportConfig(_Section):
 
 class LoraConfig(_Section):
     variant: Literal["lora", "dora", "rslora"] = "lora"
-    r: int = Field(16, description="Adapter rank")
-    alpha: int = Field(32, description="Scaling numerator (alpha / r, or alpha / sqrt(r) for rsLoRA)")
+    # Bounds as Field constraints (not validators) so they are in the JSON schema the Prefect server enforces.
+    r: int = Field(16, gt=0, description="Adapter rank; the seed recipe uses 16")
+    alpha: int = Field(32, gt=0, description="Scaling numerator (alpha / r, or alpha / sqrt(r) for rsLoRA)")
     dropout: float = Field(0.05, ge=0, lt=1)
     target_modules: str | list[str] = "all-linear"
-
-    @model_validator(mode="after")
-    def _check_rank(self) -> LoraConfig:
-        if self.r <= 0:
-            raise ValueError(f"lora.r must be a positive integer, got {self.r}; the seed recipe uses 16")
-        if self.alpha <= 0:
-            raise ValueError(f"lora.alpha must be positive, got {self.alpha}; the seed recipe uses 2 * r")
-        return self
 
 
 class QuantConfig(_Section):

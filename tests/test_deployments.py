@@ -169,17 +169,23 @@ def test_scheduled_retrain_deploys_runs_on_a_worker_and_registers_through_the_se
             assert client.read_deployment_by_name(name).work_pool_name == "cpu"
 
         # A parameter of the wrong type is refused by the server, naming the field.
-        for bad, field in (({"lora": {"r": "many"}}, "config.lora.r"), ({"lora": {"dropout": 2}}, "config.lora.dropout")):
+        for bad, field in (
+            ({"lora": {"r": "many"}}, "config.lora.r"),
+            ({"lora": {"r": -1}}, "config.lora.r"),
+            ({"lora": {"dropout": 2}}, "config.lora.dropout"),
+        ):
             with pytest.raises(Exception, match=field.replace(".", r"\.")):
                 client.create_flow_run_from_deployment(deployment.id, parameters={"config": bad})
         # A cross-field rule (a model validator) is not in the JSON schema: the run is created and fails
         # at start, before any task, with the config's own message.
-        invalid = client.create_flow_run_from_deployment(deployment.id, parameters={"config": {"lora": {"r": -1}}})
+        invalid = client.create_flow_run_from_deployment(
+            deployment.id, parameters={"config": {"quant": {"mode": "nf4"}, "lora": {"variant": "dora"}}}
+        )
         started = time.monotonic()
         _cli([str(BIN / "prefect"), "worker", "start", "--pool", "gpu", "--run-once"], env, timeout=RUN_S)
         failed = _finished_run(client, invalid.id, started + 120)
         assert failed.state.is_failed(), failed.state
-        assert "lora.r must be a positive integer" in failed.state.message
+        assert "lora.variant=dora cannot be combined" in failed.state.message
         print(f"invalid run failed at start after {time.monotonic() - started:.1f} s")
 
         # The scheduled path: default parameters, params.yaml of the checkout.
