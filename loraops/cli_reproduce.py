@@ -1,4 +1,4 @@
-"""``loraops reproduce NAME/VERSION``: rebuild a registered adapter from its lineage (added to the CLI by loraops.cli)."""
+"""``loraops reproduce NAME/VERSION``: rebuild a registered adapter from its lineage (loraops.cli adds it)."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ def add_commands(app: typer.Typer, exit_cleanly_on_user_error: Callable[[], Abst
     @app.command()
     def reproduce(
         version: Annotated[str, typer.Argument(help="NAME/VERSION or NAME@ALIAS, e.g. loraops-smollm2-chatterbot/3")],
-        params: Annotated[Path, typer.Option("--params", "-p", help="The project's params.yaml (its registry section)")] = Path(
-            "params.yaml"
-        ),
+        params: Annotated[
+            Path, typer.Option("--params", "-p", help="The project's params.yaml (its registry section)")
+        ] = Path("params.yaml"),
         allow_dirty: Annotated[
             bool, typer.Option(help="Rebuild a version trained from uncommitted code (loraops.git_dirty=True) anyway")
         ] = False,
@@ -27,7 +27,9 @@ def add_commands(app: typer.Typer, exit_cleanly_on_user_error: Callable[[], Abst
         weight_tolerance: Annotated[
             float | None, typer.Option(help="Largest accepted |adapter weight| difference; default: reported only")
         ] = None,
-        report: Annotated[Path | None, typer.Option(help="Also write the full comparison (every tensor) as JSON")] = None,
+        report: Annotated[
+            Path | None, typer.Option(help="Also write the full comparison (every tensor) as JSON")
+        ] = None,
     ) -> None:
         """Rebuild a registered version from its commit, dvc.lock and data in a temporary git worktree; compare.
 

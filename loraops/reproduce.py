@@ -163,7 +163,9 @@ def parse_version_ref(ref: str) -> tuple[str, str]:
     text = ref.removeprefix("models:/").strip()
     name, separator, which = text.rpartition("@") if "@" in text else text.rpartition("/")
     if not separator or not name or not which:
-        raise ReproduceError(f"{ref!r} is not a version: use NAME/VERSION (e.g. loraops-smollm2-chatterbot/3) or NAME@champion")
+        raise ReproduceError(
+            f"{ref!r} is not a version: use NAME/VERSION (e.g. loraops-smollm2-chatterbot/3) or NAME@champion"
+        )
     return name, which
 
 
@@ -224,8 +226,8 @@ def check_reproducible(recorded: RecordedVersion, root: Path, allow_dirty: bool)
     lock_md5 = _text_md5(recorded.lock_text)
     if lock_md5 != recorded.tags["loraops.dvc_lock_md5"]:
         raise ReproduceError(
-            f"{label}: the logged {LOCK_ARTIFACT} has md5 {lock_md5} but the version records "
-            f"loraops.dvc_lock_md5={recorded.tags['loraops.dvc_lock_md5']}: the lineage was altered, refusing to rebuild"
+            f"{label}: the logged {LOCK_ARTIFACT} has md5 {lock_md5} but the version records loraops.dvc_lock_md5="
+            f"{recorded.tags['loraops.dvc_lock_md5']}: the lineage was altered, refusing to rebuild"
         )
     _check_commit_exists(root, recorded.commit, label)
 
@@ -402,17 +404,19 @@ def compare_rebuild(
     recorded: RecordedVersion,
     project: Path,
     registered_adapter: Path,
-    loss_tolerance: float,
+    tolerance: float,
     weight_tolerance: float | None,
 ) -> ReproductionReport:
     paths = recorded.paths
-    metrics_dir = project / paths.metrics_dir
+    adapter_metrics = project / paths.metrics_dir / ADAPTER_METRICS
+    baseline_metrics = project / paths.metrics_dir / BASELINE_METRICS
     tensors = compare_adapters(project / paths.adapter_dir, registered_adapter)
     rebuilt_lock = yaml.safe_load((project / "dvc.lock").read_text()) or {}
+    tags = recorded.tags
     checks = [
-        loss_check("adapter validation loss", recorded.tags.get(registry.VAL_LOSS_TAG), metrics_dir / ADAPTER_METRICS, loss_tolerance),
-        loss_check("baseline validation loss", recorded.tags.get(registry.BASELINE_LOSS_TAG), metrics_dir / BASELINE_METRICS, loss_tolerance),
-        tokens_check(recorded.tags.get("loraops.val_tokens"), metrics_dir / ADAPTER_METRICS),
+        loss_check("adapter validation loss", tags.get(registry.VAL_LOSS_TAG), adapter_metrics, tolerance),
+        loss_check("baseline validation loss", tags.get(registry.BASELINE_LOSS_TAG), baseline_metrics, tolerance),
+        tokens_check(tags.get("loraops.val_tokens"), adapter_metrics),
         tensors_check(tensors, weight_tolerance),
         inputs_check(recorded.lock, rebuilt_lock),
         outputs_check(recorded.lock, rebuilt_lock),
@@ -476,7 +480,9 @@ def tensors_check(tensors: list[TensorDiff], weight_tolerance: float | None) -> 
 
 def compare_adapters(rebuilt: Path, registered: Path) -> list[TensorDiff]:
     """Per tensor of every ``*.safetensors`` file: max absolute difference, or why it cannot be compared."""
-    files = sorted({p.relative_to(d).as_posix() for d in (rebuilt, registered) if d.is_dir() for p in d.rglob("*.safetensors")})
+    files = sorted(
+        {path.relative_to(folder).as_posix() for folder in (rebuilt, registered) for path in folder.rglob("*.safetensors")}
+    )
     if not files:
         return [TensorDiff(file="*.safetensors", name="*", problem="no adapter weights in either adapter")]
     diffs: list[TensorDiff] = []
@@ -500,7 +506,8 @@ def _compare_tensor_file(rebuilt: Path, registered: Path, file: str) -> list[Ten
             continue
         a, b = ours[name], theirs[name]
         if a.shape != b.shape:
-            diffs.append(TensorDiff(file=file, name=name, shape=list(a.shape), problem=f"shape {list(a.shape)} vs registered {list(b.shape)}"))
+            problem = f"shape {list(a.shape)} vs registered {list(b.shape)}"
+            diffs.append(TensorDiff(file=file, name=name, shape=list(a.shape), problem=problem))
             continue
         largest = (a.float() - b.float()).abs().max().item() if a.numel() else 0.0
         diffs.append(TensorDiff(file=file, name=name, shape=list(a.shape), max_abs_diff=largest))
@@ -550,7 +557,8 @@ def outputs_check(recorded_lock: dict, rebuilt_lock: dict) -> Check:
 
 
 def _lock_outputs(lock: dict) -> dict[str, str]:
-    return {out.get("path"): str(out.get("md5")) for stage in (lock.get("stages") or {}).values() for out in stage.get("outs") or []}
+    stages = (lock.get("stages") or {}).values()
+    return {out.get("path"): str(out.get("md5")) for stage in stages for out in stage.get("outs") or []}
 
 
 def _fmt(value: float | None) -> str:

@@ -184,6 +184,13 @@ def test_reproduce_refuses_an_unknown_version(untouched, ref, message):
     assert message in result.output
 
 
+def test_reproduce_flow_fails_on_a_version_it_cannot_rebuild(untouched):
+    from flows.reproduce import reproduce
+
+    with pytest.raises(ReproduceError, match="has no version '99'"):
+        reproduce(f"{MODEL}/99", project_dir=str(untouched))
+
+
 def test_reproduce_refuses_a_version_without_lineage_tags(untouched):
     client = _client(untouched)
     original = client.get_model_version(MODEL, "1")
@@ -350,3 +357,33 @@ def test_format_report_prints_one_row_per_check_and_the_verdict():
     assert "outputs byte-identical: differ: xxx" in text  # long differences go under the table
     assert "5.000e-01  adapter_model.safetensors:w (2,)" in text
     assert text.endswith("NOT reproduced: 1 check(s) differ")
+
+
+def test_data_dvc_is_pointed_at_the_recorded_data_version(tmp_path):
+    from loraops.reproduce import _point_data_at
+
+    dvc_file = tmp_path / "data.dvc"
+    dvc_file.write_text(yaml.safe_dump({"outs": [{"md5": "old.dir", "size": 10, "nfiles": 2, "hash": "md5", "path": "data"}]}))
+
+    assert _point_data_at(dvc_file, "new.dir") == "data"
+    assert yaml.safe_load(dvc_file.read_text())["outs"] == [{"md5": "new.dir", "hash": "md5", "path": "data"}]
+
+
+def test_a_relative_local_remote_is_re_anchored_at_the_users_checkout(tmp_path):
+    """The project's default remote is `../.dvcstore` (relative to .dvc/): in a worktree it must still mean the user's."""
+    from loraops.reproduce import _use_users_remotes
+    from loraops.versioning import remote_urls
+
+    user, worktree = tmp_path / "checkout", tmp_path / "worktree"
+    for folder in (user, worktree):
+        folder.mkdir()
+        _sh(folder, DVC, "init", "--no-scm", "-q")
+        _sh(folder, DVC, "remote", "add", "-d", "local", ".dvcstore")  # stored as ../.dvcstore, as in this repo
+        _sh(folder, DVC, "remote", "add", "s3", "s3://bucket/path")
+    (user / ".dvc" / "config.local").write_text("['remote \"s3\"']\n    access_key_id = someone\n")
+
+    _use_users_remotes(worktree, user)
+
+    assert remote_urls(worktree) == {"local": str(user / ".dvcstore"), "s3": "s3://bucket/path"}
+    assert "access_key_id = someone" in (worktree / ".dvc" / "config.local").read_text()
+    assert "../.dvcstore" in (worktree / ".dvc" / "config").read_text()  # the committed config is left as it was
