@@ -87,7 +87,8 @@ def manual(tmp_path_factory, tiny_model_dir, splits):
 
 
 def test_sft_config_checkpoints_every_evaluation_and_keeps_the_best(tmp_path):
-    cfg = _config("unused", tmp_path, train={"warmup_ratio": 0.1, "save_total_limit": 3, "gradient_accumulation_steps": 2})
+    train = {"warmup_ratio": 0.1, "save_total_limit": 3, "gradient_accumulation_steps": 2}
+    cfg = _config("unused", tmp_path, train=train)
     args = training.build_sft_config(cfg, tmp_path / "ckpt", device="cpu")
     assert (args.eval_strategy, args.save_strategy) == ("steps", "steps")
     assert args.eval_steps == args.save_steps == 3
@@ -172,9 +173,8 @@ def test_same_seed_gives_identical_adapters(trained, manual):
 
 def test_training_stops_early_when_evaluation_stops_improving(tmp_path, tiny_model_dir, splits):
     # At this learning rate the tiny model saturates at once and its evaluation loss never moves again.
-    cfg = _config(
-        tiny_model_dir, tmp_path, train={"learning_rate": 1e10, "max_steps": 8, "eval_steps": 1, "early_stopping_patience": 1}
-    )
+    train = {"learning_rate": 1e10, "max_steps": 8, "eval_steps": 1, "early_stopping_patience": 1}
+    cfg = _config(tiny_model_dir, tmp_path, train=train)
     result = training.train_adapter(cfg, _ref(tiny_model_dir), *splits, tmp_path / "adapter")
     assert result.stopped_early and result.steps < 8
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
