@@ -149,12 +149,21 @@ def save_adapter(model, tokenizer, adapter_dir: str | Path) -> Path:
         shutil.rmtree(leftover, ignore_errors=True)
     staging.parent.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(staging, safe_serialization=True)
+    _sort_target_modules(staging / "adapter_config.json")
     tokenizer.save_pretrained(staging)
     if adapter_dir.exists():
         adapter_dir.rename(previous)
     staging.rename(adapter_dir)
     shutil.rmtree(previous, ignore_errors=True)
     return adapter_dir
+
+
+def _sort_target_modules(config_path: Path) -> None:
+    """peft writes target_modules from a set, in hash-seed order; sorted, equal adapters have equal bytes (DVC md5)."""
+    config = json.loads(config_path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _remove_stale_checkpoints(output_dir: Path) -> None:
