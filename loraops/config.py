@@ -149,6 +149,9 @@ class TrainConfig(_Section):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     gradient_checkpointing: bool = False
+    padding_free: bool = Field(
+        True, description="Flatten each batch into one sequence with per-example positions: no pad tokens, no cross-attention"
+    )
     eval_steps: int = Field(10, gt=0, description="Evaluate on the validation split every N steps")
     early_stopping_patience: int = Field(2, ge=0, description="Evaluations without improvement before stopping; 0 = off")
     save_total_limit: int = Field(2, gt=0, description="Checkpoints kept in train.output_dir; the best is always kept")

@@ -69,7 +69,9 @@ def build_sft_config(cfg: LoraopsConfig, output_dir: str | Path, device: str):
         load_best_model_at_end=True,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
-        max_length=cfg.data.max_length,
+        # Examples arrive truncated to data.max_length (loraops.tokenization); TRL refuses max_length with padding_free.
+        max_length=None if train.padding_free else cfg.data.max_length,
+        padding_free=train.padding_free,
         logging_steps=1,
         logging_nan_inf_filter=False,  # the filter hides a NaN loss from the divergence guard
         use_cpu=device == "cpu",
@@ -90,6 +92,9 @@ def build_trainer(cfg: LoraopsConfig, base: BaseModelRef, train_dataset, eval_da
     set_seed(cfg.train.seed)  # before the adapter exists: its initial weights are random
     tokenizer = load_tokenizer(base, cfg.model)
     model = load_base_model(base, cfg.model, cfg.quant, device)
+    # Without a KV cache, transformers derives a per-example attention mask from the restarting
+    # position_ids of a padding-free batch; with one, examples would attend across boundaries.
+    model.config.use_cache = False
     if cfg.quant.enabled:
         from peft import prepare_model_for_kbit_training
 
