@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml
 # data/ is rebuilt deterministically from the chatterbot corpus; `dvc status` proves it matches data.dvc.
 data: install
 	test -d data || $(BIN)/loraops import-data
-	$(BIN)/dvc status data.dvc
+	@test "$$($(BIN)/dvc status --json data.dvc)" = "{}" || { echo "data/ differs from what data.dvc records: run 'dvc checkout data.dvc' or remove data/ and rerun" >&2; exit 1; }
 
 demo: data
 	$(BIN)/loraops retrain

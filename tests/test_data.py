@@ -430,3 +430,21 @@ def test_without_lines_drops_quarantined_rows(tmp_path):
     kept = split.without_lines({2, 3})
 
     assert kept.lines == [1, 4] and kept.examples == [TEXT_ROWS[0], TEXT_ROWS[1]] and kept.path == split.path
+
+
+def test_import_rebuilds_exactly_the_data_that_data_dvc_records(tmp_path):
+    """A fresh clone has no data/: `loraops import-data` must rebuild the very bytes data.dvc hashes."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from loraops.config import ImportConfig
+
+    repo = Path(__file__).resolve().parent.parent
+    recorded = yaml.safe_load((repo / "data.dvc").read_text())["outs"][0]["md5"]
+    import_chatterbot(ImportConfig(output_dir=str(tmp_path / "data")))
+    dvc = str(Path(sys.executable).parent / "dvc")
+    for args in (["git", "init", "-q"], [dvc, "init", "-q"], [dvc, "add", "-q", "data"]):
+        subprocess.run(args, cwd=tmp_path, check=True, capture_output=True)
+    assert yaml.safe_load((tmp_path / "data.dvc").read_text())["outs"][0]["md5"] == recorded
