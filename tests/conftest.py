@@ -172,3 +172,29 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def free_port() -> int:
+    """A free TCP port on loopback, for servers a test starts itself."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_healthy(name: str, url: str, process, log: Path, deadline: float) -> None:
+    """Poll ``url`` until it answers 200; fail with the server's log if it exits or the deadline passes."""
+    import time
+    import urllib.request
+
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"{name} server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"{name} server not healthy at {url} by its deadline:\n{log.read_text()[-3000:]}")

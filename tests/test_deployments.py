@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import GIT, REPO_ROOT, make_project
+from conftest import GIT, REPO_ROOT, free_port, make_project, wait_until_healthy
 
 BIN = Path(sys.executable).parent
 SERVER_START_S = 180  # both servers start together on 2 shared cores
@@ -27,12 +26,6 @@ CLI_S = 240
 RUN_S = 600
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -52,23 +45,10 @@ def _server(name: str, command: list[str], env: dict, log: Path) -> Iterator[sub
                 process.wait(timeout=10)
 
 
-def _wait_healthy(name: str, url: str, process: subprocess.Popen, log: Path, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"{name} server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"{name} server not healthy at {url} after {SERVER_START_S} s:\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture
 def servers(tmp_path) -> Iterator[dict[str, str]]:
     """A Prefect server (own PREFECT_HOME, SQLite) and an MLflow server (SQLite, local artifacts)."""
-    prefect_port, mlflow_port = _free_port(), _free_port()
+    prefect_port, mlflow_port = free_port(), free_port()
     base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
     prefect_env = {
         **base,
@@ -92,8 +72,8 @@ def servers(tmp_path) -> Iterator[dict[str, str]]:
     ):
         deadline = started + SERVER_START_S
         prefect_url, mlflow_url = f"http://127.0.0.1:{prefect_port}/api", f"http://127.0.0.1:{mlflow_port}"
-        _wait_healthy("prefect", f"{prefect_url}/health", prefect, prefect_log, deadline)
-        _wait_healthy("mlflow", f"{mlflow_url}/health", mlflow, mlflow_log, deadline)
+        wait_until_healthy("prefect", f"{prefect_url}/health", prefect, prefect_log, deadline)
+        wait_until_healthy("mlflow", f"{mlflow_url}/health", mlflow, mlflow_log, deadline)
         print(f"servers healthy after {time.monotonic() - started:.1f} s")
         yield {"prefect": prefect_url, "mlflow": mlflow_url}
 

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
+from conftest import free_port, wait_until_healthy
 from loraops.promotion import apply_promotion, check_promotion, rollback
 from loraops.registry import make_client
 from loraops.serving import fetch_adapter, generate_text, load_adapter
@@ -23,29 +22,9 @@ MLFLOW = str(Path(sys.executable).parent / "mlflow")
 HEALTH_TIMEOUT_S = 60
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _wait_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + HEALTH_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"mlflow server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"mlflow server not healthy after {HEALTH_TIMEOUT_S} s:\n{log.read_text()[-3000:]}")
-
-
 @pytest.fixture
 def tracking_server(tmp_path) -> str:
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "mlflow-server.log"
     command = [
         MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
@@ -57,7 +36,7 @@ def tracking_server(tmp_path) -> str:
     with log.open("w") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
-        _wait_healthy(f"http://127.0.0.1:{port}/health", process, log)
+        wait_until_healthy("mlflow", f"http://127.0.0.1:{port}/health", process, log, time.monotonic() + HEALTH_TIMEOUT_S)
         yield f"http://127.0.0.1:{port}"
     finally:
         if process.poll() is None:
