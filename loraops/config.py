@@ -154,9 +154,19 @@ class TrainConfig(_Section):
     )
     eval_steps: int = Field(10, gt=0, description="Evaluate on the validation split every N steps")
     early_stopping_patience: int = Field(2, ge=0, description="Evaluations without improvement before stopping; 0 = off")
+    save_steps: int | None = Field(
+        None, gt=0, description="Checkpoint (adapter, optimizer, scheduler, RNG) every N steps; empty = every evaluation. "
+        "A multiple of train.eval_steps"
+    )
     save_total_limit: int = Field(2, gt=0, description="Checkpoints kept in train.output_dir; the best is always kept")
+    resume: bool = Field(
+        True, description="Continue from the last checkpoint of an interrupted run with the same settings and data"
+    )
+    use_liger_kernel: bool = Field(
+        False, description="Fused Liger kernels (RMSNorm, SwiGLU, RoPE, linear cross-entropy); CUDA only, pip install 'loraops[gpu]'"
+    )
     seed: int = 42
-    output_dir: str = "checkpoints"
+    output_dir: str = Field("checkpoints", description="Checkpoints of the running training; put it on durable storage")
 
     @model_validator(mode="after")
     def _check_eval_within_run(self) -> TrainConfig:
@@ -165,7 +175,16 @@ class TrainConfig(_Section):
                 f"train.eval_steps ({self.eval_steps}) is larger than train.max_steps ({self.max_steps}); "
                 "no evaluation would run and the best checkpoint could not be chosen: lower train.eval_steps"
             )
+        if self.save_steps is not None and self.save_steps % self.eval_steps:
+            raise ValueError(
+                f"train.save_steps ({self.save_steps}) is not a multiple of train.eval_steps ({self.eval_steps}); "
+                "the best checkpoint is chosen among evaluated ones: set save_steps to a multiple of eval_steps, or leave it empty"
+            )
         return self
+
+    @property
+    def checkpoint_steps(self) -> int:
+        return self.save_steps or self.eval_steps
 
 
 class EvalConfig(_Section):

@@ -86,12 +86,20 @@ def build_sft_config(cfg: LoraopsConfig, output_dir: str | Path, device: str):
 
 def build_trainer(cfg: LoraopsConfig, base: BaseModelRef, train_dataset, eval_dataset, device: str):
     """An SFTTrainer around a fresh adapter on the base model (4-bit base for QLoRA)."""
-    from transformers import EarlyStoppingCallback, set_seed
-    from trl import SFTTrainer
+    from transformers import set_seed
 
     set_seed(cfg.train.seed)  # before the adapter exists: its initial weights are random
     tokenizer = load_tokenizer(base, cfg.model)
     model = load_base_model(base, cfg.model, cfg.quant, device)
+    return build_trainer_for_model(cfg, model, tokenizer, train_dataset, eval_dataset, device)
+
+
+def build_trainer_for_model(cfg: LoraopsConfig, model, tokenizer, train_dataset, eval_dataset, device: str):
+    """The loraops training path around an already loaded base model (also used by bench/)."""
+    from transformers import EarlyStoppingCallback, set_seed
+    from trl import SFTTrainer
+
+    set_seed(cfg.train.seed)
     # Without a KV cache, transformers derives a per-example attention mask from the restarting
     # position_ids of a padding-free batch; with one, examples would attend across boundaries.
     model.config.use_cache = False
