@@ -86,6 +86,7 @@ class TrainResult(_Result):
     best_eval_loss: float | None
     stopped_early: bool
     history_path: str  # JSON list of {"step", "loss"|"eval_loss", ...} from the trainer
+    resumed_from_step: int | None = None  # the checkpoint an interrupted run continued from
 
 
 class ChampionRef(_Result):

@@ -14,7 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
-from loraops.config import LoraopsConfig
+from loraops.config import ConfigError, LoraopsConfig
 from loraops.modeling import build_lora_config, load_base_model, load_tokenizer, resolve_device
 from loraops.results import BaseModelRef, TrainResult
 
@@ -63,9 +63,9 @@ def build_sft_config(cfg: LoraopsConfig, output_dir: str | Path, device: str):
         eval_strategy="steps",
         eval_steps=train.eval_steps,
         save_strategy="steps",
-        save_steps=train.eval_steps,
+        save_steps=train.checkpoint_steps,
         save_total_limit=train.save_total_limit,
-        save_only_model=True,  # runs are never resumed; the optimizer state is not worth writing
+        save_only_model=False,  # optimizer, scheduler and RNG state too: an interrupted run resumes exactly
         load_best_model_at_end=True,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
@@ -78,6 +78,7 @@ def build_sft_config(cfg: LoraopsConfig, output_dir: str | Path, device: str):
         bf16=device == "cuda",  # SFTConfig turns bf16 on by default; on CPU it is slow and changes results
         seed=train.seed,
         data_seed=train.seed,
+        use_liger_kernel=train.use_liger_kernel,
         dataloader_num_workers=0,
         disable_tqdm=True,
         report_to=[],
@@ -129,25 +130,133 @@ def train_adapter(
     adapter_dir: str | Path,
     device: str | None = None,
     history_path: str | Path | None = None,
+    extra_callbacks: tuple = (),
 ) -> TrainResult:
     """Train, restore the best checkpoint, and save the adapter (PEFT safetensors) to ``adapter_dir``.
 
-    Raises ``TrainingDivergedError`` when the loss stops being finite; ``adapter_dir`` is then untouched.
+    Checkpoints (adapter, optimizer, scheduler, RNG) go to ``train.output_dir`` every
+    ``train.checkpoint_steps``; a rerun of an interrupted run with the same settings, base and
+    tokens continues from its last complete checkpoint. Raises ``TrainingDivergedError`` when
+    the loss stops being finite; ``adapter_dir`` is then untouched.
     """
     device = device or resolve_device(cfg.train)
+    _check_device_features(cfg, device)
     history_path = Path(history_path or Path(cfg.paths.metrics_dir) / HISTORY_FILE)
-    _remove_stale_checkpoints(Path(cfg.train.output_dir))
+    output_dir = Path(cfg.train.output_dir)
+    fingerprint = run_fingerprint(cfg, base, train_dataset, eval_dataset, device)
+    resume_from = prepare_checkpoint_dir(output_dir, fingerprint, resume=cfg.train.resume)
     trainer = build_trainer(cfg, base, train_dataset, eval_dataset, device)
-    logger.info("Training on %s for up to %d steps", device, cfg.train.max_steps)
-    trainer.train()
+    for callback in extra_callbacks:
+        trainer.add_callback(callback)
+    if resume_from is not None:
+        logger.info("Resuming from %s (step %d of %d)", resume_from, _checkpoint_step(resume_from), cfg.train.max_steps)
+    else:
+        logger.info("Training on %s for up to %d steps", device, cfg.train.max_steps)
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     save_adapter(trainer.model, trainer.processing_class, adapter_dir)
     _write_history(trainer.state.log_history, history_path)
     result = _train_result(trainer, cfg, adapter_dir, history_path)
+    result.resumed_from_step = _checkpoint_step(resume_from) if resume_from else None
+    _remove_checkpoints(output_dir)  # the adapter is saved: a rerun starts afresh
     logger.info(
         "Adapter saved to %s: %d steps, best eval loss %s at step %s",
         adapter_dir, result.steps, result.best_eval_loss, result.best_step,
     )
     return result
+
+
+def _check_device_features(cfg: LoraopsConfig, device: str) -> None:
+    if not cfg.train.use_liger_kernel:
+        return
+    if device != "cuda":
+        raise ConfigError(f"train.use_liger_kernel=true needs a CUDA device (this run uses {device}): set it to false")
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ConfigError("train.use_liger_kernel=true but liger-kernel is not installed: pip install 'loraops[gpu]'")
+
+
+# ------------------------------------------------------------------------------ resume
+
+
+RUN_FILE = "loraops-run.json"
+_NOT_TRAJECTORY = {"resume", "output_dir", "save_steps", "save_total_limit"}  # settings that leave the weights alone
+
+
+def run_fingerprint(cfg: LoraopsConfig, base: BaseModelRef, train_dataset, eval_dataset, device: str) -> str:
+    """What decides the trajectory of a run: settings, base model, device and the exact tokens."""
+    import hashlib
+
+    settings = {
+        "model": cfg.model.model_dump(mode="json"),
+        "lora": cfg.lora.model_dump(mode="json"),
+        "quant": cfg.quant.model_dump(mode="json"),
+        "train": cfg.train.model_dump(mode="json", exclude=_NOT_TRAJECTORY),
+        "eval": cfg.eval.model_dump(mode="json"),
+        "max_length": cfg.data.max_length,
+        "base": base.model_dump(mode="json", exclude={"path"}),
+        "device": device,
+    }
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for dataset in (train_dataset, eval_dataset):
+        for column in ("input_ids", "labels"):
+            for row in dataset[column]:
+                digest.update(json.dumps(row, separators=(",", ":")).encode())
+            digest.update(b"|")
+    return digest.hexdigest()[:24]
+
+
+def prepare_checkpoint_dir(output_dir: Path, fingerprint: str, resume: bool) -> Path | None:
+    """The checkpoint to resume from, or None after clearing checkpoints of other runs.
+
+    Only a complete checkpoint of a run with the same fingerprint is resumed; anything else in
+    ``output_dir`` named checkpoint-* is removed so it cannot mix into this run's rotation.
+    """
+    run_file = output_dir / RUN_FILE
+    same_run = run_file.exists() and _read_fingerprint(run_file) == fingerprint
+    checkpoint = last_complete_checkpoint(output_dir) if same_run and resume else None
+    if checkpoint is None:
+        _remove_checkpoints(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    run_file.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
+    return checkpoint
+
+
+def last_complete_checkpoint(output_dir: Path) -> Path | None:
+    """The newest checkpoint whose state files were all written (a kill mid-save leaves one incomplete)."""
+    candidates = sorted(
+        (path for path in output_dir.glob("checkpoint-*") if path.is_dir() and _checkpoint_step(path) is not None),
+        key=_checkpoint_step,
+        reverse=True,
+    )
+    for checkpoint in candidates:
+        if _is_complete(checkpoint):
+            return checkpoint
+        logger.warning("%s is incomplete (interrupted while saving): skipped", checkpoint)
+    return None
+
+
+def _is_complete(checkpoint: Path) -> bool:
+    required = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
+    if not all((checkpoint / name).is_file() for name in required) or not any(checkpoint.glob("rng_state*.pth")):
+        return False
+    try:  # written last by the trainer; a kill while writing it leaves broken JSON
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except ValueError:
+        return False
+    return True
+
+
+def _read_fingerprint(run_file: Path) -> str | None:
+    try:
+        return json.loads(run_file.read_text()).get("fingerprint")
+    except (ValueError, AttributeError):
+        return None
+
+
+def _checkpoint_step(path: Path) -> int | None:
+    match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+    return int(match.group(1)) if match else None
 
 
 def save_adapter(model, tokenizer, adapter_dir: str | Path) -> Path:
@@ -179,8 +288,8 @@ def _sort_target_modules(config_path: Path) -> None:
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _remove_stale_checkpoints(output_dir: Path) -> None:
-    """Checkpoints of an earlier run would be mixed into this run's rotation; only checkpoint-* is removed."""
+def _remove_checkpoints(output_dir: Path) -> None:
+    """Only checkpoint-* folders are removed: output_dir may be a shared, durable volume."""
     for stale in output_dir.glob("checkpoint-*"):
         if stale.is_dir():
             shutil.rmtree(stale)

@@ -1,0 +1,204 @@
+"""Resuming an interrupted training run: a SIGKILLed process continues from its last checkpoint.
+
+The training process is a real subprocess that kills itself with SIGKILL between two checkpoints;
+the rerun must continue from the last complete checkpoint (optimizer, scheduler and RNG state
+restored) and end with the adapter an uninterrupted run produces.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loraops import training
+from loraops.config import ConfigError, config_from_dict
+from loraops.results import BaseModelRef, TrainResult
+
+DATA = Path(__file__).parent / "fixtures" / "data"
+KILL_AT_STEP = 5  # after checkpoint-4 is written, before checkpoint-6
+
+# Runs one training in a fresh interpreter; with a kill step it SIGKILLs itself mid-run.
+TRAIN_SCRIPT = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    from pathlib import Path
+    from transformers import AutoTokenizer, TrainerCallback
+    from loraops import training
+    from loraops.config import config_from_dict
+    from loraops.results import BaseModelRef
+    from loraops.tokenization import build_dataset
+
+    model_dir, data_dir, workdir, config_json, kill_at = sys.argv[1:6]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = lambda split: [json.loads(line) for line in Path(data_dir, split + ".jsonl").read_text().splitlines()]
+    splits = [build_dataset(tokenizer, rows(split), max_length=64) for split in ("train", "validation")]
+
+    class KillMidRun(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == int(kill_at):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    class CountSteps(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            with open(Path(workdir) / "steps-run.log", "a") as log:
+                log.write(f"{state.global_step}\\n")
+
+    callbacks = (CountSteps(), KillMidRun()) if int(kill_at) else (CountSteps(),)
+    cfg = config_from_dict(json.loads(config_json))
+    ref = BaseModelRef(source=model_dir, path=model_dir)
+    result = training.train_adapter(cfg, ref, *splits, Path(workdir) / "adapter", extra_callbacks=callbacks)
+    result.write_json(Path(workdir) / "result.json")
+    """
+)
+
+
+def _raw_config(base: Path, workdir: Path, **train) -> dict:
+    return {
+        "model": {"base": str(base)},
+        "data": {"max_length": 64},
+        "lora": {"r": 8, "alpha": 16},
+        "train": {
+            "device": "cpu",
+            "learning_rate": 1e-2,
+            "max_steps": 8,
+            "batch_size": 4,
+            "eval_steps": 2,
+            "early_stopping_patience": 0,
+            "save_total_limit": 2,
+            "output_dir": str(workdir / "checkpoints"),
+            **train,
+        },
+        "eval": {"batch_size": 12},
+        "paths": {"metrics_dir": str(workdir / "metrics")},
+    }
+
+
+def _train_in_subprocess(model_dir: Path, workdir: Path, kill_at: int = 0) -> subprocess.CompletedProcess:
+    config = json.dumps(_raw_config(model_dir, workdir))
+    return subprocess.run(
+        [sys.executable, "-c", TRAIN_SCRIPT, str(model_dir), str(DATA), str(workdir), config, str(kill_at)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def _adapter(workdir: Path) -> dict[str, torch.Tensor]:
+    return load_file(workdir / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model_dir) -> Path:
+    workdir = tmp_path_factory.mktemp("uninterrupted")
+    done = _train_in_subprocess(tiny_model_dir, workdir)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return workdir
+
+
+def test_a_sigkilled_run_resumes_to_the_uninterrupted_adapter(tmp_path, tiny_model_dir, uninterrupted):
+    killed = _train_in_subprocess(tiny_model_dir, tmp_path, kill_at=KILL_AT_STEP)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (tmp_path / "adapter").exists()  # nothing half-done where the stage's output goes
+    assert training.last_complete_checkpoint(tmp_path / "checkpoints").name == "checkpoint-4"
+
+    (tmp_path / "steps-run.log").unlink()
+    rerun = _train_in_subprocess(tiny_model_dir, tmp_path)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert (tmp_path / "steps-run.log").read_text().split() == ["5", "6", "7", "8"]  # only the lost steps rerun
+    result = TrainResult.read_json(tmp_path / "result.json")
+    assert result.resumed_from_step == 4 and result.steps == 8
+    assert TrainResult.read_json(uninterrupted / "result.json").resumed_from_step is None
+
+    resumed, reference = _adapter(tmp_path), _adapter(uninterrupted)
+    assert resumed.keys() == reference.keys() and len(resumed) > 0
+    for name in reference:
+        torch.testing.assert_close(resumed[name], reference[name], rtol=0, atol=1e-6, msg=name)
+
+    # The history is whole: steps 1..8 once each, the resumed half continuing the interrupted one.
+    history = json.loads((tmp_path / "metrics" / "train_history.json").read_text())
+    assert [row["step"] for row in history if "loss" in row] == list(range(1, 9))
+    expected = json.loads((uninterrupted / "metrics" / "train_history.json").read_text())
+    assert [row["loss"] for row in history if "loss" in row] == pytest.approx(
+        [row["loss"] for row in expected if "loss" in row], abs=1e-6
+    )
+    assert not list((tmp_path / "checkpoints").glob("checkpoint-*"))  # cleared once the adapter is saved
+
+
+# ------------------------------------------------------------------ which checkpoint is resumed
+
+
+def _checkpoint(output_dir: Path, step: int, complete: bool = True) -> Path:
+    path = output_dir / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        (path / name).write_bytes(b"x")
+    (path / "trainer_state.json").write_text('{"global_step": %d}' % step if complete else '{"global_st')
+    return path
+
+
+def test_the_newest_complete_checkpoint_of_the_same_run_is_resumed(tmp_path):
+    assert training.prepare_checkpoint_dir(tmp_path, "run-a", resume=True) is None
+    _checkpoint(tmp_path, 4)
+    _checkpoint(tmp_path, 10)
+    _checkpoint(tmp_path, 12, complete=False)  # killed while writing its state
+    assert training.prepare_checkpoint_dir(tmp_path, "run-a", resume=True) == tmp_path / "checkpoint-10"
+
+
+def test_checkpoints_of_another_run_are_cleared_not_resumed(tmp_path):
+    training.prepare_checkpoint_dir(tmp_path, "run-a", resume=True)
+    _checkpoint(tmp_path, 4)
+    (tmp_path / "keep-me.txt").write_text("a user's file")
+    assert training.prepare_checkpoint_dir(tmp_path, "run-b", resume=True) is None
+    assert not list(tmp_path.glob("checkpoint-*")) and (tmp_path / "keep-me.txt").exists()
+
+
+def test_resume_false_starts_afresh(tmp_path):
+    training.prepare_checkpoint_dir(tmp_path, "run-a", resume=True)
+    _checkpoint(tmp_path, 4)
+    assert training.prepare_checkpoint_dir(tmp_path, "run-a", resume=False) is None
+    assert not list(tmp_path.glob("checkpoint-*"))
+
+
+def test_a_checkpoint_missing_its_optimizer_state_is_not_resumed(tmp_path):
+    training.prepare_checkpoint_dir(tmp_path, "run-a", resume=True)
+    (_checkpoint(tmp_path, 6) / "optimizer.pt").unlink()
+    assert training.prepare_checkpoint_dir(tmp_path, "run-a", resume=True) is None
+
+
+def test_fingerprint_follows_settings_and_tokens_but_not_checkpoint_placement(tmp_path, tiny_tokenizer):
+    from loraops.tokenization import build_dataset
+
+    rows = [json.loads(line) for line in (DATA / "train.jsonl").read_text().splitlines()]
+    train, validation = build_dataset(tiny_tokenizer, rows[:8], 64), build_dataset(tiny_tokenizer, rows[8:12], 64)
+    ref = BaseModelRef(source="tiny", path=str(tmp_path))
+
+    def fingerprint(train_dataset=train, **overrides):
+        cfg = config_from_dict(_raw_config(Path("tiny"), tmp_path, **overrides))
+        return training.run_fingerprint(cfg, ref, train_dataset, validation, "cpu")
+
+    reference = fingerprint()
+    assert fingerprint(save_total_limit=5, save_steps=4, output_dir="/elsewhere") == reference
+    assert fingerprint(learning_rate=2e-2) != reference
+    assert fingerprint(train_dataset=build_dataset(tiny_tokenizer, rows[1:9], 64)) != reference
+
+
+def test_save_steps_must_be_a_multiple_of_eval_steps(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.save_steps \(3\) is not a multiple of train.eval_steps \(2\)"):
+        config_from_dict(_raw_config(Path("tiny"), tmp_path, save_steps=3))
+    args = training.build_sft_config(config_from_dict(_raw_config(Path("t"), tmp_path, save_steps=4)), tmp_path, "cpu")
+    assert args.save_steps == 4 and args.eval_steps == 2 and not args.save_only_model
+
+
+def test_liger_kernels_on_cpu_are_refused_with_the_setting_named(tmp_path, tiny_model_dir):
+    cfg = config_from_dict(_raw_config(tiny_model_dir, tmp_path, use_liger_kernel=True))
+    with pytest.raises(ConfigError, match="train.use_liger_kernel=true needs a CUDA device"):
+        training.train_adapter(cfg, BaseModelRef(source="t", path=str(tiny_model_dir)), [], [], tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
