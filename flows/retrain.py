@@ -31,6 +31,7 @@ def retrain(config: LoraopsConfig | None = None, project_dir: str = ".") -> Retr
     pipeline.record_run_config(cfg, root)
     pipeline.prepare_base_model(cfg, root)
     pipeline.validate_dataset(cfg, root)
+    pipeline.check_memory(cfg, root)
     baseline = pipeline.evaluate_baseline(cfg, root)
     trained = pipeline.train_adapter(cfg, root)
     candidate = pipeline.evaluate_adapter(cfg, root)

@@ -165,6 +165,7 @@ def import_data(params: ParamsOption = Path("params.yaml")) -> None:
 class StageName(str, Enum):
     prepare_base_model = "prepare-base-model"
     validate_dataset = "validate-dataset"
+    check_memory = "memory-check"
     evaluate_baseline = "evaluate-baseline"
     train_adapter = "train-adapter"
     evaluate_adapter = "evaluate-adapter"

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from loraops.config import LoraopsConfig, write_params
+from loraops.memory import MemoryCheck
 from loraops.results import (
     BaseModelRef,
     ContractReport,
@@ -128,6 +129,20 @@ def evaluate_baseline(cfg: LoraopsConfig, root: Path) -> EvalMetrics:
     metrics.write_json(_path(root, cfg.paths.metrics_dir) / BASELINE_METRICS)
     log.info("baseline validation loss %.4f (perplexity %.2f) over %d tokens", metrics.loss, metrics.perplexity, metrics.tokens)
     return metrics
+
+
+def check_memory(cfg: LoraopsConfig, root: Path, available: int | None = None) -> MemoryCheck:
+    """Memory pre-flight before any model is loaded: refuse settings that cannot fit, naming what to change.
+
+    ``available`` (bytes) defaults to the GPU's total memory on CUDA and to the system RAM on CPU.
+    """
+    from loraops import memory, modeling
+
+    device = modeling.resolve_device(cfg.train)
+    base = modeling.read_base_model_ref(_path(root, cfg.paths.base_model_dir))
+    shape = memory.resolve_model_shape(base.path, revision=base.revision)
+    budget = memory.device_memory_bytes(device) if available is None else available
+    return memory.check_memory(shape, cfg, device, budget)
 
 
 def train_adapter(cfg: LoraopsConfig, root: Path) -> TrainResult:

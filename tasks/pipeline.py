@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from loraops import reporting, stages
 from loraops.config import LoraopsConfig
+from loraops.memory import MemoryCheck
 from loraops.results import (
     BaseModelRef,
     ContractReport,
@@ -49,6 +50,12 @@ def validate_dataset(cfg: LoraopsConfig, root: Path) -> ContractReport:
         raise
     create_markdown_artifact(reporting.contract_markdown(report), key="data-contract")
     return report
+
+
+@task(name="check-memory", retries=0, **_stage)
+def check_memory(cfg: LoraopsConfig, root: Path) -> MemoryCheck:
+    """Never retried: settings that do not fit will not fit on a retry."""
+    return stages.check_memory(cfg, root)
 
 
 @task(name="evaluate-baseline", **_stage)
