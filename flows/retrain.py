@@ -33,7 +33,10 @@ def retrain(config: LoraopsConfig | None = None, project_dir: str = ".") -> Retr
     pipeline.validate_dataset(cfg, root)
     pipeline.check_memory(cfg, root)
     baseline = pipeline.evaluate_baseline(cfg, root)
-    trained = pipeline.train_adapter(cfg, root)
+    if cfg.orchestration.train_deployment:  # its own run on the GPU pool; inputs and adapter travel via DVC and MLflow
+        trained = pipeline.train_on_deployment(cfg, root)
+    else:
+        trained = pipeline.train_adapter(cfg, root)
     candidate = pipeline.evaluate_adapter(cfg, root)
     decision = pipeline.gate_candidate(cfg, root, baseline, candidate)
     lineage = pipeline.version_outputs(cfg, root)

@@ -233,6 +233,20 @@ class VersionConfig(_Section):
     push: bool = Field(True, description="dvc push data, adapter and metrics to the default remote")
 
 
+class OrchestrationConfig(_Section):
+    """Where the retrain flow's training stage runs."""
+
+    train_deployment: str | None = Field(
+        None,
+        pattern=r"^[^/\s]+/[^/\s]+$",
+        description="Prefect deployment 'flow/deployment' that runs training on a GPU work pool "
+        "(infra/prefect.yaml: train-adapter/train-adapter); empty = train inside the retrain run",
+    )
+    train_timeout_s: int = Field(
+        86_400, gt=0, description="Seconds the retrain run waits for the training run to finish"
+    )
+
+
 class PathsConfig(_Section):
     base_model_dir: str = "models/base"
     adapter_dir: str = "adapters/candidate"
@@ -252,6 +266,7 @@ class LoraopsConfig(_Section):
     registry: RegistryConfig = RegistryConfig()
     export: ExportConfig = ExportConfig()
     version: VersionConfig = VersionConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
     paths: PathsConfig = PathsConfig()
 
     @model_validator(mode="after")

@@ -162,9 +162,14 @@ def train_adapter(cfg: LoraopsConfig, root: Path) -> TrainResult:
         _path(root, cfg.paths.adapter_dir),
         history_path=metrics_dir / TRAIN_HISTORY,
     )
+    record_training(result, metrics_dir)
+    return result
+
+
+def record_training(result: TrainResult, metrics_dir: Path) -> None:
+    """metrics/train.json and the loss series ``dvc plots`` draws (also for an adapter trained elsewhere)."""
     result.write_json(metrics_dir / TRAIN_METRICS)
     write_loss_plots(Path(result.history_path), metrics_dir / "plots")
-    return result
 
 
 def write_loss_plots(history_path: Path, plots_dir: Path) -> None:

@@ -8,7 +8,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from loraops import reporting, stages
+from loraops import handoff, reporting, stages
 from loraops.config import LoraopsConfig
 from loraops.memory import MemoryCheck
 from loraops.results import (
@@ -63,9 +63,62 @@ def evaluate_baseline(cfg: LoraopsConfig, root: Path) -> EvalMetrics:
     return stages.evaluate_baseline(cfg, root)
 
 
-@task(name="train-adapter", **_stage)
+def _worth_retrying(task, task_run, state) -> bool:
+    """Retry a crashed or failed training (it resumes from its last checkpoint), not a bad config or a NaN."""
+    from loraops.config import ConfigError
+    from loraops.training import TrainingDivergedError
+
+    return not isinstance(state.data, (ConfigError, TrainingDivergedError))
+
+
+@task(name="train-adapter", retries=1, retry_delay_seconds=10, retry_condition_fn=_worth_retrying, **_stage)
 def train_adapter(cfg: LoraopsConfig, root: Path) -> TrainResult:
+    """A retry continues from the last checkpoint (optimizer, scheduler and RNG state restored)."""
     return stages.train_adapter(cfg, root)
+
+
+@task(name="train-on-worker", **_stage)
+def train_on_deployment(cfg: LoraopsConfig, root: Path) -> TrainResult:
+    """Run training as its own deployment (a GPU work pool), wait for it, and fetch its adapter.
+
+    Not retried here: the training run retries itself, and rerunning this flow run starts a new
+    training run that resumes from the worker's last checkpoint.
+    """
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    deployment = cfg.orchestration.train_deployment
+    outgoing = handoff.prepare_handoff(cfg, root)
+    try:
+        child = run_deployment(
+            deployment,
+            parameters=handoff.handoff_parameters(outgoing),
+            timeout=cfg.orchestration.train_timeout_s,
+        )
+    except ObjectNotFound:
+        raise handoff.HandoffError(
+            f"deployment '{deployment}' (orchestration.train_deployment) is not on the Prefect server: deploy it "
+            "with `make deploy`, or empty orchestration.train_deployment to train inside this run"
+        ) from None
+    if not child.state or not child.state.is_completed():
+        state = child.state
+        raise handoff.HandoffError(
+            handoff.describe_unfinished(
+                deployment, state.name if state else "unknown", state.message if state else None,
+                cfg.orchestration.train_timeout_s,
+            )
+        )
+    return handoff.fetch_training(cfg, root, outgoing.train_key)
+
+
+@task(name="receive-training-inputs", retries=2, retry_delay_seconds=[5, 30], **_stage)
+def receive_training_inputs(root: Path, data_dvc: str) -> str:
+    return handoff.receive_inputs(root, data_dvc)
+
+
+@task(name="publish-training", **_network, **_stage)
+def publish_training(cfg: LoraopsConfig, root: Path, trained: TrainResult, train_key: str) -> str:
+    return handoff.publish_training(cfg, root, trained, train_key)
 
 
 @task(name="evaluate-adapter", **_stage)

@@ -93,7 +93,10 @@ def _cli(args: list[str], env: dict, timeout: float = CLI_S, cwd: Path = REPO_RO
 def _checkout(tmp_path: Path, tiny_model_dir: Path, mlflow_url: str) -> Path:
     """A project checkout as a worker host has it: the code (flows, tasks) with its params and data."""
     project = make_project(
-        tmp_path / "project", tiny_model_dir, registry={"tracking_uri": mlflow_url, "auto_promote": True}
+        tmp_path / "project",
+        tiny_model_dir,
+        registry={"tracking_uri": mlflow_url, "auto_promote": True},
+        orchestration={"train_deployment": "train-adapter/train-adapter"},
     )
     for package in ("flows", "tasks"):
         shutil.copytree(REPO_ROOT / package, project / package, ignore=shutil.ignore_patterns("__pycache__"))
@@ -120,30 +123,41 @@ def test_scheduled_retrain_deploys_runs_on_a_worker_and_registers_through_the_se
     servers, tiny_model_dir, tmp_path, monkeypatch
 ):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        DeploymentFilter,
+        DeploymentFilterId,
+    )
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     project = _checkout(tmp_path, tiny_model_dir, servers["mlflow"])
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
+    # The GPU host's own checkout: code only; its data comes from the DVC remote when a training starts.
+    gpu_checkout = tmp_path / "gpu-host-checkout"
+    subprocess.run(["git", "clone", "-q", str(project), str(gpu_checkout)], check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING", "LORAOPS_"))}
     env.update(
         PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
         PREFECT_API_URL=servers["prefect"],
         PREFECT_HOME=str(tmp_path / "prefect-client-home"),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        LORAOPS_PROJECT_DIR=str(project),
+        PREFECT_WORKER_QUERY_SECONDS="2",
     )
     _cli([str(REPO_ROOT / "infra" / "work-pools.sh")], {**env, "PREFECT": str(BIN / "prefect")})
     _cli([str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", "infra/prefect.yaml"], env)
+    cpu_host = {**env, "LORAOPS_PROJECT_DIR": str(project)}
 
     with temporary_settings(updates={PREFECT_API_URL: servers["prefect"]}), get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("retrain/retrain")
         assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * 1"]
         assert all(s.active for s in deployment.schedules)
-        assert deployment.work_pool_name == "gpu" and deployment.enforce_parameter_schema
-        # LORAOPS_PROJECT_DIR was set when deploying: resolved then, so the run moves into this checkout
+        assert deployment.work_pool_name == "cpu" and deployment.enforce_parameter_schema
+        # Unset when deploying, so each worker moves into its own checkout when a run starts
         assert deployment.pull_steps == [
-            {"prefect.deployments.steps.set_working_directory": {"directory": str(project)}}
+            {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $LORAOPS_PROJECT_DIR }}"}}
         ]
+        training = client.read_deployment_by_name("train-adapter/train-adapter")
+        assert training.work_pool_name == "gpu" and training.enforce_parameter_schema
         assert client.read_work_pool("gpu").concurrency_limit == 1
         for name in ("promote/promote", "rollback/rollback"):
             assert client.read_deployment_by_name(name).work_pool_name == "cpu"
@@ -162,17 +176,21 @@ def test_scheduled_retrain_deploys_runs_on_a_worker_and_registers_through_the_se
             deployment.id, parameters={"config": {"quant": {"mode": "nf4"}, "lora": {"variant": "dora"}}}
         )
         started = time.monotonic()
-        _cli([str(BIN / "prefect"), "worker", "start", "--pool", "gpu", "--run-once"], env, timeout=RUN_S)
+        _cli([str(BIN / "prefect"), "worker", "start", "--pool", "cpu", "--run-once"], cpu_host, timeout=RUN_S)
         failed = _finished_run(client, invalid.id, started + 120)
         assert failed.state.is_failed(), failed.state
         assert "lora.variant=dora cannot be combined" in failed.state.message
         print(f"invalid run failed at start after {time.monotonic() - started:.1f} s")
 
         # The scheduled path: default parameters, params.yaml of the checkout.
+        # The scheduled path: default parameters, params.yaml of the checkout; training on the GPU host's worker.
         run = client.create_flow_run_from_deployment(deployment.id, parameters={})
         started = time.monotonic()
-        _cli([str(BIN / "prefect"), "worker", "start", "--pool", "gpu", "--run-once"], env, timeout=RUN_S)
-        run = _finished_run(client, run.id, started + RUN_S)
+        gpu_host = {**env, "LORAOPS_PROJECT_DIR": str(gpu_checkout), "PREFECT_HOME": str(tmp_path / "gpu-home")}
+        gpu_worker = [str(BIN / "prefect"), "worker", "start", "--pool", "gpu", "--limit", "1"]
+        with _server("gpu worker", gpu_worker, gpu_host, tmp_path / "gpu-worker.log"):
+            _cli([str(BIN / "prefect"), "worker", "start", "--pool", "cpu", "--run-once"], cpu_host, timeout=RUN_S)
+            run = _finished_run(client, run.id, started + RUN_S)
         print(f"retrain run {run.state.type.value} after {time.monotonic() - started:.1f} s")
         assert run.state.is_completed(), f"{run.state}\n{_cli([str(BIN / 'prefect'), 'flow-run', 'logs', str(run.id)], env)[-4000:]}"
         artifacts = {
@@ -181,6 +199,18 @@ def test_scheduled_retrain_deploys_runs_on_a_worker_and_registers_through_the_se
                 artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
             )
         }
+
+        trainings = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[training.id]))
+        )
+    assert [t.state.type.value for t in trainings] == ["COMPLETED"], (tmp_path / "gpu-worker.log").read_text()[-3000:]
+    assert trainings[0].parent_task_run_id is not None  # a subflow of retrain's train-on-worker task
+    # The GPU host trained on the dataset it pulled from the DVC remote, in its own checkout.
+    assert (gpu_checkout / "data" / "train.jsonl").read_bytes() == (project / "data" / "train.jsonl").read_bytes()
+    assert (gpu_checkout / "adapters" / "candidate" / "adapter_model.safetensors").exists()
+    assert (project / "adapters" / "candidate" / "adapter_model.safetensors").read_bytes() == (
+        gpu_checkout / "adapters" / "candidate" / "adapter_model.safetensors"
+    ).read_bytes()
 
     assert {"data-contract", "gate-decision", "registration"} <= set(artifacts)
     assert f"{servers['mlflow']}/#/models/tiny-adapter/versions/1" in artifacts["registration"]

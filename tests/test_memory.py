@@ -292,20 +292,29 @@ def test_stage_refuses_what_cannot_fit_and_names_the_settings(tmp_path, tiny_mod
     cfg = _tiny_project(tmp_path, tiny_model_dir, data={"max_length": 512}, train={"batch_size": 64})
     shape = resolve_model_shape(str(tiny_model_dir))
     small = cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": 4})})
-    budget = memory.estimate_for_config(shape, small, "cpu").total  # room for batch 4, not 64
-    with pytest.raises(MemoryPlanError) as refused:
-        stages.check_memory(cfg, tmp_path, available=budget)
+    budget = int(memory.estimate_for_config(shape, small, "cuda").total / (1 - memory.DEFAULT_HEADROOM))
+    with pytest.raises(MemoryPlanError) as refused:  # room for batch 4, not 64
+        memory.check_memory(shape, cfg, "cuda", budget)
     message = str(refused.value)
     assert "does not fit with quant.mode=none, train.batch_size=64" in message
     assert "-S train.batch_size=" in message
     suggested = _with(cfg, message.split("; set ")[1].split(" (estimated")[0].replace("-S ", "").split())
-    assert memory.estimate_for_config(shape, suggested, "cpu").total <= budget
+    assert memory.estimate_for_config(shape, suggested, "cuda").total <= budget
+
+
+def test_on_cpu_an_estimate_above_ram_only_warns(tmp_path, tiny_model_dir, caplog):
+    cfg = _tiny_project(tmp_path, tiny_model_dir, data={"max_length": 512}, train={"batch_size": 64})
+    with caplog.at_level("WARNING", logger="loraops.memory"):
+        check = stages.check_memory(cfg, tmp_path, available=64 << 20)
+    assert not check.fits and check.device == "cpu"
+    assert "does not fit with quant.mode=none, train.batch_size=64" in caplog.text and "continuing on CPU" in caplog.text
 
 
 def test_stage_refuses_hopeless_settings_with_the_ways_out(tmp_path, tiny_model_dir):
     cfg = _tiny_project(tmp_path, tiny_model_dir)
+    shape = resolve_model_shape(str(tiny_model_dir))
     with pytest.raises(MemoryPlanError, match="no training setting fits"):
-        stages.check_memory(cfg, tmp_path, available=64 << 20)
+        memory.check_memory(shape, cfg, "cuda", 64 << 20)
 
 
 def test_gpu_check_names_the_plans_settings():

@@ -1,0 +1,27 @@
+"""The training stage as its own flow, deployed on the GPU work pool and triggered by ``retrain``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow
+
+from loraops.config import LoraopsConfig
+from loraops.results import TrainResult
+from tasks import pipeline
+
+
+@flow(name="train-adapter", log_prints=True)
+def train_adapter(config: LoraopsConfig, data_dvc: str, train_key: str, project_dir: str = ".") -> TrainResult:
+    """Check out the retrain run's dataset, train (resuming an interrupted run), publish the adapter to MLflow.
+
+    ``data_dvc`` is the retrain run's data.dvc (the dataset by md5, pulled from the DVC remote);
+    ``train_key`` tags the MLflow run the retrain run fetches the adapter from.
+    """
+    root = Path(project_dir).resolve()
+    pipeline.receive_training_inputs(root, data_dvc)
+    pipeline.prepare_base_model(config, root)
+    pipeline.check_memory(config, root)  # against this worker's GPU
+    trained = pipeline.train_adapter(config, root)
+    pipeline.publish_training(config, root, trained, train_key)
+    return trained
