@@ -19,13 +19,22 @@ def _deployments() -> dict[str, dict]:
 
 def test_deployments_point_at_real_flows_with_their_pools_and_a_weekly_retrain():
     deployments = _deployments()
-    assert {"retrain", "promote", "rollback"} <= set(deployments)
+    assert {"retrain", "train-adapter", "promote", "rollback", "reproduce"} <= set(deployments)
     for deployment in deployments.values():
         path, function = deployment["entrypoint"].split(":")
         assert f"def {function}(" in (REPO_ROOT / path).read_text(), deployment["entrypoint"]
         assert deployment["enforce_parameter_schema"] is True
     retrain = deployments["retrain"]
-    assert retrain["work_pool"]["name"] == "gpu"
+    assert retrain["work_pool"]["name"] == "cpu"  # training itself goes to the gpu pool as train-adapter
+    assert deployments["train-adapter"]["work_pool"]["name"] == "gpu"
+    from loraops.config import LoraopsConfig
+
+    # retrain's config names the training deployment as "flow name/deployment name"
+    flow_name = "train-adapter"  # @flow(name=...) in flows/train.py
+    assert f'@flow(name="{flow_name}"' in (REPO_ROOT / "flows" / "train.py").read_text()
+    assert LoraopsConfig.model_validate(
+        {"orchestration": {"train_deployment": f"{flow_name}/train-adapter"}}
+    ).orchestration.train_deployment
     assert [s["cron"] for s in retrain["schedules"]] == ["0 3 * * 1"]
     assert {deployments[n]["work_pool"]["name"] for n in ("promote", "rollback")} == {"cpu"}
 
