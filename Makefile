@@ -17,7 +17,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 PYTEST_ARGS ?=
 
-.PHONY: install demo data test test-slow test-all bench clean-outputs
+.PHONY: install demo data test test-slow test-all bench bench-train bench-contract bench-padding bench-wheels bench-train-gpu clean-outputs
 
 install: $(STAMP)
 
@@ -47,8 +47,26 @@ test-slow: install
 test-all: install
 	$(BIN)/pytest $(PYTEST_ARGS)
 
-bench: install
-	$(BIN)/python bench/run.py
+# Benchmarks (BENCHMARKS.md). `bench` runs the CPU ones; the GPU run needs a CUDA machine.
+bench: bench-train bench-contract
+
+bench-train: install
+	$(BIN)/python bench/train_bench.py --mode smoke
+
+bench-contract: install
+	$(BIN)/python bench/contract_bench.py --no-write
+
+bench-padding: install
+	$(BIN)/python bench/padding_report.py
+
+# Wheels a bare GPU machine lacks (trl, bitsandbytes, datasets, liger-kernel, pydantic) for bench/gpu_run.sh.
+bench-wheels: install
+	PYTHON=$(BIN)/python bench/fetch_wheels.sh
+
+# On a CUDA machine with this project installed: the five configurations on the Llama-3.1-8B shape.
+bench-train-gpu: install
+	$(BIN)/python -m pip install --quiet -e '.[gpu]'
+	$(BIN)/python bench/train_bench.py --mode gpu --write-benchmarks
 
 clean-outputs:
 	rm -rf models adapters checkpoints metrics/plots reports
