@@ -227,7 +227,6 @@ def _structure(
 ) -> np.ndarray:
     """Fields, empty turns, role order and the final turn, as booleans per row; returns the rows fit to render."""
     import numpy as np
-    import pyarrow.compute as pc
 
     lines = batch.lines
     broken = ~well_formed

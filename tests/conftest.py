@@ -92,6 +92,23 @@ def save_tiny_model(directory: Path) -> Path:
     return directory
 
 
+@pytest.fixture(autouse=True)
+def single_threaded_torch(request):
+    """Tiny models gain nothing from threads, and on a shared 2-core machine threads spin: ~3x slower.
+
+    Tests marked slow (real SmolLM2) keep torch's default threads.
+    """
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """Path of a saved tiny Llama; treat it as read-only (copy it before changing anything)."""

@@ -13,8 +13,7 @@ from loraops.export import EXPORT_MANIFEST, ExportMismatchError, check_merge, co
 from loraops.registry import make_client
 from loraops.results import BaseModelRef
 from loraops.serving import AdapterSource, UnsafeArtifactError, chat_inputs, generate_text, load_adapter, load_merged
-from test_serving import PROMPT, make_adapter, register, registry_config, shared_store_uri
-from test_serving import single_threaded_torch  # noqa: F401 (an autouse fixture: applies here too)
+from registry_helpers import PROMPT, make_adapter, register, registry_config, shared_store_uri
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,7 @@ from conftest import free_port, wait_until_healthy
 from loraops.promotion import apply_promotion, check_promotion, rollback
 from loraops.registry import make_client
 from loraops.serving import fetch_adapter, generate_text, load_adapter
-from test_serving import PROMPT, make_adapter, register, registry_config
-from test_serving import single_threaded_torch  # noqa: F401 (an autouse fixture: applies here too)
+from registry_helpers import PROMPT, make_adapter, register, registry_config
 
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
 HEALTH_TIMEOUT_S = 60

@@ -16,8 +16,7 @@ from loraops import promotion, registry
 from loraops.promotion import PromotionRefused, alias_state, apply_promotion, check_promotion, rollback
 from loraops.registry import make_client
 from loraops.serving import SampleAnswer
-from test_serving import make_adapter, register, registry_config, shared_store_uri
-from test_serving import single_threaded_torch  # noqa: F401 (an autouse fixture: applies here too)
+from registry_helpers import make_adapter, register, registry_config, shared_store_uri
 
 
 @pytest.fixture(scope="module")
