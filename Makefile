@@ -90,7 +90,8 @@ pools: install
 	$(STACK_ENV) infra/work-pools.sh
 
 deploy: install
-	$(STACK_ENV) LORAOPS_PROJECT_DIR=$(LORAOPS_PROJECT_DIR) $(BIN)/prefect --no-prompt deploy --all --prefect-file infra/prefect.yaml
+	# LORAOPS_PROJECT_DIR left unset: each worker resolves it to its own checkout when a run starts
+	$(STACK_ENV) env -u LORAOPS_PROJECT_DIR $(BIN)/prefect --no-prompt deploy --all --prefect-file infra/prefect.yaml
 
 worker-gpu: install
 	$(STACK_ENV) LORAOPS_PROJECT_DIR=$(LORAOPS_PROJECT_DIR) $(BIN)/prefect worker start --pool gpu --limit 1
