@@ -202,3 +202,43 @@ def test_liger_kernels_on_cpu_are_refused_with_the_setting_named(tmp_path, tiny_
     with pytest.raises(ConfigError, match="train.use_liger_kernel=true needs a CUDA device"):
         training.train_adapter(cfg, BaseModelRef(source="t", path=str(tiny_model_dir)), [], [], tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
+
+
+# ------------------------------------------- a crashed stage process, rerun the way users rerun it
+
+
+def test_rerunning_a_killed_train_stage_resumes_from_its_checkpoint(tmp_path, tiny_model_dir):
+    """`python -m loraops stage train-adapter` (what dvc.yaml and a worker run) killed mid-run, then rerun."""
+    import os
+    import time
+
+    from conftest import make_project
+
+    project = make_project(
+        tmp_path / "project", tiny_model_dir, train={"max_steps": 120, "eval_steps": 10, "save_total_limit": 1}
+    )
+    stage = lambda name: [sys.executable, "-m", "loraops", "stage", name]  # noqa: E731
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(stage("prepare-base-model"), cwd=project, check=True, capture_output=True, env=env)
+    checkpoints = project / "checkpoints"
+    with (tmp_path / "first.log").open("w") as log:
+        first = subprocess.Popen(stage("train-adapter"), cwd=project, stdout=log, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and first.poll() is None:
+        if training.last_complete_checkpoint(checkpoints) is not None:
+            break
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    assert first.wait(timeout=30) == -signal.SIGKILL, (tmp_path / "first.log").read_text()[-3000:]
+    survivor = training.last_complete_checkpoint(checkpoints)
+    assert survivor is not None, "the first run was killed before any checkpoint was complete"
+    saved_at = int(survivor.name.split("-")[1])
+    assert saved_at < 120
+
+    rerun = subprocess.run(stage("train-adapter"), cwd=project, capture_output=True, text=True, env=env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    result = TrainResult.read_json(project / "metrics" / "train.json")
+    assert result.resumed_from_step is not None and result.resumed_from_step >= saved_at
+    assert result.steps == 120 and Path(result.adapter_dir).name == "candidate"
+    history = json.loads((project / "metrics" / "train_history.json").read_text())
+    assert [row["step"] for row in history if "loss" in row] == list(range(1, 121))
