@@ -29,6 +29,7 @@ def retrain(config: LoraopsConfig | None = None, project_dir: str = ".") -> Retr
     root = Path(project_dir).resolve()
     cfg = config or load_config(root / "params.yaml")
     pipeline.record_run_config(cfg, root)
+    pipeline.check_servers(cfg, root)
     pipeline.prepare_base_model(cfg, root)
     pipeline.validate_dataset(cfg, root)
     pipeline.check_memory(cfg, root)

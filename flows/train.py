@@ -19,6 +19,7 @@ def train_adapter(config: LoraopsConfig, data_dvc: str, train_key: str, project_
     ``train_key`` tags the MLflow run the retrain run fetches the adapter from.
     """
     root = Path(project_dir).resolve()
+    pipeline.check_servers(config, root)  # the adapter goes back through MLflow
     pipeline.receive_training_inputs(root, data_dvc)
     pipeline.prepare_base_model(config, root)
     pipeline.check_memory(config, root)  # against this worker's GPU

@@ -31,12 +31,18 @@ class UserError(Exception):
 def _user_errors() -> tuple[type[BaseException], ...]:
     from loraops.contract import DataContractError
     from loraops.data import DataError
+    from loraops.servers import ServerUnreachableError
 
-    errors: list[type[BaseException]] = [ConfigError, DataError, DataContractError, UserError, FileNotFoundError]
+    errors: list[type[BaseException]] = [
+        ConfigError, DataError, DataContractError, UserError, FileNotFoundError, ServerUnreachableError
+    ]
     try:
         from loraops.training import TrainingDivergedError
 
         errors.append(TrainingDivergedError)
+        from loraops.handoff import HandoffError
+
+        errors.append(HandoffError)
     except ImportError:  # the training extras are optional for data-only installs
         pass
     return tuple(errors)
@@ -74,6 +80,11 @@ def retrain(params: ParamsOption = Path("params.yaml"), overrides: SetOption = N
     """Run the Prefect retrain flow: contract, baseline, train, evaluate, gate, version, register."""
     with _exit_cleanly_on_user_error():
         cfg = _config(params, overrides)
+        from loraops.registry import resolve_tracking_uri
+        from loraops.servers import check_mlflow_server, check_prefect_api
+
+        check_prefect_api()  # fail in a second, not after Prefect's own retries
+        check_mlflow_server(resolve_tracking_uri(cfg.registry, params.resolve().parent))
         from flows.retrain import retrain as retrain_flow
         from loraops.reporting import closing_lines
 

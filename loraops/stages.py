@@ -46,6 +46,16 @@ def record_run_config(cfg: LoraopsConfig, root: Path) -> bool:
     return changed
 
 
+def check_servers(cfg: LoraopsConfig, root: Path) -> str:
+    """The MLflow tracking server must answer before any GPU time is spent; returns the tracking URI."""
+    from loraops.registry import resolve_tracking_uri
+    from loraops.servers import check_mlflow_server
+
+    tracking_uri = resolve_tracking_uri(cfg.registry, root)
+    check_mlflow_server(tracking_uri)
+    return tracking_uri
+
+
 def import_data(cfg: LoraopsConfig, root: Path) -> dict:
     """Rebuild the embedded default dataset (deterministic: same bytes as data.dvc records)."""
     from loraops.data import import_chatterbot

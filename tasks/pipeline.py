@@ -33,6 +33,11 @@ def record_run_config(cfg: LoraopsConfig, root: Path) -> bool:
     return stages.record_run_config(cfg, root)
 
 
+@task(name="check-servers", retries=2, retry_delay_seconds=[5, 30], **_stage)
+def check_servers(cfg: LoraopsConfig, root: Path) -> str:
+    return stages.check_servers(cfg, root)
+
+
 @task(name="prepare-base-model", retries=1, **_stage)
 def prepare_base_model(cfg: LoraopsConfig, root: Path) -> BaseModelRef:
     return stages.prepare_base_model(cfg, root)

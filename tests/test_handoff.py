@@ -89,3 +89,12 @@ def test_unfinished_training_runs_say_what_to_start_or_rerun():
     assert "no worker took it" in waiting and "make worker-gpu" in waiting
     crashed = handoff.describe_unfinished("train-adapter/train-adapter", "Crashed", "worker process died", 60)
     assert "ended Crashed: worker process died" in crashed and "resume from the last checkpoint" in crashed
+
+
+def test_a_training_deployment_missing_from_the_server_is_named(tiny_project, prefect_harness):
+    from tasks import pipeline
+
+    cfg = load_config(tiny_project / "params.yaml", {"orchestration.train_deployment": "train-adapter/nowhere"})
+    with pytest.raises(handoff.HandoffError, match=r"deployment 'train-adapter/nowhere' .* is not on the Prefect server"):
+        pipeline.train_on_deployment.fn(cfg, tiny_project)
+    assert not (tiny_project / cfg.paths.adapter_dir).exists()

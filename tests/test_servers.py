@@ -1,0 +1,75 @@
+"""Pre-flight server checks: a missing Prefect or MLflow server is named before any work starts."""
+
+from __future__ import annotations
+
+import http.server
+import shutil
+import threading
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import REPO_ROOT, free_port
+from loraops import servers
+from loraops.cli import app
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        self.send_response(self.status)
+        self.end_headers()
+        self.wfile.write(b"OK")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def health_server():
+    def start(status: int) -> str:
+        handler = type("Handler", (_Health,), {"status": status})
+        server = http.server.HTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        started.append(server)
+        return f"http://127.0.0.1:{server.server_port}"
+
+    started: list = []
+    yield start
+    for server in started:
+        server.shutdown()
+
+
+def test_a_healthy_server_passes_and_others_are_named_with_what_to_do(health_server):
+    servers.check_mlflow_server(health_server(200))
+    servers.check_prefect_api(health_server(200) + "/api")
+    with pytest.raises(servers.ServerUnreachableError, match=r"MLflow tracking server at .*/health answered HTTP 503: start it"):
+        servers.check_mlflow_server(health_server(503))
+    dead = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(servers.ServerUnreachableError, match=r"Prefect server at .*/api/health does not answer .*make stack"):
+        servers.check_prefect_api(dead + "/api")
+
+
+def test_local_stores_and_an_unset_prefect_url_need_no_server(monkeypatch):
+    servers.check_mlflow_server("sqlite:////tmp/mlflow.db")
+    servers.check_mlflow_server("file:///tmp/mlruns")
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert servers.check_prefect_api() is None
+
+
+def test_retrain_refuses_to_start_without_its_servers_and_changes_nothing(tmp_path, monkeypatch):
+    shutil.copy(REPO_ROOT / "params.yaml", tmp_path / "params.yaml")
+    before = (tmp_path / "params.yaml").read_bytes()
+    dead = f"http://127.0.0.1:{free_port()}"
+    runner = CliRunner()
+    monkeypatch.setenv("PREFECT_API_URL", dead + "/api")
+    refused = runner.invoke(app, ["retrain", "--params", str(tmp_path / "params.yaml"), "-S", "lora.r=8"])
+    assert refused.exit_code == 1 and "Prefect server at" in refused.output and "make stack" in refused.output
+    monkeypatch.delenv("PREFECT_API_URL")
+    refused = runner.invoke(
+        app, ["retrain", "--params", str(tmp_path / "params.yaml"), "-S", f"registry.tracking_uri={dead}"]
+    )
+    assert refused.exit_code == 1 and f"MLflow tracking server at {dead}/health does not answer" in refused.output
+    assert (tmp_path / "params.yaml").read_bytes() == before  # the overrides were not recorded
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
