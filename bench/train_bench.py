@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/train_bench.py --mode smoke                      # tiny Llama on CPU (~30 s on 2 cores)
     python3 bench/train_bench.py --mode gpu --out $OUT/train_bench.json     # Llama-3.1-8B shape, one GPU
+    ... --attn flex_attention --torch-compile                               # loraops rows: other kernels
     ... --write-benchmarks                                                  # also update BENCHMARKS.md
 
 Model: a ``LlamaConfig`` shaped like Llama-3.1-8B with random bf16 weights made on the GPU (``gpu``),
@@ -14,12 +15,19 @@ Configurations (in this order):
 
 * ``seed-qlora``     plain PEFT + TRL SFTTrainer as in the seed article: NF4, double quant, bf16
   compute, ``prepare_model_for_kbit_training``, checkpointing, padded batches of 2;
-* ``loraops-qlora``  ``loraops.training.build_trainer_for_model``: NF4, padding-free, checkpointing,
-  Liger kernels when installed on CUDA, batches of 16;
+* ``loraops-qlora``  ``loraops.training.build_trainer_for_model``: NF4, lean preparation (embeddings,
+  head and norms stay bf16: ``quant.upcast_non_quantized`` false), padding-free, checkpointing, Liger
+  layer kernels when installed on CUDA, batches of 16;
 * ``loraops-lora``   the same path without quantisation and without checkpointing, batches of 12
   (~6k tokens: the activations of ~12k would not fit an 80 GB card);
 * ``seed-lora``      seed LoRA, bf16, padded batches of 4, no checkpointing;
 * ``seed-lora-ckpt`` the same with gradient checkpointing.
+
+Every row trains through TRL's SFTTrainer, so every row (seed rows too) computes the loss with TRL >= 1.16's
+chunked LM head, which never builds the [tokens x vocab] logits. The loraops rows take ``--attn``
+(``model.attn_implementation``; default: transformers' sdpa, which gives a padding-free batch a dense
+block-diagonal mask; flex_attention and flash_attention_2 skip the masked blocks) and ``--torch-compile``
+(``train.torch_compile``; off by default: compiling costs minutes of warm-up on the GPU).
 
 Each configuration trains ``warmup + steps`` optimizer steps over exactly one epoch of its own
 ``(warmup + steps) × batch`` examples (a prefix of one shared pool), so the real tokens counted in
@@ -77,6 +85,8 @@ class Scale:
     device: str
     steps: int
     warmup_steps: int
+    attn_implementation: str = "auto"  # loraops rows: model.attn_implementation
+    torch_compile: bool = False  # loraops rows: train.torch_compile
 
 
 SCALES = {
@@ -178,13 +188,14 @@ def save_random_base(scale: Scale, directory: Path):
     return BaseModelRef(source=str(directory), path=str(directory))
 
 
-def load_model(ref, scale: Scale, quant: bool):
+def load_model(ref, scale: Scale, quant: bool, attn_implementation: str = "auto"):
     """The base through loraops' own loader: NF4 + double quant + bf16 compute for QLoRA (seed and loraops alike)."""
     from loraops.config import ModelConfig, QuantConfig
     from loraops.modeling import load_base_model
 
     quant_cfg = QuantConfig(mode="nf4" if quant else "none", double_quant=True, compute_dtype="bfloat16")
-    return load_base_model(ref, ModelConfig(base=ref.path, dtype=scale.dtype), quant_cfg, scale.device)
+    model_cfg = ModelConfig(base=ref.path, dtype=scale.dtype, attn_implementation=attn_implementation)
+    return load_base_model(ref, model_cfg, quant_cfg, scale.device)
 
 
 def free_memory() -> None:
@@ -237,7 +248,7 @@ def loraops_config(config: BenchConfig, scale: Scale, ref, output_dir: Path, lig
 
     steps = scale.warmup_steps + scale.steps
     return LoraopsConfig(
-        model=ModelConfig(base=ref.path, dtype=scale.dtype),
+        model=ModelConfig(base=ref.path, dtype=scale.dtype, attn_implementation=scale.attn_implementation),
         data=DataConfig(max_length=scale.max_length),
         quant=QuantConfig(mode="nf4" if config.quant else "none"),
         train=TrainConfig(
@@ -248,6 +259,7 @@ def loraops_config(config: BenchConfig, scale: Scale, ref, output_dir: Path, lig
             gradient_checkpointing=config.checkpointing,
             padding_free=config.padding_free,
             use_liger_kernel=liger and liger_available(scale.device),
+            torch_compile=scale.torch_compile,
             eval_steps=steps,  # one evaluation, after the measured steps
             early_stopping_patience=0,
             save_total_limit=1,
@@ -350,7 +362,7 @@ def run_config(config: BenchConfig, scale: Scale, ref, pool_lengths: list[int], 
     dataset = pool.select(range(examples))
     tokenizer = build_tokenizer(scale.vocab)
     output_dir = work_dir / f"out-{config.name}"
-    model = load_model(ref, scale, config.quant)
+    model = load_model(ref, scale, config.quant, scale.attn_implementation if config.path == "loraops" else "auto")
     if config.path == "seed":
         trainer = seed_trainer(config, model, tokenizer, dataset, scale, output_dir)
     else:
@@ -369,6 +381,9 @@ def run_config(config: BenchConfig, scale: Scale, ref, pool_lengths: list[int], 
         trainable_params=trainable,
         total_params=total,
         liger=bool(getattr(trainer.args, "use_liger_kernel", False)),
+        attn_implementation=trainer.model.config._attn_implementation,
+        torch_compile=bool(trainer.args.torch_compile),
+        upcast_non_quantized=config.quant and config.path == "seed",  # peft's prepare_model_for_kbit_training
         peak_rss_mib=round(rss.peak / 2**20, 1),
     )
     del trainer, model, meter
@@ -482,19 +497,23 @@ def render_markdown(result: dict) -> str:
         f"{scale['dtype']}; lengths log-normal, median {scale['median_length']}, max {scale['max_length']}; "
         f"{scale['steps']} timed steps after {scale['warmup_steps']} warm-up; LoRA r=16 all-linear, lr {LEARNING_RATE:g}.",
         "",
-        "| configuration | batch | ckpt | padding-free | Liger | non-pad tok/s | padding share | peak memory | loss first → last | tokens check |",
-        "|---|---:|:-:|:-:|:-:|---:|---:|---:|---|:-:|",
+        f"Loss through TRL's chunked LM head in every row (no full logits); loraops rows: torch.compile "
+        f"{'on' if scale.get('torch_compile') else 'off'}.",
+        "",
+        "| configuration | batch | ckpt | padding-free | Liger | fp32 upcast | attention | non-pad tok/s | padding share | peak memory | loss first → last | tokens check |",
+        "|---|---:|:-:|:-:|:-:|:-:|:-:|---:|---:|---:|---|:-:|",
     ]
     for row in result["rows"]:
         if row.get("status") != "ok":
-            lines.append(f"| {row['label']} | {row['batch_size']} | | | | {row['status']} | | | | |")
+            lines.append(f"| {row['label']} | {row['batch_size']} | | | | | | {row['status']} | | | | |")
             continue
         memory = (
             f"{row['peak_memory_gib']:.1f} GiB" if row["peak_memory_gib"] is not None else f"RSS {row['peak_rss_mib']:.0f} MiB"
         )
         lines.append(
             f"| {row['label']} | {row['batch_size']} | {_yes(row['checkpointing'])} | {_yes(row['padding_free'])} "
-            f"| {_yes(row['liger'])} | {row['tokens_per_s']:,.0f} | {row['padding_share']:.1%} | {memory} "
+            f"| {_yes(row['liger'])} | {_yes(row['upcast_non_quantized']) if row['quant'] else ''} | {row['attn_implementation']} "
+            f"| {row['tokens_per_s']:,.0f} | {row['padding_share']:.1%} | {memory} "
             f"| {row['first_loss']:.3f} → {row['final_loss']:.3f} | {'ok' if row['tokens_check'] else 'MISMATCH'} |"
         )
     ratios = result["ratios"]
@@ -533,11 +552,12 @@ def write_benchmarks(markdown: str, path: Path = BENCHMARKS) -> None:
 
 
 def run_bench(mode: str, steps: int | None = None, configs: list[str] | None = None, time_budget_s: float | None = None,
-              work_dir: Path | None = None, out: Path | None = None) -> dict:
+              work_dir: Path | None = None, out: Path | None = None, attn: str = "auto", torch_compile: bool = False) -> dict:
     """Run the configurations of ``mode`` one after the other; ``out`` is rewritten after each one."""
     import torch
 
-    scale = SCALES[mode] if steps is None else replace(SCALES[mode], steps=steps)
+    scale = replace(SCALES[mode], attn_implementation=attn, torch_compile=torch_compile)
+    scale = scale if steps is None else replace(scale, steps=steps)
     if scale.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--mode gpu needs CUDA; use --mode smoke on a CPU machine")
     threads = torch.get_num_threads()
@@ -635,9 +655,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-budget-s", type=float, help="start no configuration after this many seconds")
     parser.add_argument("--work-dir", type=Path, help="where the random base model is saved (default: a temp dir)")
     parser.add_argument("--write-benchmarks", action="store_true", help="replace the marked section of BENCHMARKS.md")
+    parser.add_argument("--attn", default="auto", choices=["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"],
+                        help="model.attn_implementation of the loraops rows (auto: transformers' sdpa)")
+    parser.add_argument("--torch-compile", action="store_true", help="train.torch_compile for the loraops rows")
     args = parser.parse_args(argv)
     out = args.out or REPO / "bench" / "results" / f"train_bench-{args.mode}.json"
-    result = run_bench(args.mode, args.steps, args.configs, args.time_budget_s, args.work_dir, out)
+    result = run_bench(args.mode, args.steps, args.configs, args.time_budget_s, args.work_dir, out, args.attn, args.torch_compile)
     markdown = render_markdown(result)
     print(markdown)
     if args.markdown:

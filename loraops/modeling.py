@@ -199,13 +199,41 @@ def resolve_device(train_cfg: TrainConfig) -> str:
     return train_cfg.device
 
 
-def resolve_dtype(model_cfg: ModelConfig, device: str):
-    """``auto`` is float32 on CPU (bf16 matmuls are slow there) and bfloat16 on CUDA."""
+def resolve_dtype(model_cfg: ModelConfig, device: str, quant_cfg: QuantConfig | None = None):
+    """``auto`` is float32 on CPU (bf16 matmuls are slow there); on CUDA bfloat16, or the 4-bit compute dtype.
+
+    For QLoRA on CUDA the non-quantized weights (embeddings, head, norms) then match what the 4-bit
+    layers compute in, and under FSDP the dtype the 4-bit weights are stored in (``quant_storage``).
+    """
     import torch
 
-    if model_cfg.dtype == "auto":
-        return torch.bfloat16 if device == "cuda" else torch.float32
-    return getattr(torch, model_cfg.dtype)
+    if model_cfg.dtype != "auto":
+        return getattr(torch, model_cfg.dtype)
+    if device != "cuda":
+        return torch.float32
+    return getattr(torch, quant_cfg.compute_dtype) if quant_cfg is not None and quant_cfg.enabled else torch.bfloat16
+
+
+def distributed_env() -> tuple[int, int, bool]:
+    """(world size, local rank, FSDP?) as ``accelerate launch`` / torchrun set them in the environment."""
+    import os
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
+    return world_size, local_rank, fsdp
+
+
+def device_map_for(device: str) -> dict[str, Any]:
+    """Everything on ``device``; in a distributed CUDA run, on this process's own GPU (``LOCAL_RANK``).
+
+    ``None`` would not do under FSDP either: bitsandbytes then places 4-bit weights on
+    ``torch.cuda.current_device()``, which is cuda:0 on every rank until accelerate sets it.
+    """
+    world_size, local_rank, _ = distributed_env()
+    if device == "cuda" and world_size > 1:
+        return {"": local_rank}
+    return {"": device}
 
 
 def build_lora_config(lora_cfg: LoraConfig):
@@ -223,8 +251,12 @@ def build_lora_config(lora_cfg: LoraConfig):
     )
 
 
-def build_quant_config(quant_cfg: QuantConfig):
-    """A 4-bit ``BitsAndBytesConfig`` for QLoRA, or None when ``quant.mode`` is none."""
+def build_quant_config(quant_cfg: QuantConfig, storage_dtype=None):
+    """A 4-bit ``BitsAndBytesConfig`` for QLoRA, or None when ``quant.mode`` is none.
+
+    ``storage_dtype`` stores the packed 4-bit weights in a float dtype (``bnb_4bit_quant_storage``):
+    FSDP only shards floating-point tensors, all of one dtype, so it must be the model's load dtype.
+    """
     if not quant_cfg.enabled:
         return None
     _require_bitsandbytes()
@@ -236,7 +268,33 @@ def build_quant_config(quant_cfg: QuantConfig):
         bnb_4bit_quant_type=quant_cfg.mode,
         bnb_4bit_use_double_quant=quant_cfg.double_quant,
         bnb_4bit_compute_dtype=getattr(torch, quant_cfg.compute_dtype),
+        bnb_4bit_quant_storage=storage_dtype,  # None: uint8
     )
+
+
+def prepare_quantized_for_training(model, quant_cfg: QuantConfig, gradient_checkpointing: bool):
+    """Freeze a 4-bit base for LoRA training, without or (``quant.upcast_non_quantized``) with float32 upcasts.
+
+    peft's ``prepare_model_for_kbit_training`` (the seed recipe) casts every non-quantized weight to
+    float32: embeddings, head and norms, ~3.9 GiB more on Llama-3.1-8B, and a float32 residual stream.
+    The lean preparation keeps them in the dtype the model was loaded in, as Unsloth-style recipes do
+    (transformers' RMSNorm computes in float32 internally either way; TRL keeps the adapter in bf16).
+    """
+    if quant_cfg.upcast_non_quantized:
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad; the hook keeps reentrant callers working.
+        model.enable_input_require_grads()
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return model
 
 
 def _require_bitsandbytes() -> None:
@@ -268,14 +326,18 @@ def load_base_model(ref: BaseModelRef, model_cfg: ModelConfig, quant_cfg: QuantC
     """The base model on ``device``, 4-bit quantised when ``quant.mode`` asks for it (safetensors only)."""
     from transformers import AutoModelForCausalLM
 
+    dtype = resolve_dtype(model_cfg, device, quant_cfg)
+    world_size, _, _ = distributed_env()
+    extra = {} if model_cfg.attn_implementation == "auto" else {"attn_implementation": model_cfg.attn_implementation}
     model = AutoModelForCausalLM.from_pretrained(
         ref.path,
         revision=ref.revision,
         trust_remote_code=model_cfg.trust_remote_code,
         use_safetensors=True,
-        dtype=resolve_dtype(model_cfg, device),
-        quantization_config=build_quant_config(quant_cfg),
-        device_map={"": device},
+        dtype=dtype,
+        quantization_config=build_quant_config(quant_cfg, storage_dtype=dtype if world_size > 1 else None),
+        device_map=device_map_for(device),
+        **extra,
     )
     if quant_cfg.enabled and device == "cpu":
         disable_cpu_inference_repacking(model)

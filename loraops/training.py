@@ -15,7 +15,13 @@ import shutil
 from pathlib import Path
 
 from loraops.config import ConfigError, LoraopsConfig
-from loraops.modeling import build_lora_config, load_base_model, load_tokenizer, resolve_device
+from loraops.modeling import (
+    build_lora_config,
+    load_base_model,
+    load_tokenizer,
+    prepare_quantized_for_training,
+    resolve_device,
+)
 from loraops.results import BaseModelRef, TrainResult
 
 logger = logging.getLogger(__name__)
@@ -78,7 +84,10 @@ def build_sft_config(cfg: LoraopsConfig, output_dir: str | Path, device: str):
         bf16=device == "cuda",  # SFTConfig turns bf16 on by default; on CPU it is slow and changes results
         seed=train.seed,
         data_seed=train.seed,
+        # TRL >= 1.16 computes the loss through its own chunked LM head: the [tokens x vocab] logits are never
+        # built in training (Liger's fused cross-entropy is switched off in its favour; its layer kernels stay).
         use_liger_kernel=train.use_liger_kernel,
+        torch_compile=train.torch_compile,
         dataloader_num_workers=0,
         disable_tqdm=True,
         report_to=[],
@@ -105,9 +114,7 @@ def build_trainer_for_model(cfg: LoraopsConfig, model, tokenizer, train_dataset,
     # position_ids of a padding-free batch; with one, examples would attend across boundaries.
     model.config.use_cache = False
     if cfg.quant.enabled:
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.train.gradient_checkpointing)
+        model = prepare_quantized_for_training(model, cfg.quant, cfg.train.gradient_checkpointing)
     callbacks = [_divergence_guard()]
     if cfg.train.early_stopping_patience > 0:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
@@ -153,11 +160,12 @@ def train_adapter(
     else:
         logger.info("Training on %s for up to %d steps", device, cfg.train.max_steps)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    save_adapter(trainer.model, trainer.processing_class, adapter_dir)
-    _write_history(trainer.state.log_history, history_path)
+    save_adapter(trainer.model, trainer.processing_class, adapter_dir, accelerator=trainer.accelerator)
     result = _train_result(trainer, cfg, adapter_dir, history_path)
     result.resumed_from_step = _checkpoint_step(resume_from) if resume_from else None
-    _remove_checkpoints(output_dir)  # the adapter is saved: a rerun starts afresh
+    if trainer.accelerator.is_main_process:
+        _write_history(trainer.state.log_history, history_path)
+        _remove_checkpoints(output_dir)  # the adapter is saved: a rerun starts afresh
     logger.info(
         "Adapter saved to %s: %d steps, best eval loss %s at step %s",
         adapter_dir, result.steps, result.best_eval_loss, result.best_step,
@@ -166,14 +174,25 @@ def train_adapter(
 
 
 def _check_device_features(cfg: LoraopsConfig, device: str) -> None:
-    if not cfg.train.use_liger_kernel:
-        return
-    if device != "cuda":
-        raise ConfigError(f"train.use_liger_kernel=true needs a CUDA device (this run uses {device}): set it to false")
+    """Refuse, before loading anything, settings whose kernels this device or environment lacks."""
     import importlib.util
 
-    if importlib.util.find_spec("liger_kernel") is None:
-        raise ConfigError("train.use_liger_kernel=true but liger-kernel is not installed: pip install 'loraops[gpu]'")
+    if cfg.train.use_liger_kernel:
+        if device != "cuda":
+            raise ConfigError(f"train.use_liger_kernel=true needs a CUDA device (this run uses {device}): set it to false")
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise ConfigError("train.use_liger_kernel=true but liger-kernel is not installed: pip install 'loraops[gpu]'")
+    if cfg.model.attn_implementation == "flash_attention_2":
+        if device != "cuda":
+            raise ConfigError(
+                f"model.attn_implementation=flash_attention_2 needs a CUDA device (this run uses {device}): "
+                "set it to auto, sdpa or flex_attention"
+            )
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError(
+                "model.attn_implementation=flash_attention_2 but flash-attn is not installed: pip install flash-attn, "
+                "or set it to flex_attention (also skips the masked blocks of padding-free batches) or sdpa"
+            )
 
 
 # ------------------------------------------------------------------------------ resume
@@ -259,25 +278,40 @@ def _checkpoint_step(path: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def save_adapter(model, tokenizer, adapter_dir: str | Path) -> Path:
+def save_adapter(model, tokenizer, adapter_dir: str | Path, accelerator=None) -> Path:
     """Write the adapter (adapter_config.json + adapter_model.safetensors) and tokenizer, replacing atomically.
 
     Everything is written to a sibling folder first, so a failure never leaves a half-written adapter.
+    Under FSDP (``accelerator`` of an FSDP run) every rank takes part in gathering the full state dict,
+    and only the main process writes it.
     """
-    adapter_dir = Path(adapter_dir)
+    from accelerate.utils import DistributedType
+
+    state_dict = None
+    if accelerator is not None and accelerator.distributed_type == DistributedType.FSDP:
+        accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")  # checkpoints may be sharded
+        state_dict = accelerator.get_state_dict(model)  # a collective: every rank must call it
+        model = accelerator.unwrap_model(model)
+    if accelerator is None or accelerator.is_main_process:
+        _write_adapter(model, tokenizer, Path(adapter_dir), state_dict)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return Path(adapter_dir)
+
+
+def _write_adapter(model, tokenizer, adapter_dir: Path, state_dict: dict | None) -> None:
     staging = adapter_dir.with_name(f".{adapter_dir.name}.writing")
     previous = adapter_dir.with_name(f".{adapter_dir.name}.previous")
     for leftover in (staging, previous):
         shutil.rmtree(leftover, ignore_errors=True)
     staging.parent.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(staging, safe_serialization=True)
+    model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)  # None: the model's own
     _sort_target_modules(staging / "adapter_config.json")
     tokenizer.save_pretrained(staging)
     if adapter_dir.exists():
         adapter_dir.rename(previous)
     staging.rename(adapter_dir)
     shutil.rmtree(previous, ignore_errors=True)
-    return adapter_dir
 
 
 def _sort_target_modules(config_path: Path) -> None:

@@ -82,6 +82,8 @@ def test_smoke_run_trains_seed_and_loraops_side_by_side(tmp_path):
         assert all(math.isfinite(loss) for loss in row["losses"]), name
         assert row["peak_memory_gib"] is None and row["peak_rss_mib"] > 0  # CPU: RSS, no GPU figure
         assert row["trainable_params"] > 0
+    assert rows["seed-qlora"]["upcast_non_quantized"] and not rows["loraops-qlora"]["upcast_non_quantized"]
+    assert {row["attn_implementation"] for row in rows.values()} == {"sdpa"} and not rows["loraops-lora"]["torch_compile"]
     for name in ("loraops-qlora", "loraops-lora"):
         assert rows[name]["padding_share"] == 0.0
         assert rows[name]["slots_all_steps"] == rows[name]["real_tokens_all_steps"]
@@ -96,3 +98,13 @@ def test_smoke_run_trains_seed_and_loraops_side_by_side(tmp_path):
     assert "CPU smoke run" in table and "not a performance claim" in table
     for config in bench.CONFIGS:
         assert f"| {config.label} | {config.batch_size} |" in table
+
+
+def test_attention_and_compile_flags_reach_only_the_loraops_rows(tmp_path):
+    bench = _load_bench()
+    out = tmp_path / "bench.json"
+    argv = ["--mode", "smoke", "--steps", "1", "--configs", "loraops-lora", "seed-lora", "--attn", "eager", "--out", str(out)]
+    assert bench.main(argv) == 0
+    rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows["loraops-lora"]["attn_implementation"] == "eager" and rows["seed-lora"]["attn_implementation"] == "sdpa"
+    assert all(row["status"] == "ok" and row["tokens_check"] for row in rows.values())

@@ -50,6 +50,21 @@ def test_launch_runs_the_dvc_training_stage_with_the_fsdp_settings():
     assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
 
 
+def test_under_the_launch_environment_each_rank_loads_bf16_stored_4bit_weights_on_its_own_gpu(monkeypatch):
+    from loraops import modeling
+    from loraops.config import ModelConfig, QuantConfig
+
+    _, env = _launch_env()
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun sets these per process
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert modeling.distributed_env() == (2, 1, True)
+    assert modeling.device_map_for("cuda") == {"": 1}
+    dtype = modeling.resolve_dtype(ModelConfig(), "cuda", QuantConfig(mode="nf4"))
+    assert modeling.build_quant_config(QuantConfig(mode="nf4"), storage_dtype=dtype).bnb_4bit_quant_storage == dtype
+
+
 @pytest.mark.gpu
 def test_the_fsdp_plugin_builds_from_the_launch_environment(monkeypatch):
     torch = pytest.importorskip("torch")

@@ -40,10 +40,11 @@ ANCHORS = [
 ]
 
 
-def _estimate(shape=LLAMA_8B, quant=BF16, batch=4, seq=2048, checkpointing=False, liger=False, lora=LORA, device="cuda"):
+def _estimate(shape=LLAMA_8B, quant=BF16, batch=4, seq=2048, checkpointing=False, liger=False, lora=LORA, device="cuda",
+              loss=None):
     return estimate_peak_memory(
         shape, lora, quant, batch_size=batch, seq_len=seq, gradient_checkpointing=checkpointing,
-        liger_kernel=liger, device=device,
+        liger_kernel=liger, device=device, loss=loss,
     )
 
 
@@ -197,13 +198,36 @@ def test_plan_on_16gib_chooses_qlora():
     assert [option.batch_size for option in chosen.alternatives[:2]] == [None, None]  # LoRA tried first
 
 
-def test_plan_on_24gib_prefers_lora_at_batch_1_over_qlora_at_a_larger_batch():
-    """8B LoRA with checkpointing at batch 1 is ~19.5 GiB (measured: 29.4 GiB at batch 4, ~3.4 GiB per sequence)."""
+def test_plan_on_24gib_prefers_lora_over_qlora_at_a_larger_batch():
+    """8B LoRA with checkpointing: ~16 GiB + ~1 GiB per 2,048-token sequence once TRL's chunked head drops the logits."""
     chosen = plan(LLAMA_8B, parse_memory_size("24GiB"), LoraopsConfig(), 2048)
-    assert (chosen.mode, chosen.gradient_checkpointing, chosen.batch_size) == ("lora", True, 1)
+    assert (chosen.mode, chosen.gradient_checkpointing) == ("lora", True)
     qlora = chosen.alternatives[-1]
-    assert qlora.mode == "qlora" and qlora.batch_size > 1
-    assert chosen.gradient_accumulation_steps == 8  # keeps the configured 8 examples per update
+    assert qlora.mode == "qlora" and qlora.batch_size > chosen.batch_size > 1
+    assert chosen.gradient_accumulation_steps == -(-8 // chosen.batch_size)  # keeps the configured 8 examples per update
+
+
+def test_the_seed_recipes_logits_and_upcasts_are_what_loraops_saves():
+    """The loraops path (estimate_for_config) against the seed recipe of the anchors, on the anchors' shapes."""
+    qlora = config_from_dict({"quant": {"mode": "nf4"}, "train": {"batch_size": 2, "gradient_checkpointing": True}})
+    seed = _estimate(quant=NF4, batch=2, checkpointing=True)
+    lean = memory.estimate_for_config(LLAMA_8B, qlora, "cuda", 2048)
+    upcast_cfg = _with(qlora, ["quant.upcast_non_quantized=true"])
+    upcast = memory.estimate_for_config(LLAMA_8B, upcast_cfg, "cuda", 2048)
+    rest = LLAMA_8B.parameters - 32 * LLAMA_8B.layer_linear_params  # embeddings, head, norms
+    assert upcast.weights - lean.weights == 2 * rest  # fp32 instead of bf16: ~1.96 GiB on 8B
+    assert lean.logits == 0 and lean.compute_copies == 0  # no [tokens x vocab] logits, no bf16 copy of an fp32 head
+    assert seed.logits > 5 * GIB
+    assert lean.total < 0.5 * seed.total < upcast.total
+    lora = config_from_dict({"train": {"batch_size": 4, "gradient_checkpointing": True}})
+    assert memory.estimate_for_config(LLAMA_8B, lora, "cuda", 2048).total < _estimate(batch=4, checkpointing=True).total - 9 * GIB
+
+
+def test_chunked_loss_holds_one_tile_not_the_logits():
+    chunked = _estimate(batch=4, loss="chunked").logits
+    assert chunked < _estimate(batch=4).logits / 10
+    tile = 2 * memory.TRL_TILE_TOKENS * memory.TRL_TILE_VOCAB
+    assert tile < chunked < tile + 12 * LLAMA_8B.hidden * 4 * 2048 + 41 * 4 * 2048
 
 
 def test_plan_refuses_70b_on_8gib_naming_what_to_change():
@@ -216,10 +240,10 @@ def test_plan_refuses_70b_on_8gib_naming_what_to_change():
 
 def test_plan_suggests_a_shorter_sequence_when_that_would_fit():
     with pytest.raises(MemoryPlanError, match=r"data.max_length=\d+ or less fits") as refused:
-        plan(LLAMA_8B, parse_memory_size("12GiB"), LoraopsConfig(), 8192)
+        plan(LLAMA_8B, parse_memory_size("8GiB"), LoraopsConfig(), 8192)
     longest = int(str(refused.value).split("data.max_length=")[1].split()[0])
     assert 0 < longest < 8192
-    assert plan(LLAMA_8B, parse_memory_size("12GiB"), LoraopsConfig(), longest).mode == "qlora"
+    assert plan(LLAMA_8B, parse_memory_size("8GiB"), LoraopsConfig(), longest).mode == "qlora"
 
 
 def test_plan_skips_qlora_for_dora_with_the_configs_reason():
@@ -244,7 +268,7 @@ def test_cli_plan_for_a_hub_id_prints_the_choice_breakdown_and_overrides():
     assert "choice: QLoRA (nf4 base), gradient checkpointing on, batch size" in result.output
     assert "-S model.base=meta-llama/Llama-3.1-8B -S quant.mode=nf4 -S train.gradient_checkpointing=true" in result.output
     assert "-S data.max_length=2048" in result.output
-    for row in ("base weights (nf4 + double quant", "AdamW states", "activations", "logits and loss", "total"):
+    for row in ("base weights (nf4 + double quant", "AdamW states", "activations", "total"):
         assert row in result.output
 
 
@@ -320,7 +344,7 @@ def test_stage_refuses_hopeless_settings_with_the_ways_out(tmp_path, tiny_model_
 def test_gpu_check_names_the_plans_settings():
     with pytest.raises(MemoryPlanError) as refused:
         memory.check_memory(LLAMA_8B, _with(LoraopsConfig(), ["data.max_length=2048"]), "cuda", parse_memory_size("24GiB"))
-    assert "-S quant.mode=none -S train.gradient_checkpointing=true -S train.batch_size=1" in str(refused.value)
+    assert "-S quant.mode=none -S train.gradient_checkpointing=true -S train.batch_size=5" in str(refused.value)
 
 
 def test_the_flow_checks_memory_before_loading_a_model():

@@ -49,6 +49,48 @@ def test_quant_config_fp4_and_none():
     assert modeling.build_quant_config(QuantConfig(mode="none")) is None
 
 
+def test_single_process_keeps_4bit_weights_in_uint8_on_the_chosen_device(monkeypatch):
+    for key in ("WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_USE_FSDP"):
+        monkeypatch.delenv(key, raising=False)
+    assert modeling.build_quant_config(QuantConfig(mode="nf4")).bnb_4bit_quant_storage == torch.uint8
+    assert modeling.device_map_for("cuda") == {"": "cuda"} and modeling.device_map_for("cpu") == {"": "cpu"}
+
+
+@pytest.mark.parametrize("compute_dtype", ["bfloat16", "float16"])
+def test_distributed_qlora_loads_in_the_compute_dtype_on_each_ranks_gpu(monkeypatch, compute_dtype):
+    """What `accelerate launch` with infra/accelerate/fsdp-qlora.yaml sets, for rank 1 of 2 (FSDP shards floats of one dtype)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    quant = QuantConfig(mode="nf4", compute_dtype=compute_dtype)
+    assert modeling.distributed_env() == (2, 1, True)
+    assert modeling.device_map_for("cuda") == {"": 1}  # not cuda:0 on every rank
+    assert modeling.device_map_for("cpu") == {"": "cpu"}
+    dtype = modeling.resolve_dtype(ModelConfig(), "cuda", quant)
+    assert dtype == getattr(torch, compute_dtype)
+
+    seen = {}
+
+    def capture(path, **kwargs):  # stands in for the CUDA load this machine cannot do; only the arguments matter
+        seen.update(kwargs)
+        raise RuntimeError("captured")
+
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", capture)
+    with pytest.raises(RuntimeError, match="captured"):
+        modeling.load_base_model(_local_ref("unused"), ModelConfig(attn_implementation="flex_attention"), quant, "cuda")
+    assert seen["device_map"] == {"": 1} and seen["dtype"] == dtype
+    assert seen["quantization_config"].bnb_4bit_quant_storage == dtype == seen["quantization_config"].bnb_4bit_compute_dtype
+    assert seen["attn_implementation"] == "flex_attention"
+
+
+def test_attn_implementation_auto_keeps_the_transformers_default(tiny_model_dir):
+    auto = modeling.load_base_model(_local_ref(tiny_model_dir), ModelConfig(), QuantConfig(), "cpu")
+    eager = modeling.load_base_model(_local_ref(tiny_model_dir), ModelConfig(attn_implementation="eager"), QuantConfig(), "cpu")
+    assert (auto.config._attn_implementation, eager.config._attn_implementation) == ("sdpa", "eager")
+
+
 def test_quant_without_bitsandbytes_names_the_setting(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` fail
     with pytest.raises(ConfigError, match=r"quant\.mode.*quant\.mode: none"):

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from loraops import modeling, training
-from loraops.config import LoraopsConfig, ModelConfig, QuantConfig, config_from_dict
+from loraops.config import ConfigError, LoraopsConfig, ModelConfig, QuantConfig, config_from_dict
 from loraops.evaluation import evaluate_loss
 from loraops.results import BaseModelRef
 from loraops.tokenization import build_dataset
@@ -105,6 +105,35 @@ def test_sft_config_on_cpu_is_fp32_without_checkpointing(tmp_path):
     args = training.build_sft_config(_config("unused", tmp_path), tmp_path, device="cpu")
     assert args.use_cpu and not args.bf16 and not args.fp16
     assert not args.gradient_checkpointing  # the config default; SFTConfig's own default is on
+    assert not args.torch_compile
+    compiled = training.build_sft_config(_config("unused", tmp_path, train={"torch_compile": True}), tmp_path, "cpu")
+    assert compiled.torch_compile
+
+
+def test_trl_trains_through_its_chunked_lm_head_without_full_logits(tmp_path, tiny_model_dir, splits):
+    """TRL >= 1.16 patches a fused LM head in: the [tokens x vocab] logits are never built in a training step."""
+    cfg = _config(tiny_model_dir, tmp_path, train={"max_steps": 1, "eval_steps": 1})
+    trainer = training.build_trainer(cfg, _ref(tiny_model_dir), *splits, device="cpu")
+    head_calls = []
+    head = trainer.model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda module, args, output: head_calls.append(tuple(output.shape)))
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    assert head_calls == [] and math.isfinite(loss.item())
+    with torch.no_grad():  # control: an ordinary forward does go through the head, building [tokens x vocab]
+        trainer.model(input_ids=batch["input_ids"])
+    handle.remove()
+    assert head_calls == [tuple(batch["input_ids"].shape) + (head.weight.shape[0],)]
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in trainer.model.named_parameters() if "lora_B" in n)
+
+
+def test_flash_attention_on_cpu_is_refused_naming_the_setting(tmp_path):
+    cfg = _config("unused", tmp_path, model={"attn_implementation": "flash_attention_2"})
+    with pytest.raises(ConfigError, match=r"model\.attn_implementation=flash_attention_2 needs a CUDA device.*sdpa"):
+        training._check_device_features(cfg, "cpu")
+    training._check_device_features(_config("unused", tmp_path, model={"attn_implementation": "flex_attention"}), "cpu")
 
 
 # ------------------------------------------------------------------------------ a training run
@@ -167,6 +196,40 @@ def test_saved_adapter_reloads_to_the_same_logits(manual, tiny_model_dir, splits
         reloaded = modeling.load_adapter_model(_ref(tiny_model_dir), adapter_dir, ModelConfig(), QuantConfig(), "cpu")
         assert not reloaded.training
         torch.testing.assert_close(reloaded(input_ids=batch).logits, in_memory, rtol=0, atol=1e-6)
+
+
+class _FsdpRank:
+    """The accelerator surface save_adapter uses, for one rank of an FSDP run (no process group on this CPU)."""
+
+    def __init__(self, main: bool):
+        from accelerate.utils import DistributedType
+
+        self.distributed_type, self.is_main_process, self.calls = DistributedType.FSDP, main, []
+        self.state = type("State", (), {"fsdp_plugin": type("Plugin", (), {"set_state_dict_type": self._record})()})()
+
+    def _record(self, kind):
+        self.calls.append(("state_dict_type", kind))
+
+    def get_state_dict(self, model):
+        self.calls.append(("gather",))
+        return model.state_dict()
+
+    def unwrap_model(self, model):
+        return model
+
+    def wait_for_everyone(self):
+        self.calls.append(("barrier",))
+
+
+def test_under_fsdp_every_rank_gathers_and_only_the_main_process_writes(manual, tmp_path):
+    trainer, _, reference_dir = manual
+    for main in (False, True):
+        rank = _FsdpRank(main)
+        training.save_adapter(trainer.model, trainer.processing_class, tmp_path / "adapter", accelerator=rank)
+        assert rank.calls == [("state_dict_type", "FULL_STATE_DICT"), ("gather",), ("barrier",)]
+        assert (tmp_path / "adapter").exists() == main
+    written, reference = _lora_tensors(tmp_path / "adapter"), _lora_tensors(reference_dir)
+    assert written.keys() == reference.keys() and all(torch.equal(written[k], reference[k]) for k in reference)
 
 
 def test_same_seed_gives_identical_adapters(trained, manual):
@@ -285,6 +348,54 @@ def test_qlora_trains_and_reloads_on_cpu(tmp_path, tiny_model_dir, splits):
     base = modeling.load_base_model(ref, cfg.model, cfg.quant, "cpu")
     adapted = modeling.load_adapter_model(ref, tmp_path / "adapter", cfg.model, cfg.quant, "cpu")
     assert evaluate_loss(adapted, splits[1], 12).loss < evaluate_loss(base, splits[1], 12).loss - 0.05
+
+
+def _prepared_qlora(model_dir: Path, upcast: bool, checkpointing: bool = True):
+    """The tiny model in 4 bits, loaded in bf16 (the CUDA default, feasible on CPU), prepared, with a LoRA adapter."""
+    from peft import get_peft_model
+
+    quant = QuantConfig(mode="nf4", compute_dtype="bfloat16", upcast_non_quantized=upcast)
+    model = modeling.load_base_model(_ref(model_dir), ModelConfig(dtype="bfloat16"), quant, "cpu")
+    model = modeling.prepare_quantized_for_training(model, quant, gradient_checkpointing=checkpointing)
+    torch.manual_seed(0)
+    model = get_peft_model(model, modeling.build_lora_config(LoraopsConfig().lora.model_copy(update={"dropout": 0.0})))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    return model
+
+
+def _non_quantized_dtypes(model) -> dict[str, torch.dtype]:
+    return {
+        name: param.dtype for name, param in model.named_parameters()
+        if "lora_" not in name and param.__class__.__name__ != "Params4bit"
+    }
+
+
+@pytest.mark.filterwarnings("ignore:.*an autograd kernel was not registered:UserWarning")
+def test_lean_qlora_preparation_keeps_the_compute_dtype_and_trains_with_checkpointing(tiny_model_dir, splits):
+    model = _prepared_qlora(tiny_model_dir, upcast=False)
+    base = model.get_base_model()
+    assert base.get_input_embeddings().weight.dtype == base.get_output_embeddings().weight.dtype == torch.bfloat16
+    assert set(_non_quantized_dtypes(model).values()) == {torch.bfloat16}  # embeddings, head and norms
+    assert base.is_activation_checkpointing and all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    batch = torch.tensor([splits[0][0]["input_ids"]])
+    gradients = _lora_gradients(model, batch)
+    assert gradients and all(grad is not None and grad.abs().sum() > 0 for grad in gradients.values())
+
+
+def test_upcast_qlora_preparation_is_peft_prepare_model_for_kbit_training(tiny_model_dir):
+    from peft import prepare_model_for_kbit_training
+
+    ours = _prepared_qlora(tiny_model_dir, upcast=True)
+    quant = QuantConfig(mode="nf4", compute_dtype="bfloat16")
+    theirs = prepare_model_for_kbit_training(
+        modeling.load_base_model(_ref(tiny_model_dir), ModelConfig(dtype="bfloat16"), quant, "cpu"),
+        use_gradient_checkpointing=True,
+    )
+    expected = {name: param.dtype for name, param in theirs.named_parameters() if param.__class__.__name__ != "Params4bit"}
+    assert {name.removeprefix("base_model.model."): dtype for name, dtype in _non_quantized_dtypes(ours).items()} == expected
+    assert set(expected.values()) == {torch.float32}
 
 
 # ------------------------------------------------------------------------------ real SmolLM2 (slow)
