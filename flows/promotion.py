@@ -11,7 +11,7 @@ from loraops.promotion import AliasState
 from tasks import promotion
 
 
-@flow(name="promote", log_prints=True)
+@flow(name="promote")
 def promote(
     model_name: str,
     version: str,
@@ -31,7 +31,7 @@ def promote(
     return promotion.apply_promotion(cfg, root, check, force, reason)
 
 
-@flow(name="rollback", log_prints=True)
+@flow(name="rollback")
 def rollback(
     model_name: str, reason: str | None = None, config: LoraopsConfig | None = None, project_dir: str = "."
 ) -> AliasState:

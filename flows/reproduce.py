@@ -11,7 +11,7 @@ from loraops.reproduce import ReproductionReport
 from tasks import reproduce as tasks
 
 
-@flow(name="reproduce", log_prints=True)
+@flow(name="reproduce")
 def reproduce(
     version: str,
     project_dir: str = ".",

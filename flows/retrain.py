@@ -19,7 +19,7 @@ class RetrainResult(BaseModel):
     registration: Registration
 
 
-@flow(name="retrain", log_prints=True)
+@flow(name="retrain")  # loraops logs through logging; captured prints would include dill's dis output
 def retrain(config: LoraopsConfig | None = None, project_dir: str = ".") -> RetrainResult:
     """Specialise the base model on the dataset and register the adapter if it beats base and champion.
 

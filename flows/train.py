@@ -11,7 +11,7 @@ from loraops.results import TrainResult
 from tasks import pipeline
 
 
-@flow(name="train-adapter", log_prints=True)
+@flow(name="train-adapter")  # loraops logs through logging; captured prints would include dill's dis output
 def train_adapter(config: LoraopsConfig, data_dvc: str, train_key: str, project_dir: str = ".") -> TrainResult:
     """Check out the retrain run's dataset, train (resuming an interrupted run), publish the adapter to MLflow.
 
