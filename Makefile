@@ -93,8 +93,11 @@ deploy: install
 	# LORAOPS_PROJECT_DIR left unset: each worker resolves it to its own checkout when a run starts
 	$(STACK_ENV) env -u LORAOPS_PROJECT_DIR $(BIN)/prefect --no-prompt deploy --all --prefect-file infra/prefect.yaml
 
+# Heartbeats every 60 s: with infra/automations.py (run by `make pools`) a run whose worker died is marked Crashed.
+WORKER_ENV = $(STACK_ENV) LORAOPS_PROJECT_DIR=$(LORAOPS_PROJECT_DIR) PREFECT_FLOWS_HEARTBEAT_FREQUENCY=60
+
 worker-gpu: install
-	$(STACK_ENV) LORAOPS_PROJECT_DIR=$(LORAOPS_PROJECT_DIR) $(BIN)/prefect worker start --pool gpu --limit 1
+	$(WORKER_ENV) $(BIN)/prefect worker start --pool gpu --limit 1
 
 worker-cpu: install
-	$(STACK_ENV) LORAOPS_PROJECT_DIR=$(LORAOPS_PROJECT_DIR) $(BIN)/prefect worker start --pool cpu
+	$(WORKER_ENV) $(BIN)/prefect worker start --pool cpu

@@ -40,3 +40,5 @@ for extra in "$@"; do
   esac
 done
 echo "gpu pool concurrency limit: $gpu_limit"
+# Workers send heartbeats (PREFECT_FLOWS_HEARTBEAT_FREQUENCY=60); a run whose heartbeats stop is marked Crashed.
+"${PYTHON:-python}" "$here/automations.py" --heartbeat-seconds "${HEARTBEAT_SECONDS:-60}"

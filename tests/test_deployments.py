@@ -159,6 +159,8 @@ def test_scheduled_retrain_deploys_runs_on_a_worker_and_registers_through_the_se
         training = client.read_deployment_by_name("train-adapter/train-adapter")
         assert training.work_pool_name == "gpu" and training.enforce_parameter_schema
         assert client.read_work_pool("gpu").concurrency_limit == 1
+        (zombies,) = client.read_automations_by_name("loraops: crash flow runs whose heartbeats stopped")
+        assert zombies.trigger.posture == "Proactive" and zombies.actions[0].state.value == "CRASHED"
         for name in ("promote/promote", "rollback/rollback"):
             assert client.read_deployment_by_name(name).work_pool_name == "cpu"
 
