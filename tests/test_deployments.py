@@ -90,13 +90,14 @@ def _cli(args: list[str], env: dict, timeout: float = CLI_S, cwd: Path = REPO_RO
     return done.stdout
 
 
-def _checkout(tmp_path: Path, tiny_model_dir: Path, mlflow_url: str) -> Path:
+def _checkout(tmp_path: Path, tiny_model_dir: Path, mlflow_url: str, **train) -> Path:
     """A project checkout as a worker host has it: the code (flows, tasks) with its params and data."""
     project = make_project(
         tmp_path / "project",
         tiny_model_dir,
         registry={"tracking_uri": mlflow_url, "auto_promote": True},
         orchestration={"train_deployment": "train-adapter/train-adapter"},
+        **({"train": train} if train else {}),
     )
     for package in ("flows", "tasks"):
         shutil.copytree(REPO_ROOT / package, project / package, ignore=shutil.ignore_patterns("__pycache__"))
@@ -232,3 +233,98 @@ def test_scheduled_retrain_deploys_runs_on_a_worker_and_registers_through_the_se
     assert tags["loraops.git_commit"] == git_head.strip()
     assert tags["loraops.base_model"] == str(tiny_model_dir)
     assert version["source"].startswith("mlflow-artifacts:")  # uploaded through the server, not a local path
+
+
+def _deploy(servers: dict, tmp_path: Path, project: Path) -> tuple[dict, Path]:
+    """Pools and deployments on the servers; the environment of a host, and a GPU host's data-less clone."""
+    gpu_checkout = tmp_path / "gpu-host-checkout"
+    subprocess.run(["git", "clone", "-q", str(project), str(gpu_checkout)], check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING", "LORAOPS_"))}
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        PREFECT_API_URL=servers["prefect"],
+        PREFECT_HOME=str(tmp_path / "prefect-client-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_WORKER_QUERY_SECONDS="2",
+    )
+    _cli([str(REPO_ROOT / "infra" / "work-pools.sh")], {**env, "PREFECT": str(BIN / "prefect")})
+    _cli([str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", "infra/prefect.yaml"], env)
+    return env, gpu_checkout
+
+
+def _kill_processes_of_flow_run(flow_run_id) -> int:
+    """SIGKILL every process running the flow run (Linux: its environment names the run); returns how many."""
+    marker = f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode()
+    killed = 0
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker in (proc / "environ").read_bytes().split(b"\0"):
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed += 1
+        except (OSError, ProcessLookupError):
+            continue
+    return killed
+
+
+def test_a_crashed_gpu_worker_fails_retrain_and_the_rerun_resumes_its_training(servers, tiny_model_dir, tmp_path):
+    """Kill the GPU host mid-training; once its run is Crashed, retrain fails; rerunning retrain resumes."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Crashed
+
+    from loraops import training
+    from loraops.results import TrainResult
+
+    project = _checkout(tmp_path, tiny_model_dir, servers["mlflow"], max_steps=150, eval_steps=10)
+    env, gpu_checkout = _deploy(servers, tmp_path, project)
+    cpu_host = {**env, "LORAOPS_PROJECT_DIR": str(project)}
+    gpu_host = {**env, "LORAOPS_PROJECT_DIR": str(gpu_checkout), "PREFECT_HOME": str(tmp_path / "gpu-home")}
+    gpu_worker = [str(BIN / "prefect"), "worker", "start", "--pool", "gpu", "--limit", "1"]
+    cpu_worker = [str(BIN / "prefect"), "worker", "start", "--pool", "cpu", "--run-once"]
+
+    with temporary_settings(updates={PREFECT_API_URL: servers["prefect"]}), get_client(sync_client=True) as client:
+        retrain = client.read_deployment_by_name("retrain/retrain")
+        training_deployment = client.read_deployment_by_name("train-adapter/train-adapter")
+        only_training = DeploymentFilter(id=DeploymentFilterId(any_=[training_deployment.id]))
+
+        first = client.create_flow_run_from_deployment(retrain.id, parameters={})
+        started = time.monotonic()
+        with _server("cpu worker", cpu_worker, cpu_host, tmp_path / "cpu-worker-1.log") as waiting_retrain:
+            with _server("gpu worker", gpu_worker, gpu_host, tmp_path / "gpu-worker-1.log") as gpu:
+                while training.last_complete_checkpoint(gpu_checkout / "checkpoints") is None:
+                    assert time.monotonic() < started + RUN_S, (tmp_path / "gpu-worker-1.log").read_text()[-3000:]
+                    assert gpu.poll() is None, (tmp_path / "gpu-worker-1.log").read_text()[-3000:]
+                    time.sleep(0.05)
+                (crashed,) = client.read_flow_runs(deployment_filter=only_training)
+                # The host dies: the worker and the training process (its own session) at once.
+                os.killpg(gpu.pid, signal.SIGKILL)
+                assert _kill_processes_of_flow_run(crashed.id) >= 1
+            survivor = training.last_complete_checkpoint(gpu_checkout / "checkpoints")
+            crashed = client.read_flow_run(crashed.id)
+            assert crashed.state.is_running()  # nothing reports a dead host's end ...
+            # ... until the heartbeat automation (infra/automations.py) marks it, as here:
+            client.set_flow_run_state(crashed.id, Crashed(message="no heartbeat: the worker stopped"), force=True)
+            waiting_retrain.wait(timeout=RUN_S)
+        first = _finished_run(client, first.id, time.monotonic() + 60)
+        assert first.state.is_failed(), first.state
+        assert "ended Crashed: no heartbeat" in first.state.message and "rerun this flow run" in first.state.message
+        assert not (project / "adapters" / "candidate").exists()  # nothing fetched, nothing registered
+        assert _mlflow_get(servers["mlflow"], "registered-models/search").get("registered_models", []) == []
+
+        # The rerun: a new retrain run; its training lands on the (restarted) GPU host and resumes.
+        second = client.create_flow_run_from_deployment(retrain.id, parameters={})
+        started = time.monotonic()
+        with _server("gpu worker", gpu_worker, gpu_host, tmp_path / "gpu-worker-2.log"):
+            _cli(cpu_worker, cpu_host, timeout=RUN_S)
+            second = _finished_run(client, second.id, started + RUN_S)
+        print(f"rerun {second.state.type.value} after {time.monotonic() - started:.1f} s, resumed past {survivor.name}")
+        assert second.state.is_completed(), (tmp_path / "gpu-worker-2.log").read_text()[-3000:]
+
+    resumed = TrainResult.read_json(project / "metrics" / "train.json")  # fetched back from the GPU host
+    assert resumed.resumed_from_step is not None and resumed.resumed_from_step >= int(survivor.name.split("-")[1])
+    assert resumed.steps == 150
+    history = json.loads((project / "metrics" / "train_history.json").read_text())
+    assert [row["step"] for row in history if "loss" in row] == list(range(1, 151))
+    version = _mlflow_get(servers["mlflow"], "model-versions/get", name="tiny-adapter", version="1")["model_version"]
+    assert "champion" in version["aliases"]
