@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from loraops.results import ContractReport, EvalMetrics, GateDecision, Registration
+from loraops.results import ContractReport, EvalMetrics, GateDecision, Registration, TrainResult
 
 
 def contract_markdown(report: ContractReport) -> str:
@@ -49,6 +49,26 @@ def evaluation_markdown(baseline: EvalMetrics, candidate: EvalMetrics, decision:
     if decision.champion_loss is not None:
         lines.append(f"| champion v{decision.champion_version} | {decision.champion_loss:.4f} | | |")
     lines += ["", *[f"- {reason}" for reason in decision.reasons]]
+    return "\n".join(lines)
+
+
+def training_markdown(trained: TrainResult, where: str | None = None) -> str:
+    """Steps, best validation checkpoint, resume and where the adapter went."""
+    resumed = (
+        f"resumed from the checkpoint at step {trained.resumed_from_step}"
+        if trained.resumed_from_step is not None
+        else "started afresh"
+    )
+    best = f"{trained.best_eval_loss:.4f} at step {trained.best_step}" if trained.best_eval_loss is not None else "n/a"
+    lines = [
+        "# Training",
+        "| steps | stopped early | best eval loss (restored) | trainable / total params | run |",
+        "|---|---|---|---|---|",
+        f"| {trained.steps} | {'yes' if trained.stopped_early else 'no'} | {best} | "
+        f"{trained.trainable_params:,} / {trained.total_params:,} | {resumed} |",
+    ]
+    if where:
+        lines += ["", f"Adapter: {where}"]
     return "\n".join(lines)
 
 

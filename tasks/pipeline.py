@@ -79,7 +79,9 @@ def _worth_retrying(task, task_run, state) -> bool:
 @task(name="train-adapter", retries=1, retry_delay_seconds=10, retry_condition_fn=_worth_retrying, **_stage)
 def train_adapter(cfg: LoraopsConfig, root: Path) -> TrainResult:
     """A retry continues from the last checkpoint (optimizer, scheduler and RNG state restored)."""
-    return stages.train_adapter(cfg, root)
+    trained = stages.train_adapter(cfg, root)
+    create_markdown_artifact(reporting.training_markdown(trained, trained.adapter_dir), key="training")
+    return trained
 
 
 @task(name="train-on-worker", **_stage)
@@ -123,7 +125,12 @@ def receive_training_inputs(root: Path, data_dvc: str) -> str:
 
 @task(name="publish-training", **_network, **_stage)
 def publish_training(cfg: LoraopsConfig, root: Path, trained: TrainResult, train_key: str) -> str:
-    return handoff.publish_training(cfg, root, trained, train_key)
+    run_id = handoff.publish_training(cfg, root, trained, train_key)
+    create_markdown_artifact(
+        reporting.training_markdown(trained, f"MLflow run `{run_id}` (hand-off key `{train_key}`)"),
+        key="training-handoff",
+    )
+    return run_id
 
 
 @task(name="evaluate-adapter", **_stage)

@@ -206,8 +206,16 @@ def test_scheduled_retrain_deploys_runs_on_a_worker_and_registers_through_the_se
         trainings = client.read_flow_runs(
             deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[training.id]))
         )
+        training_artifacts = {
+            a.key: a.data
+            for a in client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[t.id for t in trainings]))
+            )
+        }
     assert [t.state.type.value for t in trainings] == ["COMPLETED"], (tmp_path / "gpu-worker.log").read_text()[-3000:]
     assert trainings[0].parent_task_run_id is not None  # a subflow of retrain's train-on-worker task
+    assert "started afresh" in training_artifacts["training"]
+    assert "hand-off key" in training_artifacts["training-handoff"]
     # The GPU host trained on the dataset it pulled from the DVC remote, in its own checkout.
     assert (gpu_checkout / "data" / "train.jsonl").read_bytes() == (project / "data" / "train.jsonl").read_bytes()
     assert (gpu_checkout / "adapters" / "candidate" / "adapter_model.safetensors").exists()
