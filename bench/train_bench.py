@@ -3,6 +3,7 @@
     .venv/bin/python bench/train_bench.py --mode smoke                      # tiny Llama on CPU (~30 s on 2 cores)
     python3 bench/train_bench.py --mode gpu --out $OUT/train_bench.json     # Llama-3.1-8B shape, one GPU
     ... --attn flex_attention --torch-compile                               # loraops rows: other kernels
+    ... --checkpoint-every-n-layers 2                                       # loraops-qlora: checkpoint half the layers
     ... --write-benchmarks                                                  # also update BENCHMARKS.md
 
 Model: a ``LlamaConfig`` shaped like Llama-3.1-8B with random bf16 weights made on the GPU (``gpu``),
@@ -27,7 +28,8 @@ Every row trains through TRL's SFTTrainer, so every row (seed rows too) computes
 chunked LM head, which never builds the [tokens x vocab] logits. The loraops rows take ``--attn``
 (``model.attn_implementation``; default: transformers' sdpa, which gives a padding-free batch a dense
 block-diagonal mask; flex_attention and flash_attention_2 skip the masked blocks) and ``--torch-compile``
-(``train.torch_compile``; off by default: compiling costs minutes of warm-up on the GPU).
+(``train.torch_compile``; off by default: compiling costs minutes of warm-up on the GPU); the loraops rows
+that checkpoint take ``--checkpoint-every-n-layers`` (``train.checkpoint_every_n_layers``; default 1, every layer).
 
 Each configuration trains ``warmup + steps`` optimizer steps over exactly one epoch of its own
 ``(warmup + steps) × batch`` examples (a prefix of one shared pool), so the real tokens counted in
@@ -87,6 +89,7 @@ class Scale:
     warmup_steps: int
     attn_implementation: str = "auto"  # loraops rows: model.attn_implementation
     torch_compile: bool = False  # loraops rows: train.torch_compile
+    checkpoint_every_n_layers: int = 1  # loraops rows with checkpointing: train.checkpoint_every_n_layers
 
 
 SCALES = {
@@ -257,6 +260,7 @@ def loraops_config(config: BenchConfig, scale: Scale, ref, output_dir: Path, lig
             max_steps=steps,
             batch_size=config.batch_size,
             gradient_checkpointing=config.checkpointing,
+            checkpoint_every_n_layers=scale.checkpoint_every_n_layers if config.checkpointing else 1,
             padding_free=config.padding_free,
             use_liger_kernel=liger and liger_available(scale.device),
             torch_compile=scale.torch_compile,
@@ -279,6 +283,13 @@ def loraops_trainer(config: BenchConfig, model, tokenizer, dataset, scale: Scale
 
 
 # ------------------------------------------------------------------------------------ measurement
+
+
+def checkpointed_layers(model) -> int:
+    """Decoder layers whose activations are recomputed in backward (transformers' per-layer flag)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return sum(bool(m.gradient_checkpointing) for m in model.modules() if isinstance(m, GradientCheckpointingLayer))
 
 
 class RssSampler:
@@ -383,6 +394,7 @@ def run_config(config: BenchConfig, scale: Scale, ref, pool_lengths: list[int], 
         liger=bool(getattr(trainer.args, "use_liger_kernel", False)),
         attn_implementation=trainer.model.config._attn_implementation,
         torch_compile=bool(trainer.args.torch_compile),
+        checkpointed_layers=checkpointed_layers(trainer.model),
         upcast_non_quantized=config.quant and config.path == "seed",  # peft's prepare_model_for_kbit_training
         peak_rss_mib=round(rss.peak / 2**20, 1),
     )
@@ -511,7 +523,7 @@ def render_markdown(result: dict) -> str:
             f"{row['peak_memory_gib']:.1f} GiB" if row["peak_memory_gib"] is not None else f"RSS {row['peak_rss_mib']:.0f} MiB"
         )
         lines.append(
-            f"| {row['label']} | {row['batch_size']} | {_yes(row['checkpointing'])} | {_yes(row['padding_free'])} "
+            f"| {row['label']} | {row['batch_size']} | {_checkpointing(row, scale)} | {_yes(row['padding_free'])} "
             f"| {_yes(row['liger'])} | {_yes(row['upcast_non_quantized']) if row['quant'] else ''} | {row['attn_implementation']} "
             f"| {row['tokens_per_s']:,.0f} | {row['padding_share']:.1%} | {memory} "
             f"| {row['first_loss']:.3f} → {row['final_loss']:.3f} | {'ok' if row['tokens_check'] else 'MISMATCH'} |"
@@ -538,6 +550,12 @@ def _yes(flag: bool) -> str:
     return "✓" if flag else "–"
 
 
+def _checkpointing(row: dict, scale: dict) -> str:
+    """✓ when every decoder layer is checkpointed, else how many of them are."""
+    count = row.get("checkpointed_layers", scale["layers"] if row["checkpointing"] else 0)
+    return _yes(bool(count)) if count in (0, scale["layers"]) else f"{count}/{scale['layers']}"
+
+
 def write_benchmarks(markdown: str, path: Path = BENCHMARKS) -> None:
     """Replace what stands between the train-bench marks of ``path``."""
     text = path.read_text()
@@ -552,11 +570,13 @@ def write_benchmarks(markdown: str, path: Path = BENCHMARKS) -> None:
 
 
 def run_bench(mode: str, steps: int | None = None, configs: list[str] | None = None, time_budget_s: float | None = None,
-              work_dir: Path | None = None, out: Path | None = None, attn: str = "auto", torch_compile: bool = False) -> dict:
+              work_dir: Path | None = None, out: Path | None = None, attn: str = "auto", torch_compile: bool = False,
+              checkpoint_every_n_layers: int = 1) -> dict:
     """Run the configurations of ``mode`` one after the other; ``out`` is rewritten after each one."""
     import torch
 
-    scale = replace(SCALES[mode], attn_implementation=attn, torch_compile=torch_compile)
+    scale = replace(SCALES[mode], attn_implementation=attn, torch_compile=torch_compile,
+                    checkpoint_every_n_layers=checkpoint_every_n_layers)
     scale = scale if steps is None else replace(scale, steps=steps)
     if scale.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--mode gpu needs CUDA; use --mode smoke on a CPU machine")
@@ -658,9 +678,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attn", default="auto", choices=["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"],
                         help="model.attn_implementation of the loraops rows (auto: transformers' sdpa)")
     parser.add_argument("--torch-compile", action="store_true", help="train.torch_compile for the loraops rows")
+    parser.add_argument("--checkpoint-every-n-layers", type=int, default=1, metavar="N",
+                        help="train.checkpoint_every_n_layers for the loraops rows that checkpoint (1: every layer)")
     args = parser.parse_args(argv)
     out = args.out or REPO / "bench" / "results" / f"train_bench-{args.mode}.json"
-    result = run_bench(args.mode, args.steps, args.configs, args.time_budget_s, args.work_dir, out, args.attn, args.torch_compile)
+    result = run_bench(args.mode, args.steps, args.configs, args.time_budget_s, args.work_dir, out, args.attn,
+                       args.torch_compile, args.checkpoint_every_n_layers)
     markdown = render_markdown(result)
     print(markdown)
     if args.markdown:

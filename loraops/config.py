@@ -162,6 +162,10 @@ class TrainConfig(_Section):
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     gradient_checkpointing: bool = False
+    checkpoint_every_n_layers: int = Field(
+        1, ge=1, description="With train.gradient_checkpointing: checkpoint only every n-th decoder layer (1 = all); "
+        "the others keep their activations, trading memory back for speed"
+    )
     padding_free: bool = Field(
         True, description="Flatten each batch into one sequence with per-example positions: no pad tokens, no cross-attention"
     )
@@ -196,6 +200,15 @@ class TrainConfig(_Section):
             raise ValueError(
                 f"train.save_steps ({self.save_steps}) is not a multiple of train.eval_steps ({self.eval_steps}); "
                 "the best checkpoint is chosen among evaluated ones: set save_steps to a multiple of eval_steps, or leave it empty"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_selective_checkpointing(self) -> TrainConfig:
+        if self.checkpoint_every_n_layers > 1 and not self.gradient_checkpointing:
+            raise ValueError(
+                f"train.checkpoint_every_n_layers ({self.checkpoint_every_n_layers}) needs "
+                "train.gradient_checkpointing: true; set gradient_checkpointing to true, or checkpoint_every_n_layers to 1"
             )
         return self
 

@@ -13,7 +13,7 @@ path (transformers + peft + TRL on a Llama-style decoder, SDPA attention, AdamW)
 - **activations** saved for backward, per token and layer: the float32 RMSNorm upcasts, each adapted
   linear's dropout mask and input copy, q/k/v and the attention output kept by SDPA, the SwiGLU inputs
   and output. With gradient checkpointing only each layer's input is kept, and one layer is recomputed
-  at a time;
+  at a time; checkpointing every n-th layer only (layers 0, n, 2n, ...), the others keep all of theirs;
 - **loss**, one of three ways: ``logits`` (transformers' own loss, the seed recipe as measured):
   float32 logits, the log-softmax kept for backward, its gradient and the logits' gradient make 12
   bytes per vocabulary entry per token; ``liger``: Liger's fused linear cross-entropy, one chunk at a
@@ -277,7 +277,7 @@ class MemoryEstimate(BaseModel):
     adapter: int  # adapter weights
     gradients: int
     optimizer: int  # AdamW moments, float32
-    activations: int  # saved for backward (all layers, or checkpoints + one recomputed layer)
+    activations: int  # saved for backward (all layers, or checkpoints + unchecked layers + one recomputed layer)
     logits: int  # the loss's working set
     compute_copies: int  # bf16 copies of float32 weights made by autocast and kept for backward
     runtime: int  # CUDA context, or the Python process on CPU
@@ -356,6 +356,7 @@ def estimate_peak_memory(
     batch_size: int,
     seq_len: int,
     gradient_checkpointing: bool = False,
+    checkpoint_every_n_layers: int = 1,
     liger_kernel: bool = False,
     device: Device = "cuda",
     dtype: DType | None = None,
@@ -395,13 +396,16 @@ def estimate_peak_memory(
     loss = _loss_bytes(shape, tokens, loss_mode, residual, 2 if device == "cuda" else residual) + final_norm
 
     if gradient_checkpointing:
-        # Each layer's input is kept; the peak is the loss or one recomputed layer, whichever is larger.
-        checkpoints = shape.layers * residual * shape.hidden * tokens
+        # A checkpointed layer keeps its input, the others all their activations. The peak is at the loss, or
+        # when the last checkpointed layer is recomputed (the unchecked layers after it are freed by then).
+        n = checkpoint_every_n_layers
+        checked = math.ceil(shape.layers / n)  # layers 0, n, 2n, ...
+        unchecked, unchecked_before_last = shape.layers - checked, (checked - 1) * (n - 1)
+        checkpoints = checked * residual * shape.hidden * tokens
         recompute = layer + 3 * residual * shape.hidden * tokens  # + the hidden-state gradients in flight
-        if loss + head_copy >= recompute + layer_copy:
-            activations, logits, copies = checkpoints, loss, head_copy
-        else:
-            activations, logits, copies = checkpoints + recompute, 0, layer_copy
+        at_loss = (checkpoints + unchecked * layer, loss, head_copy + unchecked * layer_copy)
+        at_recompute = (checkpoints + unchecked_before_last * layer + recompute, 0, (unchecked_before_last + 1) * layer_copy)
+        activations, logits, copies = at_loss if sum(at_loss) >= sum(at_recompute) else at_recompute
     else:
         activations = shape.layers * layer
         logits, copies = loss, head_copy + shape.layers * layer_copy
@@ -430,6 +434,7 @@ def estimate_for_config(shape: ModelShape, cfg: LoraopsConfig, device: Device, s
         batch_size=cfg.train.batch_size,
         seq_len=seq_len or cfg.data.max_length,
         gradient_checkpointing=cfg.train.gradient_checkpointing,
+        checkpoint_every_n_layers=cfg.train.checkpoint_every_n_layers,
         liger_kernel=cfg.train.use_liger_kernel,
         device=device,
         dtype=auto_dtype if cfg.model.dtype == "auto" else cfg.model.dtype,
@@ -484,8 +489,9 @@ def _qlora_mode(cfg: LoraopsConfig) -> str:
 
 
 def _variant(cfg: LoraopsConfig, quant_mode: str, checkpointing: bool, batch: int | None = None) -> LoraopsConfig:
-    """``cfg`` with other quantisation, checkpointing and batch size (not validated: see ``_refusal``)."""
-    train = {"gradient_checkpointing": checkpointing, **({"batch_size": batch} if batch else {})}
+    """``cfg`` with other quantisation, checkpointing (of every layer) and batch size (not validated: see ``_refusal``)."""
+    train = {"gradient_checkpointing": checkpointing, "checkpoint_every_n_layers": 1}
+    train.update({"batch_size": batch} if batch else {})
     return cfg.model_copy(update={
         "quant": cfg.quant.model_copy(update={"mode": quant_mode}), "train": cfg.train.model_copy(update=train),
     })
@@ -566,6 +572,8 @@ def _make_plan(
         f"train.batch_size={chosen.batch_size}",
         f"train.gradient_accumulation_steps={accumulation}",
     ]
+    if base_cfg.train.checkpoint_every_n_layers != 1:  # the plan checkpoints all layers or none
+        overrides.append("train.checkpoint_every_n_layers=1")
     if seq_len != base_cfg.data.max_length:
         overrides.append(f"data.max_length={seq_len}")
     return Plan(
@@ -645,8 +653,10 @@ def check_memory(shape: ModelShape, cfg: LoraopsConfig, device: Device, availabl
     if check.fits:
         log.info("memory pre-flight: %s", check.summary())
         return check
+    every_n = cfg.train.checkpoint_every_n_layers
     current = (f"quant.mode={cfg.quant.mode}, train.batch_size={cfg.train.batch_size}, "
                f"train.gradient_checkpointing={str(cfg.train.gradient_checkpointing).lower()}, "
+               f"{f'train.checkpoint_every_n_layers={every_n}, ' if every_n > 1 else ''}"
                f"data.max_length={cfg.data.max_length}")
     problem = f"memory pre-flight: {check.summary()} does not fit with {current}"
     try:

@@ -272,28 +272,29 @@ def build_quant_config(quant_cfg: QuantConfig, storage_dtype=None):
     )
 
 
-def prepare_quantized_for_training(model, quant_cfg: QuantConfig, gradient_checkpointing: bool):
+def prepare_quantized_for_training(model, quant_cfg: QuantConfig, gradient_checkpointing: bool, every_n_layers: int = 1):
     """Freeze a 4-bit base for LoRA training, without or (``quant.upcast_non_quantized``) with float32 upcasts.
 
     peft's ``prepare_model_for_kbit_training`` (the seed recipe) casts every non-quantized weight to
     float32: embeddings, head and norms, ~3.9 GiB more on Llama-3.1-8B, and a float32 residual stream.
     The lean preparation keeps them in the dtype the model was loaded in, as Unsloth-style recipes do
     (transformers' RMSNorm computes in float32 internally either way; TRL keeps the adapter in bf16).
+    With ``gradient_checkpointing``, every ``every_n_layers``-th decoder layer is checkpointed.
     """
     if quant_cfg.upcast_non_quantized:
         from peft import prepare_model_for_kbit_training
 
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    for param in model.parameters():
-        param.requires_grad_(False)
-    if gradient_checkpointing:
-        # Non-reentrant checkpointing needs no input that requires grad; the hook keeps reentrant callers working.
-        model.enable_input_require_grads()
-        kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    else:
+        for param in model.parameters():
+            param.requires_grad_(False)
+        if gradient_checkpointing:
+            # Non-reentrant checkpointing needs no input that requires grad; the hook keeps reentrant callers working.
+            model.enable_input_require_grads()
+    if gradient_checkpointing:  # again after peft's, which checkpoints every layer: its kwargs go to torch's checkpoint
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=every_n_layers
+        )
     return model
 
 

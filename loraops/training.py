@@ -65,7 +65,10 @@ def build_sft_config(cfg: LoraopsConfig, output_dir: str | Path, device: str):
         lr_scheduler_type=train.lr_scheduler,
         warmup_steps=train.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of max_steps
         weight_decay=train.weight_decay,
-        gradient_checkpointing=train.gradient_checkpointing,
+        activation_checkpointing=train.gradient_checkpointing,
+        # The Trainer enables checkpointing on the model with these (TRL reads the alias gradient_checkpointing_kwargs).
+        activation_checkpointing_kwargs={"every_n_layers": train.checkpoint_every_n_layers, "use_reentrant": False}
+        if train.gradient_checkpointing else None,
         eval_strategy="steps",
         eval_steps=train.eval_steps,
         save_strategy="steps",
@@ -114,7 +117,9 @@ def build_trainer_for_model(cfg: LoraopsConfig, model, tokenizer, train_dataset,
     # position_ids of a padding-free batch; with one, examples would attend across boundaries.
     model.config.use_cache = False
     if cfg.quant.enabled:
-        model = prepare_quantized_for_training(model, cfg.quant, cfg.train.gradient_checkpointing)
+        model = prepare_quantized_for_training(
+            model, cfg.quant, cfg.train.gradient_checkpointing, every_n_layers=cfg.train.checkpoint_every_n_layers
+        )
     callbacks = [_divergence_guard()]
     if cfg.train.early_stopping_patience > 0:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))

@@ -108,3 +108,18 @@ def test_attention_and_compile_flags_reach_only_the_loraops_rows(tmp_path):
     rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
     assert rows["loraops-lora"]["attn_implementation"] == "eager" and rows["seed-lora"]["attn_implementation"] == "sdpa"
     assert all(row["status"] == "ok" and row["tokens_check"] for row in rows.values())
+
+
+def test_checkpoint_every_n_layers_reaches_only_the_loraops_rows_that_checkpoint(tmp_path):
+    bench = _load_bench()
+    out, markdown = tmp_path / "bench.json", tmp_path / "bench.md"
+    argv = ["--mode", "smoke", "--steps", "1", "--configs", "loraops-qlora", "loraops-lora", "seed-lora-ckpt",
+            "--checkpoint-every-n-layers", "2", "--out", str(out), "--markdown", str(markdown)]
+    assert bench.main(argv) == 0
+    rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
+    assert all(row["status"] == "ok" and row["tokens_check"] for row in rows.values())
+    # the smoke model has 2 decoder layers: every 2nd checkpoints layer 0 only
+    assert {name: row["checkpointed_layers"] for name, row in rows.items()} == {
+        "loraops-qlora": 1, "loraops-lora": 0, "seed-lora-ckpt": 2,
+    }
+    assert "| loraops QLoRA NF4 | 16 | 1/2 |" in markdown.read_text()

@@ -90,6 +90,39 @@ def test_qlora_below_lora_checkpointing_below_none_fused_loss_below_plain(shape)
     assert _estimate(shape, liger=True).logits < lora.logits / 10
 
 
+@pytest.mark.parametrize("shape", [LLAMA_8B, KNOWN_MODELS["meta-llama/Llama-3.2-1B"], KNOWN_MODELS["Qwen/Qwen2.5-7B"]])
+@pytest.mark.parametrize("quant", [BF16, NF4])
+@pytest.mark.parametrize("batch", [1, 8])
+def test_checkpointing_every_nth_layer_lies_between_all_and_none_and_grows_with_n(shape, quant, batch):
+    def total(n: int, loss=None) -> int:
+        return estimate_peak_memory(shape, LORA, quant, batch_size=batch, seq_len=2048, gradient_checkpointing=True,
+                                    checkpoint_every_n_layers=n, loss=loss).total
+
+    for loss in (None, "chunked"):
+        every = [total(n, loss) for n in range(1, shape.layers + 2)]
+        off = _estimate(shape, quant, batch, loss=loss).total
+        assert every[0] == _estimate(shape, quant, batch, checkpointing=True, loss=loss).total  # n=1: all layers
+        assert every == sorted(every) and every[0] < every[1] and every[-1] <= off
+        assert every[shape.layers] == every[shape.layers - 1]  # past the last layer only layer 0 is checkpointed
+
+
+def test_every_second_layer_keeps_half_the_layers_activations():
+    """Llama-3.1-8B: 16 checkpointed and 16 full layers; at the loss, half the no-checkpointing activations and more."""
+    half = estimate_peak_memory(LLAMA_8B, LORA, BF16, batch_size=4, seq_len=2048, gradient_checkpointing=True,
+                                checkpoint_every_n_layers=2)
+    off, every = _estimate(), _estimate(checkpointing=True)
+    checkpoint = 2 * LLAMA_8B.hidden * 4 * 2048  # one bf16 layer input
+    assert half.activations == off.activations // 2 + 16 * checkpoint
+    assert every.total < half.total < off.total
+
+
+def test_config_estimate_uses_the_checkpointed_layers():
+    cfg = config_from_dict({"train": {"batch_size": 4, "gradient_checkpointing": True}})
+    every, second = (memory.estimate_for_config(LLAMA_8B, _with(cfg, [f"train.checkpoint_every_n_layers={n}"]), "cuda")
+                     for n in (1, 2))
+    assert every.total == memory.estimate_for_config(LLAMA_8B, cfg, "cuda").total < second.total
+
+
 def test_a_bigger_model_needs_more_memory():
     totals = [_estimate(KNOWN_MODELS[name], NF4, batch=1, checkpointing=True).total for name in (
         "HuggingFaceTB/SmolLM2-135M", "meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-70B")]
@@ -244,6 +277,16 @@ def test_plan_suggests_a_shorter_sequence_when_that_would_fit():
     longest = int(str(refused.value).split("data.max_length=")[1].split()[0])
     assert 0 < longest < 8192
     assert plan(LLAMA_8B, parse_memory_size("8GiB"), LoraopsConfig(), longest).mode == "qlora"
+
+
+def test_plan_checkpoints_all_layers_or_none_and_resets_every_n_layers():
+    """The plan does not weigh selective checkpointing: its options use every layer, and it says so in its overrides."""
+    selective = config_from_dict({"train": {"gradient_checkpointing": True, "checkpoint_every_n_layers": 4}})
+    chosen = plan(LLAMA_8B, parse_memory_size("80GiB"), selective, 2048)
+    assert not chosen.gradient_checkpointing and all(option.note == "" for option in chosen.alternatives)
+    assert "train.checkpoint_every_n_layers=1" in chosen.overrides
+    assert memory.estimate_for_config(LLAMA_8B, _with(selective, chosen.overrides), "cuda").total == chosen.estimate.total
+    assert "train.checkpoint_every_n_layers=1" not in plan(LLAMA_8B, parse_memory_size("80GiB"), LoraopsConfig(), 2048).overrides
 
 
 def test_plan_skips_qlora_for_dora_with_the_configs_reason():

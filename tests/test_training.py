@@ -110,6 +110,14 @@ def test_sft_config_on_cpu_is_fp32_without_checkpointing(tmp_path):
     assert compiled.torch_compile
 
 
+def test_sft_config_passes_the_checkpointed_layers_to_the_trainer(tmp_path):
+    cfg = _config("unused", tmp_path, train={"gradient_checkpointing": True, "checkpoint_every_n_layers": 2})
+    args = training.build_sft_config(cfg, tmp_path, device="cpu")
+    assert args.activation_checkpointing and args.gradient_checkpointing
+    assert args.activation_checkpointing_kwargs == {"every_n_layers": 2, "use_reentrant": False}
+    assert args.gradient_checkpointing_kwargs is args.activation_checkpointing_kwargs  # the alias TRL reads
+
+
 def test_trl_trains_through_its_chunked_lm_head_without_full_logits(tmp_path, tiny_model_dir, splits):
     """TRL >= 1.16 patches a fused LM head in: the [tokens x vocab] logits are never built in a training step."""
     cfg = _config(tiny_model_dir, tmp_path, train={"max_steps": 1, "eval_steps": 1})
@@ -279,6 +287,86 @@ def test_divergence_guard_ignores_finite_losses():
         guard.on_log(args, state, None, logs={"eval_loss": math.inf})
 
 
+# ------------------------------------------------------------------------ selective checkpointing
+
+
+def _decoder_layers(model) -> list:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+
+
+def _first_step(cfg: LoraopsConfig, model_dir: Path, splits) -> tuple[list[bool], list[int], dict[str, torch.Tensor]]:
+    """Checkpoint flags, MLP forwards per decoder layer (a recomputed layer runs twice) and LoRA gradients of step 1.
+
+    Trained through ``build_trainer``: the Trainer enables checkpointing in ``train()``. The hooks are pre-hooks of
+    the MLPs: transformers checkpoints a layer's forward inside the layer's own hooks, and torch stops a recompute
+    as soon as the last saved tensor is back, before an MLP's forward hook would run.
+    """
+    from transformers import TrainerCallback
+
+    trainer = training.build_trainer(cfg, _ref(model_dir), *splits, device="cpu")
+    model, layers = trainer.model, _decoder_layers(trainer.model)
+    torch.manual_seed(1)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # non-zero, so that lora_A gets a gradient too
+            torch.nn.init.normal_(param, std=0.02)
+    calls = [0] * len(layers)
+
+    def count(module, args, index):
+        if module.training and torch.is_grad_enabled():  # not the evaluation after the step
+            calls[index] += 1
+
+    for index, layer in enumerate(layers):
+        layer.mlp.register_forward_pre_hook(lambda module, args, index=index: count(module, args, index))
+    seen = {}
+
+    class Capture(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            seen["flags"] = [layer.gradient_checkpointing for layer in layers]
+            seen["gradients"] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    trainer.add_callback(Capture())
+    trainer.train()
+    return seen["flags"], calls, seen["gradients"]
+
+
+@pytest.mark.filterwarnings("ignore:.*an autograd kernel was not registered:UserWarning")
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_checkpointing_every_second_layer_recomputes_only_those_with_the_same_gradients(
+    tmp_path, tiny_model_dir, splits, quant
+):
+    """LoRA: the Trainer enables checkpointing; QLoRA: prepare_quantized_for_training first, then the Trainer again."""
+    steps = {}
+    for label, train in {
+        "off": {"gradient_checkpointing": False},
+        "all": {"gradient_checkpointing": True},
+        "every 2nd": {"gradient_checkpointing": True, "checkpoint_every_n_layers": 2},
+    }.items():
+        train = {**train, "max_steps": 1, "eval_steps": 1, "output_dir": str(tmp_path / label)}
+        steps[label] = _first_step(_config(tiny_model_dir, tmp_path, quant={"mode": quant}, train=train), tiny_model_dir, splits)
+    assert {label: step[:2] for label, step in steps.items()} == {
+        "off": ([False, False], [1, 1]),
+        "all": ([True, True], [2, 2]),
+        "every 2nd": ([True, False], [2, 1]),  # layer 0 is checkpointed and recomputed; layer 1 keeps its activations
+    }
+    reference = steps["off"][2]
+    assert len(reference) == 28 and all(grad.abs().sum() > 0 for grad in reference.values())  # A and B of 14 linears
+    for label in ("all", "every 2nd"):
+        gradients = steps[label][2]
+        assert gradients.keys() == reference.keys()
+        for name, grad in gradients.items():
+            torch.testing.assert_close(grad, reference[name], msg=f"{label}: {name}")
+
+
+@pytest.mark.parametrize("upcast", [False, True])
+def test_quantized_preparation_checkpoints_every_nth_layer(tiny_model_dir, upcast):
+    model = _prepared_qlora(tiny_model_dir, upcast=upcast, every_n_layers=2)
+    assert [layer.gradient_checkpointing for layer in _decoder_layers(model)] == [True, False]
+    model = _prepared_qlora(tiny_model_dir, upcast=upcast)
+    assert [layer.gradient_checkpointing for layer in _decoder_layers(model)] == [True, True]
+
+
 # ------------------------------------------------------------------------------------- QLoRA (CPU)
 
 
@@ -350,13 +438,13 @@ def test_qlora_trains_and_reloads_on_cpu(tmp_path, tiny_model_dir, splits):
     assert evaluate_loss(adapted, splits[1], 12).loss < evaluate_loss(base, splits[1], 12).loss - 0.05
 
 
-def _prepared_qlora(model_dir: Path, upcast: bool, checkpointing: bool = True):
+def _prepared_qlora(model_dir: Path, upcast: bool, checkpointing: bool = True, every_n_layers: int = 1):
     """The tiny model in 4 bits, loaded in bf16 (the CUDA default, feasible on CPU), prepared, with a LoRA adapter."""
     from peft import get_peft_model
 
     quant = QuantConfig(mode="nf4", compute_dtype="bfloat16", upcast_non_quantized=upcast)
     model = modeling.load_base_model(_ref(model_dir), ModelConfig(dtype="bfloat16"), quant, "cpu")
-    model = modeling.prepare_quantized_for_training(model, quant, gradient_checkpointing=checkpointing)
+    model = modeling.prepare_quantized_for_training(model, quant, checkpointing, every_n_layers=every_n_layers)
     torch.manual_seed(0)
     model = get_peft_model(model, modeling.build_lora_config(LoraopsConfig().lora.model_copy(update={"dropout": 0.0})))
     for name, param in model.named_parameters():
