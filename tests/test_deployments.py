@@ -120,6 +120,26 @@ def _finished_run(client, run_id, deadline: float):
         time.sleep(2)
 
 
+def _deploy(servers: dict, tmp_path: Path, project: Path) -> tuple[dict, Path]:
+    """Pools and deployments on the servers; the environment of a host, and a GPU host's data-less clone.
+
+    The GPU host's checkout has the code only: its data comes from the DVC remote when a training starts.
+    """
+    gpu_checkout = tmp_path / "gpu-host-checkout"
+    subprocess.run(["git", "clone", "-q", str(project), str(gpu_checkout)], check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING", "LORAOPS_"))}
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        PREFECT_API_URL=servers["prefect"],
+        PREFECT_HOME=str(tmp_path / "prefect-client-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_WORKER_QUERY_SECONDS="2",
+    )
+    _cli([str(REPO_ROOT / "infra" / "work-pools.sh")], {**env, "PREFECT": str(BIN / "prefect")})
+    _cli([str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", "infra/prefect.yaml"], env)
+    return env, gpu_checkout
+
+
 def test_scheduled_retrain_deploys_runs_on_a_worker_and_registers_through_the_server(
     servers, tiny_model_dir, tmp_path, monkeypatch
 ):
@@ -133,19 +153,7 @@ def test_scheduled_retrain_deploys_runs_on_a_worker_and_registers_through_the_se
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     project = _checkout(tmp_path, tiny_model_dir, servers["mlflow"])
-    # The GPU host's own checkout: code only; its data comes from the DVC remote when a training starts.
-    gpu_checkout = tmp_path / "gpu-host-checkout"
-    subprocess.run(["git", "clone", "-q", str(project), str(gpu_checkout)], check=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING", "LORAOPS_"))}
-    env.update(
-        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        PREFECT_API_URL=servers["prefect"],
-        PREFECT_HOME=str(tmp_path / "prefect-client-home"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_WORKER_QUERY_SECONDS="2",
-    )
-    _cli([str(REPO_ROOT / "infra" / "work-pools.sh")], {**env, "PREFECT": str(BIN / "prefect")})
-    _cli([str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", "infra/prefect.yaml"], env)
+    env, gpu_checkout = _deploy(servers, tmp_path, project)
     cpu_host = {**env, "LORAOPS_PROJECT_DIR": str(project)}
 
     with temporary_settings(updates={PREFECT_API_URL: servers["prefect"]}), get_client(sync_client=True) as client:
@@ -241,23 +249,6 @@ def test_scheduled_retrain_deploys_runs_on_a_worker_and_registers_through_the_se
     assert tags["loraops.git_commit"] == git_head.strip()
     assert tags["loraops.base_model"] == str(tiny_model_dir)
     assert version["source"].startswith("mlflow-artifacts:")  # uploaded through the server, not a local path
-
-
-def _deploy(servers: dict, tmp_path: Path, project: Path) -> tuple[dict, Path]:
-    """Pools and deployments on the servers; the environment of a host, and a GPU host's data-less clone."""
-    gpu_checkout = tmp_path / "gpu-host-checkout"
-    subprocess.run(["git", "clone", "-q", str(project), str(gpu_checkout)], check=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING", "LORAOPS_"))}
-    env.update(
-        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        PREFECT_API_URL=servers["prefect"],
-        PREFECT_HOME=str(tmp_path / "prefect-client-home"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_WORKER_QUERY_SECONDS="2",
-    )
-    _cli([str(REPO_ROOT / "infra" / "work-pools.sh")], {**env, "PREFECT": str(BIN / "prefect")})
-    _cli([str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", "infra/prefect.yaml"], env)
-    return env, gpu_checkout
 
 
 def _kill_processes_of_flow_run(flow_run_id) -> int:
