@@ -380,7 +380,7 @@ def _lora_gradients(model, batch) -> dict[str, torch.Tensor | None]:
 def _qlora_model(model_dir: Path, mimic_avx512bf16: bool):
     """A 4-bit tiny model with a LoRA adapter whose B matrices are non-zero (so every LoRA weight gets a gradient)."""
     import bitsandbytes as bnb
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
 
     model = modeling.load_base_model(_ref(model_dir), ModelConfig(), QuantConfig(mode="nf4"), "cpu")
     if mimic_avx512bf16:  # what bitsandbytes sets on a CPU with avx512_bf16, i.e. without loraops' fix
@@ -388,6 +388,13 @@ def _qlora_model(model_dir: Path, mimic_avx512bf16: bool):
             if isinstance(layer, bnb.nn.Linear4bit):
                 layer.support_avx512bf16_for_cpu = True
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return _with_random_lora(model)
+
+
+def _with_random_lora(model):
+    """A dropout-free LoRA adapter whose B is random (a fresh B = 0 would hide missing gradients upstream)."""
+    from peft import get_peft_model
+
     torch.manual_seed(0)
     model = get_peft_model(model, modeling.build_lora_config(LoraopsConfig().lora.model_copy(update={"dropout": 0.0})))
     for name, param in model.named_parameters():
@@ -440,17 +447,10 @@ def test_qlora_trains_and_reloads_on_cpu(tmp_path, tiny_model_dir, splits):
 
 def _prepared_qlora(model_dir: Path, upcast: bool, checkpointing: bool = True, every_n_layers: int = 1):
     """The tiny model in 4 bits, loaded in bf16 (the CUDA default, feasible on CPU), prepared, with a LoRA adapter."""
-    from peft import get_peft_model
-
     quant = QuantConfig(mode="nf4", compute_dtype="bfloat16", upcast_non_quantized=upcast)
     model = modeling.load_base_model(_ref(model_dir), ModelConfig(dtype="bfloat16"), quant, "cpu")
     model = modeling.prepare_quantized_for_training(model, quant, checkpointing, every_n_layers=every_n_layers)
-    torch.manual_seed(0)
-    model = get_peft_model(model, modeling.build_lora_config(LoraopsConfig().lora.model_copy(update={"dropout": 0.0})))
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.02)
-    return model
+    return _with_random_lora(model)
 
 
 def _non_quantized_dtypes(model) -> dict[str, torch.dtype]:
