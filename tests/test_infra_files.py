@@ -136,3 +136,24 @@ def test_failure_policy_network_stages_retry_with_jitter_and_validation_never_re
     for task in (pipeline.gate_candidate, pipeline.version_outputs, pipeline.register_adapter):
         assert task.retries == 2 and task.retry_jitter_factor, task.name
     assert pipeline.validate_dataset.retries == 0
+
+
+def test_every_gpu_worker_kind_keeps_checkpoints_on_a_volume_and_sends_heartbeats():
+    """A rerun resumes only if the checkpoints outlive the container; a dead worker is only seen by its silence."""
+    checkpoints = "/opt/loraops/checkpoints"  # LORAOPS_PROJECT_DIR/checkpoints: train.output_dir in the image
+    docker = _template("docker")["variables"]["properties"]
+    assert f"loraops-checkpoints:{checkpoints}" in docker["volumes"]["default"]
+    kubernetes = _template("kubernetes")
+    pod = kubernetes["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == checkpoints)
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    claim = yaml.safe_load((INFRA / "k8s" / "checkpoints-pvc.yaml").read_text())
+    assert volume["persistentVolumeClaim"]["claimName"] == "{{ checkpoints_claim }}"
+    assert kubernetes["variables"]["properties"]["checkpoints_claim"]["default"] == claim["metadata"]["name"]
+    assert claim["kind"] == "PersistentVolumeClaim" and claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    worker = _compose()["services"]["gpu-worker"]
+    assert f"checkpoints:{checkpoints}" in worker["volumes"]
+    for env in (docker["env"]["default"], kubernetes["variables"]["properties"]["env"]["default"], worker["environment"]):
+        assert env["LORAOPS_PROJECT_DIR"] == "/opt/loraops" and env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "60"
+    assert "PREFECT_FLOWS_HEARTBEAT_FREQUENCY=60" in (INFRA / "Dockerfile.worker").read_text()
