@@ -28,8 +28,8 @@ def retrain(config: LoraopsConfig | None = None, project_dir: str = ".") -> Retr
     """
     root = Path(project_dir).resolve()
     cfg = config or load_config(root / "params.yaml")
+    pipeline.check_servers(cfg, root)  # before anything is written: an unreachable server changes nothing
     pipeline.record_run_config(cfg, root)
-    pipeline.check_servers(cfg, root)
     pipeline.prepare_base_model(cfg, root)
     pipeline.validate_dataset(cfg, root)
     pipeline.check_memory(cfg, root)

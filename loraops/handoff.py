@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from loraops import registry, versioning
+from loraops import registry, stages, versioning
 from loraops.config import LoraopsConfig
 from loraops.results import TrainResult
 
@@ -30,7 +30,6 @@ STAGE_TAG = "loraops.stage"
 ADAPTER_ARTIFACTS = "adapter"
 TRAINING_ARTIFACTS = "training"
 TRAIN_RESULT_FILE = "train_result.json"
-HISTORY_FILE = "train_history.json"
 
 
 class HandoffError(RuntimeError):
@@ -92,7 +91,7 @@ def publish_training(cfg: LoraopsConfig, root: Path, trained: TrainResult, train
         training_dir = Path(scratch) / TRAINING_ARTIFACTS
         training_dir.mkdir()
         trained.write_json(training_dir / TRAIN_RESULT_FILE)
-        shutil.copy(trained.history_path, training_dir / HISTORY_FILE)
+        shutil.copy(trained.history_path, training_dir / stages.TRAIN_HISTORY)
         client.log_artifacts(run_id, str(training_dir), TRAINING_ARTIFACTS)
     client.log_artifacts(run_id, trained.adapter_dir, ADAPTER_ARTIFACTS)
     client.set_terminated(run_id)
@@ -102,8 +101,6 @@ def publish_training(cfg: LoraopsConfig, root: Path, trained: TrainResult, train
 
 def fetch_training(cfg: LoraopsConfig, root: Path, train_key: str) -> TrainResult:
     """Bring the published adapter and training metrics into this project; paths become local ones."""
-    from loraops import stages
-
     client = registry.client_for(cfg.registry, root)
     run_id = _published_run(client, cfg.registry.experiment, train_key)
     adapter_dir = root / cfg.paths.adapter_dir
@@ -114,7 +111,7 @@ def fetch_training(cfg: LoraopsConfig, root: Path, train_key: str) -> TrainResul
         result = TrainResult.read_json(Path(scratch) / TRAINING_ARTIFACTS / TRAIN_RESULT_FILE)
         history = metrics_dir / stages.TRAIN_HISTORY
         history.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(Path(scratch) / TRAINING_ARTIFACTS / HISTORY_FILE, history)
+        shutil.copy(Path(scratch) / TRAINING_ARTIFACTS / stages.TRAIN_HISTORY, history)
         _replace_folder(Path(scratch) / ADAPTER_ARTIFACTS, adapter_dir)
     result = result.model_copy(update={"adapter_dir": str(adapter_dir), "history_path": str(history)})
     stages.record_training(result, metrics_dir)

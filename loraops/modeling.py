@@ -214,14 +214,11 @@ def resolve_dtype(model_cfg: ModelConfig, device: str, quant_cfg: QuantConfig | 
     return getattr(torch, quant_cfg.compute_dtype) if quant_cfg is not None and quant_cfg.enabled else torch.bfloat16
 
 
-def distributed_env() -> tuple[int, int, bool]:
-    """(world size, local rank, FSDP?) as ``accelerate launch`` / torchrun set them in the environment."""
+def distributed_env() -> tuple[int, int]:
+    """(world size, local rank) as ``accelerate launch`` / torchrun set them in the environment."""
     import os
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes")
-    return world_size, local_rank, fsdp
+    return int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def device_map_for(device: str) -> dict[str, Any]:
@@ -230,7 +227,7 @@ def device_map_for(device: str) -> dict[str, Any]:
     ``None`` would not do under FSDP either: bitsandbytes then places 4-bit weights on
     ``torch.cuda.current_device()``, which is cuda:0 on every rank until accelerate sets it.
     """
-    world_size, local_rank, _ = distributed_env()
+    world_size, local_rank = distributed_env()
     if device == "cuda" and world_size > 1:
         return {"": local_rank}
     return {"": device}
@@ -328,7 +325,7 @@ def load_base_model(ref: BaseModelRef, model_cfg: ModelConfig, quant_cfg: QuantC
     from transformers import AutoModelForCausalLM
 
     dtype = resolve_dtype(model_cfg, device, quant_cfg)
-    world_size, _, _ = distributed_env()
+    world_size, _ = distributed_env()
     extra = {} if model_cfg.attn_implementation == "auto" else {"attn_implementation": model_cfg.attn_implementation}
     model = AutoModelForCausalLM.from_pretrained(
         ref.path,

@@ -59,7 +59,7 @@ def test_under_the_launch_environment_each_rank_loads_bf16_stored_4bit_weights_o
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun sets these per process
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert modeling.distributed_env() == (2, 1, True)
+    assert modeling.distributed_env() == (2, 1)
     assert modeling.device_map_for("cuda") == {"": 1}
     dtype = modeling.resolve_dtype(ModelConfig(), "cuda", QuantConfig(mode="nf4"))
     assert modeling.build_quant_config(QuantConfig(mode="nf4"), storage_dtype=dtype).bnb_4bit_quant_storage == dtype

@@ -61,9 +61,8 @@ def test_distributed_qlora_loads_in_the_compute_dtype_on_each_ranks_gpu(monkeypa
     """What `accelerate launch` with infra/accelerate/fsdp-qlora.yaml sets, for rank 1 of 2 (FSDP shards floats of one dtype)."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     quant = QuantConfig(mode="nf4", compute_dtype=compute_dtype)
-    assert modeling.distributed_env() == (2, 1, True)
+    assert modeling.distributed_env() == (2, 1)
     assert modeling.device_map_for("cuda") == {"": 1}  # not cuda:0 on every rank
     assert modeling.device_map_for("cpu") == {"": "cpu"}
     dtype = modeling.resolve_dtype(ModelConfig(), "cuda", quant)
