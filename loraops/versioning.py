@@ -76,6 +76,57 @@ def data_md5(repo_root: str | Path, dvc_file: str = "data.dvc") -> str:
     return md5
 
 
+def tracked_data_problem(repo_root: str | Path, dvc_file: str = "data.dvc") -> str | None:
+    """Why the workspace copy of ``dvc_file``'s output differs from what it records, or None if identical.
+
+    ``dvc status`` cannot answer this on a fresh clone: with an empty cache it reports "not in cache"
+    whether or not the bytes match. This hashes the workspace the way DVC does (nothing is written) and
+    compares with the recorded md5; when the cache holds the recorded listing, the differing files are named.
+    """
+    from dvc.repo import Repo
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.tree import Tree
+
+    root = Path(repo_root)
+    recorded = data_md5(root, dvc_file)
+    outs = yaml.safe_load((root / dvc_file).read_text())["outs"]
+    target = root / outs[0].get("path", "data")
+    if not target.exists():
+        return f"{target} is missing: run `dvc pull {dvc_file}` or `loraops import-data`"
+    with Repo(str(root)) as repo:
+        odb = repo.cache.local
+        _, _, obj = build(odb, str(target), repo.fs, "md5", dry_run=True)
+        actual = obj.hash_info.value
+        if actual == recorded:
+            return None
+        detail = ""
+        if isinstance(obj, Tree) and odb.exists(recorded):
+            expected = Tree.load(odb, obj.hash_info.__class__("md5", recorded))
+            detail = _tree_difference(dict(_entries(expected)), dict(_entries(obj)))
+    return (
+        f"{target} differs from what {root / dvc_file} records (md5 {actual}, recorded {recorded}){detail}: "
+        f"run `dvc checkout {dvc_file}` to restore it, or `dvc add {target.name}` to record the new data"
+    )
+
+
+def _entries(tree) -> list[tuple[str, str]]:
+    return [("/".join(key), hash_info.value) for key, _, hash_info in tree]
+
+
+def _tree_difference(expected: Mapping[str, str], actual: Mapping[str, str]) -> str:
+    changed = sorted(name for name in expected.keys() & actual.keys() if expected[name] != actual[name])
+    parts = [
+        f"{label}: {', '.join(names)}"
+        for label, names in (
+            ("changed", changed),
+            ("missing", sorted(expected.keys() - actual.keys())),
+            ("added", sorted(actual.keys() - expected.keys())),
+        )
+        if names
+    ]
+    return f" [{'; '.join(parts)}]" if parts else ""
+
+
 def git_state(repo_root: str | Path, ignore: tuple[str, ...] = ()) -> tuple[str, bool]:
     """HEAD commit and whether tracked files differ from it (untracked files do not count).
 
