@@ -235,3 +235,55 @@ def test_lineage_requires_recorded_pipeline_state(project):
 
 def test_git_state_outside_a_repository_is_unknown_and_dirty(tmp_path):
     assert git_state(tmp_path) == ("unknown", True)
+
+
+# --- the data check `make demo` runs: by content, so a fresh clone (no DVC cache) passes --------
+
+
+def fresh_clone(project: Path, target: Path) -> Path:
+    """A git clone of the project: no DVC cache, no data/; data/ rebuilt byte for byte, as import-data does."""
+    sh(project.parent, "git", "clone", "-q", str(project), str(target))
+    shutil.copytree(project / "data", target / "data")
+    return target
+
+
+def test_check_data_passes_a_fresh_clone_whose_rebuilt_data_is_identical(project, tmp_path):
+    from typer.testing import CliRunner
+
+    from loraops.cli import app
+    from loraops.versioning import tracked_data_problem
+
+    clone = fresh_clone(project, tmp_path / "clone")
+    status = json.loads(dvc(clone, "status", "--json", "data.dvc"))
+    assert status == {"data.dvc": [{"changed outs": {"data": "not in cache"}}]}, "dvc status can't tell"
+    assert tracked_data_problem(clone) is None
+    result = CliRunner().invoke(app, ["check-data", str(clone / "data.dvc")])
+    assert result.exit_code == 0, result.output
+    assert not (clone / ".dvc" / "cache").exists() or not any((clone / ".dvc" / "cache").rglob("*.dir")), "check wrote"
+
+
+def test_check_data_refuses_changed_data_on_a_fresh_clone(project, tmp_path):
+    from typer.testing import CliRunner
+
+    from loraops.cli import app
+
+    clone = fresh_clone(project, tmp_path / "clone")
+    (clone / "data" / "train.jsonl").write_text('{"text": "hello, changed"}\n')
+    result = CliRunner().invoke(app, ["check-data", str(clone / "data.dvc")])
+    assert result.exit_code == 1
+    assert f"{clone / 'data'} differs from what {clone / 'data.dvc'} records" in result.output
+    assert "dvc checkout data.dvc" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_check_data_names_the_changed_missing_and_added_files_when_the_cache_has_the_listing(project):
+    from loraops.versioning import tracked_data_problem
+
+    (project / "data" / "extra.jsonl").write_text('{"text": "new"}\n')
+    assert "added: extra.jsonl" in tracked_data_problem(project)
+    (project / "data" / "train.jsonl").write_text('{"text": "edited"}\n')
+    assert "changed: train.jsonl" in tracked_data_problem(project)
+    (project / "data" / "train.jsonl").unlink()
+    assert "missing: train.jsonl" in tracked_data_problem(project)
+    shutil.rmtree(project / "data")
+    assert "is missing: run `dvc pull data.dvc`" in tracked_data_problem(project)
