@@ -24,7 +24,8 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `.inf` or `.nan` would pass `gt=0` checks; every number must be finite.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -334,10 +335,19 @@ def read_params(path: str | Path = DEFAULT_PARAMS_FILE) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: parameters file not found; run from the project root or pass --params PATH")
+    if not path.is_file():
+        raise ConfigError(f"{path}: is a directory, not a parameters file; pass --params PATH to the YAML file")
+    restore = f"restore it with `git checkout {path.name}` or pass --params PATH"
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not a text file (invalid UTF-8 at byte {error.start}); {restore}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot be read ({error.strerror}); {restore}") from None
+    if raw is None:
+        raise ConfigError(f"{path}: is empty (or holds only comments); {restore}")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (model, data, lora, ...), got {type(raw).__name__}")
     return raw

@@ -52,6 +52,8 @@ def test_config_defaults_are_the_seed_recipe():
         ({"lora": {"r": 0}}, "lora.r: Input should be greater than 0 (got 0)"),
         ({"lora": {"alpha": -2}}, "lora.alpha: Input should be greater than 0"),
         ({"train": {"learning_rate": -1}}, "train.learning_rate"),
+        ({"train": {"learning_rate": float("inf")}}, "train.learning_rate: Input should be a finite number"),
+        ({"gate": {"min_improvement_over_base": float("nan")}}, "gate.min_improvement_over_base: Input should be a finite"),
         ({"quant": {"mode": "int3"}}, "quant.mode"),
         ({"quant": {"mode": "nf4"}, "lora": {"variant": "dora"}}, "lora.variant=dora cannot be combined"),
         ({"train": {"eval_steps": 50, "max_steps": 10}}, "train.eval_steps (50) is larger than train.max_steps"),
@@ -81,6 +83,31 @@ def test_overrides_keep_yaml_types_and_reject_malformed_items():
 def test_missing_params_file_says_what_to_do(tmp_path):
     with pytest.raises(ConfigError, match="not found; run from the project root"):
         load_config(tmp_path / "params.yaml")
+
+
+@pytest.mark.parametrize(
+    ("content", "named"),
+    [
+        ("", "is empty (or holds only comments); restore it with `git checkout params.yaml`"),
+        ("# only a comment\n", "is empty (or holds only comments)"),
+        (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "not a text file (invalid UTF-8 at byte"),
+        ("- a\n- list\n", "expected a mapping of sections"),
+        ("lora: {r: [\n", "not valid YAML"),
+        (None, "is a directory, not a parameters file"),
+    ],
+)
+def test_broken_params_files_are_named_with_what_to_do(tmp_path, content, named):
+    params = tmp_path / "params.yaml"
+    if content is None:
+        params.mkdir()
+    elif isinstance(content, bytes):
+        params.write_bytes(content)
+    else:
+        params.write_text(content)
+    with pytest.raises(ConfigError) as error:
+        load_config(params)
+    assert named in str(error.value)
+    assert str(error.value).startswith(str(params))
 
 
 def test_writing_overrides_keeps_comments_and_changes_only_the_key(tmp_path):
