@@ -51,6 +51,36 @@ def test_a_healthy_server_passes_and_others_are_named_with_what_to_do(health_ser
         servers.check_prefect_api(dead + "/api")
 
 
+class _AuthHealth(_Health):
+    def do_GET(self):  # noqa: N802
+        import base64
+
+        expected = "Basic " + base64.b64encode(b"alice:s3cr3t-pw").decode()
+        self.status = 200 if self.headers.get("Authorization") == expected else 401
+        super().do_GET()
+
+
+def test_credentials_in_a_tracking_uri_authenticate_and_are_never_printed(monkeypatch):
+    server = http.server.HTTPServer(("127.0.0.1", 0), _AuthHealth)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        host = f"127.0.0.1:{server.server_port}"
+        servers.check_mlflow_server(f"http://alice:s3cr3t-pw@{host}")  # basic auth from the URL
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cr3t-pw")
+        servers.check_mlflow_server(f"http://{host}")  # MLflow's own credential variables
+        monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+        with pytest.raises(servers.ServerUnreachableError) as refused:
+            servers.check_mlflow_server(f"http://alice:wrong-pw@{host}")
+        assert "answered HTTP 401" in str(refused.value)
+        assert "wrong-pw" not in str(refused.value) and f"***@{host}" in str(refused.value)
+    finally:
+        server.shutdown()
+    with pytest.raises(servers.ServerUnreachableError) as dead:
+        servers.check_mlflow_server(f"http://alice:s3cr3t-pw@127.0.0.1:{free_port()}")
+    assert "s3cr3t-pw" not in str(dead.value) and "does not answer" in str(dead.value)
+
+
 def test_local_stores_and_an_unset_prefect_url_need_no_server(monkeypatch):
     servers.check_mlflow_server("sqlite:////tmp/mlflow.db")
     servers.check_mlflow_server("file:///tmp/mlruns")
