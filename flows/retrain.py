@@ -7,6 +7,7 @@ from pathlib import Path
 from prefect import flow
 from pydantic import BaseModel
 
+from loraops import stages
 from loraops.config import LoraopsConfig, load_config
 from loraops.results import EvalMetrics, GateDecision, Registration
 from tasks import pipeline
@@ -29,17 +30,18 @@ def retrain(config: LoraopsConfig | None = None, project_dir: str = ".") -> Retr
     root = Path(project_dir).resolve()
     cfg = config or load_config(root / "params.yaml")
     pipeline.check_servers(cfg, root)  # before anything is written: an unreachable server changes nothing
-    pipeline.record_run_config(cfg, root)
-    pipeline.prepare_base_model(cfg, root)
-    pipeline.validate_dataset(cfg, root)
-    pipeline.check_memory(cfg, root)
-    baseline = pipeline.evaluate_baseline(cfg, root)
-    if cfg.orchestration.train_deployment:  # its own run on the GPU pool; inputs and adapter travel via DVC and MLflow
-        trained = pipeline.train_on_deployment(cfg, root)
-    else:
-        trained = pipeline.train_adapter(cfg, root)
-    candidate = pipeline.evaluate_adapter(cfg, root)
-    decision = pipeline.gate_candidate(cfg, root, baseline, candidate)
-    lineage = pipeline.version_outputs(cfg, root)
-    registration = pipeline.register_adapter(cfg, root, trained, baseline, candidate, decision, lineage)
+    with stages.params_restored_on_failure(root):  # a failed run's overrides don't stay in params.yaml
+        pipeline.record_run_config(cfg, root)
+        pipeline.prepare_base_model(cfg, root)
+        pipeline.validate_dataset(cfg, root)
+        pipeline.check_memory(cfg, root)
+        baseline = pipeline.evaluate_baseline(cfg, root)
+        if cfg.orchestration.train_deployment:  # its own run on the GPU pool; inputs and adapter travel via DVC and MLflow
+            trained = pipeline.train_on_deployment(cfg, root)
+        else:
+            trained = pipeline.train_adapter(cfg, root)
+        candidate = pipeline.evaluate_adapter(cfg, root)
+        decision = pipeline.gate_candidate(cfg, root, baseline, candidate)
+        lineage = pipeline.version_outputs(cfg, root)
+        registration = pipeline.register_adapter(cfg, root, trained, baseline, candidate, decision, lineage)
     return RetrainResult(baseline=baseline, candidate=candidate, decision=decision, registration=registration)

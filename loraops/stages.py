@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from loraops.config import LoraopsConfig, write_params
@@ -44,6 +46,32 @@ def record_run_config(cfg: LoraopsConfig, root: Path) -> bool:
     if changed:
         log.info("params.yaml updated with this run's settings (params hash %s)", cfg.params_hash())
     return changed
+
+
+@contextmanager
+def params_restored_on_failure(root: Path) -> Iterator[None]:
+    """A run that fails leaves params.yaml as it found it, so its -S overrides don't leak into later runs.
+
+    Once the run has recorded dvc.lock (``version_outputs``), params.yaml stays: the lock describes it.
+    """
+    params, lock = _path(root, "params.yaml"), _path(root, "dvc.lock")
+    before = params.read_bytes() if params.is_file() else None
+    lock_before = lock.read_bytes() if lock.is_file() else None
+    try:
+        yield
+    except BaseException:
+        now = params.read_bytes() if params.is_file() else None
+        if before is None or now == before:
+            raise
+        if (lock.read_bytes() if lock.is_file() else None) == lock_before:
+            params.write_bytes(before)
+            log.warning("run failed: params.yaml restored to what it was before the run (its overrides dropped)")
+        else:
+            log.warning(
+                "run failed after dvc.lock recorded its settings: params.yaml keeps them; "
+                "`git checkout params.yaml dvc.lock` restores both"
+            )
+        raise
 
 
 def check_servers(cfg: LoraopsConfig, root: Path) -> str:

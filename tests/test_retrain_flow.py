@@ -84,8 +84,12 @@ def test_bad_data_stops_the_flow_before_any_model_is_loaded(tiny_project, prefec
     rows[2] = json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  "}]})
     validation.write_text("\n".join(rows) + "\n")
 
+    params_before = (tiny_project / "params.yaml").read_bytes()
     with pytest.raises(DataContractError, match=r"validation\.jsonl:3"):
-        retrain(config=load_config(tiny_project / "params.yaml"), project_dir=str(tiny_project))
+        overridden = load_config(tiny_project / "params.yaml", {"train.learning_rate": 0.5, "lora.r": 2})
+        retrain(config=overridden, project_dir=str(tiny_project))
+    # the failed run's overrides were written for the run, then dropped: a later plain run won't reuse them
+    assert (tiny_project / "params.yaml").read_bytes() == params_before
     assert not (tiny_project / "metrics" / "baseline.json").exists()
     assert not (tiny_project / "adapters" / "candidate").exists()
     assert not (tiny_project / "mlflow" / "mlflow.db").exists()
