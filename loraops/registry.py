@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -379,6 +380,7 @@ def _redact(name: str, value: str) -> str:
     leaf = name.rsplit(".", 1)[-1].lower()  # hf_token or api_key, not max_tokens or tokenizes
     if leaf in _SECRET_WORDS or any(word in leaf.split("_") for word in _SECRET_WORDS) or "api_key" in leaf:
         return "***"
+    value = redact_secret_values(value)
     try:
         parts = urlsplit(value)
         has_password = bool(parts.password)
@@ -388,6 +390,15 @@ def _redact(name: str, value: str) -> str:
         host = parts.netloc.rsplit("@", 1)[-1]
         return urlunsplit(parts._replace(netloc=f"***@{host}"))
     return value
+
+
+def redact_secret_values(text: str) -> str:
+    """Replace whatever the data contract's secret patterns match (API keys, tokens, key blocks) by ``***``."""
+    from loraops.contract import SECRET_PATTERNS
+
+    for pattern in SECRET_PATTERNS.values():
+        text = re.sub(pattern, "***", text)
+    return text
 
 
 def history_metrics(path: Path) -> list[Metric]:

@@ -254,3 +254,10 @@ def test_params_redact_secret_keys_but_not_token_counts():
         "hub.hf_token": "***", "hub.api_key": "***", "hub.password": "***",
         "gen.max_tokens": "64", "gen.tokenizes": "fail",
     }
+
+
+def test_secret_looking_values_in_free_text_settings_are_redacted_by_value():
+    token = "ghp_" + "A1b2C3d4" * 4 + "Zz9y"
+    flat = registry.flatten_params({"export": {"probe_prompts": [f"use {token} please", "What is your name?"]}})
+    assert token not in flat["export.probe_prompts"]
+    assert json.loads(flat["export.probe_prompts"]) == ["use *** please", "What is your name?"]
