@@ -75,9 +75,26 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> N
     _configure_logging(verbose)
 
 
+def _exit_cleanly_on_termination() -> None:
+    """SIGTERM/SIGHUP end the process through ``sys.exit``, so atexit hooks run.
+
+    Prefect stops the temporary server it started for this run in an atexit hook; the default
+    SIGTERM action kills the process without running it and leaves the server orphaned.
+    """
+    import signal
+
+    def stop(signum, _frame):
+        typer.secho(f"stopped by {signal.Signals(signum).name}", fg=typer.colors.RED, err=True)
+        sys.exit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stop)
+
+
 @app.command()
 def retrain(params: ParamsOption = Path("params.yaml"), overrides: SetOption = None) -> None:
     """Run the Prefect retrain flow: contract, baseline, train, evaluate, gate, version, register."""
+    _exit_cleanly_on_termination()
     with _exit_cleanly_on_user_error():
         cfg = _config(params, overrides)
         from loraops.registry import resolve_tracking_uri

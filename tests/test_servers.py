@@ -103,3 +103,40 @@ def test_retrain_refuses_to_start_without_its_servers_and_changes_nothing(tmp_pa
     assert refused.exit_code == 1 and f"MLflow tracking server at {dead}/health does not answer" in refused.output
     assert (tmp_path / "params.yaml").read_bytes() == before  # the overrides were not recorded
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_a_terminated_retrain_stops_its_temporary_prefect_server(tiny_project):
+    """SIGTERM (what `kill`, systemd and Kubernetes send) must not orphan the run's temporary Prefect server."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", HF_HUB_OFFLINE="1", DVC_NO_ANALYTICS="1")
+    command = [sys.executable, "-m", "loraops", "retrain"]
+    process = subprocess.Popen(command, cwd=tiny_project, env=env, stderr=subprocess.PIPE, text=True)
+    url, seen = None, []
+    try:
+        for line in process.stderr:  # the line Prefect logs once the temporary server is up
+            seen.append(line)
+            if match := re.search(r"Starting temporary server on (http://127\.0\.0\.1:\d+)", line):
+                url = match.group(1)
+                break
+        assert url, "".join(seen)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the server answers before we stop its parent
+            try:
+                urllib.request.urlopen(f"{url}/api/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        process.kill()
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{url}/api/health", timeout=2)
