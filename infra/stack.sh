@@ -68,7 +68,8 @@ start() {
   echo "export PREFECT_API_URL=$prefect_url/api MLFLOW_TRACKING_URI=$mlflow_url"
   echo "Prefect UI: $prefect_url   MLflow UI: $mlflow_url"
   echo "next: infra/work-pools.sh && prefect --no-prompt deploy --all --prefect-file infra/prefect.yaml"
-  echo "      LORAOPS_PROJECT_DIR=$root prefect worker start --pool gpu"
+  echo "      LORAOPS_PROJECT_DIR=$root prefect worker start --pool cpu   # runs retrain (make worker-cpu)"
+  echo "      a gpu worker (make worker-gpu) only for orchestration.train_deployment: train-adapter/train-adapter"
 }
 
 stop_one() {

@@ -262,3 +262,19 @@ def test_real_gguf_converts_once_into_a_pretrained_model(tmp_path):
     shuffled = list(ids)
     random.Random(0).shuffle(shuffled)
     assert _loss_on(model, ids) < _loss_on(model, shuffled) - 2.0
+
+
+def test_bitsandbytes_missing_hub_kernel_warning_is_not_logged():
+    """Every run imported bitsandbytes (via peft) and logged a harmless 'Failed to load CPU gemm_4bit_forward'."""
+    import subprocess
+    import sys
+
+    script = (
+        "import io, logging; s = io.StringIO(); logging.basicConfig(stream=s, level=logging.INFO)\n"
+        "import loraops, peft, bitsandbytes\n"
+        "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('another bitsandbytes warning')\n"
+        "print(s.getvalue())\n"
+    )
+    logged = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert "another bitsandbytes warning" in logged  # other bitsandbytes warnings still get through
+    assert "kernels-community" not in logged
