@@ -31,7 +31,7 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     base: str = Field(
         DEFAULT_BASE_MODEL,
-        description="HF hub id, local folder, or pypi:<dist>/<file>.gguf for the offline default",
+        description="HF hub id, local folder, or pypi:DIST/FILE.gguf (a GGUF file inside a PyPI package) for the offline default",
     )
     revision: str | None = Field(None, description="HF hub revision (branch, tag or commit)")
     trust_remote_code: bool = Field(False, description="Run model code from the hub; off unless you trust it")
@@ -76,7 +76,7 @@ class DuplicatesConfig(RuleConfig):
 
 
 class MinRowsConfig(_Section):
-    severity: Severity = "fail"
+    severity: Severity = Field("fail", description="fail stops the pipeline; warn only reports")
     train: int = Field(1, ge=1, description="Rows the train split must keep (after quarantine)")
     validation: int = Field(1, ge=1, description="Rows the validation split must keep (after quarantine)")
 
@@ -84,15 +84,15 @@ class MinRowsConfig(_Section):
 class ContractConfig(_Section):
     """Thresholds and severities of the data contract (``data.contract.*``)."""
 
-    min_rows: MinRowsConfig = MinRowsConfig()
-    required_fields: RuleConfig = RuleConfig()
-    empty_content: RuleConfig = RuleConfig()
-    roles: RuleConfig = RuleConfig()
-    ends_with_assistant: RuleConfig = RuleConfig()
+    min_rows: MinRowsConfig = Field(MinRowsConfig(), description="Rows each split must keep")
+    required_fields: RuleConfig = Field(RuleConfig(), description="Rows missing the fields of their format")
+    empty_content: RuleConfig = Field(RuleConfig(), description="Turns or fields that are empty or whitespace")
+    roles: RuleConfig = Field(RuleConfig(), description="Chat turns out of order (system first, user/assistant alternating)")
+    ends_with_assistant: RuleConfig = Field(RuleConfig(), description="Chat rows whose last turn is not the assistant's")
     encoding: RuleConfig = Field(RuleConfig(), description="Invalid UTF-8 or control characters")
     tokenizes: RuleConfig = Field(RuleConfig(), description="The chat template renders the row")
     over_length: RuleConfig = Field(RuleConfig(), description="max_share: share of rows truncated at data.max_length")
-    duplicates: DuplicatesConfig = DuplicatesConfig()
+    duplicates: DuplicatesConfig = Field(DuplicatesConfig(), description="Repeated examples within a split")
     train_overlap: RuleConfig = Field(RuleConfig(), description="Validation rows sharing a question/answer with train")
     secrets: RuleConfig = Field(RuleConfig(), description="API keys, access tokens, private key blocks")
     emails: RuleConfig = Field(RuleConfig(severity="warn"), description="E-mail addresses (personal data)")
@@ -113,35 +113,35 @@ class ContractConfig(_Section):
 
 
 class DataConfig(_Section):
-    train_file: str = "data/train.jsonl"
-    validation_file: str = "data/validation.jsonl"
-    format: Literal["auto", "chat", "alpaca", "text"] = "auto"
+    train_file: str = Field("data/train.jsonl", description="Training split, relative to the project (DVC-tracked)")
+    validation_file: str = Field("data/validation.jsonl", description="Validation split the gate judges on")
+    format: Literal["auto", "chat", "alpaca", "text"] = Field("auto", description="Row format; auto detects it from the fields")
     max_length: int = Field(512, gt=0, description="Tokens per example after the chat template")
-    contract: ContractConfig = ContractConfig()
+    contract: ContractConfig = Field(ContractConfig(), description="The data contract's rules, thresholds and severities")
 
 
 class ImportConfig(_Section):
     """How the embedded default dataset (chatterbot-corpus) is turned into ``data/``."""
 
-    source: Literal["chatterbot-corpus"] = "chatterbot-corpus"
-    output_dir: str = "data"
-    validation_fraction: float = Field(0.13, gt=0, lt=1)
-    seed: int = 42
+    source: Literal["chatterbot-corpus"] = Field("chatterbot-corpus", description="The embedded dataset loraops import-data builds")
+    output_dir: str = Field("data", description="Where import-data writes train.jsonl and validation.jsonl")
+    validation_fraction: float = Field(0.13, gt=0, lt=1, description="Share of unique conversations held out")
+    seed: int = Field(42, description="Seeds the train/validation split of the import")
 
 
 class LoraConfig(_Section):
-    variant: Literal["lora", "dora", "rslora"] = "lora"
+    variant: Literal["lora", "dora", "rslora"] = Field("lora", description="lora, dora (weight-decomposed) or rslora (alpha / sqrt(r))")
     # Bounds as Field constraints (not validators) so they are in the JSON schema the Prefect server enforces.
     r: int = Field(16, gt=0, description="Adapter rank; the seed recipe uses 16")
     alpha: int = Field(32, gt=0, description="Scaling numerator (alpha / r, or alpha / sqrt(r) for rsLoRA)")
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: str | list[str] = "all-linear"
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input; the seed recipe uses 0.05")
+    target_modules: str | list[str] = Field("all-linear", description="Layers that get adapters: all-linear or a list of module names")
 
 
 class QuantConfig(_Section):
     mode: Literal["none", "nf4", "fp4"] = Field("none", description="nf4/fp4 load the base in 4 bits (QLoRA)")
-    double_quant: bool = True
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    double_quant: bool = Field(True, description="Quantise the 4-bit scales too (QLoRA double quantisation)")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Dtype 4-bit layers compute in")
     upcast_non_quantized: bool = Field(
         False,
         description="true: peft's prepare_model_for_kbit_training casts embeddings, head and norms to float32 "
@@ -154,15 +154,21 @@ class QuantConfig(_Section):
 
 
 class TrainConfig(_Section):
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    learning_rate: float = Field(2e-4, gt=0)
-    max_steps: int = Field(30, gt=0)
-    batch_size: int = Field(8, gt=0)
-    gradient_accumulation_steps: int = Field(1, gt=0)
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    gradient_checkpointing: bool = False
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else the CPU")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate of the adapter (AdamW); the seed uses 2e-4")
+    max_steps: int = Field(30, gt=0, description="Optimizer steps; early stopping may end the run sooner")
+    batch_size: int = Field(8, gt=0, description="Examples per device per forward pass")
+    gradient_accumulation_steps: int = Field(
+        1, gt=0, description="Forward passes per optimizer step (examples per update = batch_size x this)"
+    )
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="Learning-rate schedule after warm-up"
+    )
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Share of max_steps spent warming the learning rate up")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay on the adapter weights")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward: less memory, about a third slower"
+    )
     checkpoint_every_n_layers: int = Field(
         1, ge=1, description="With train.gradient_checkpointing: checkpoint only every n-th decoder layer (1 = all); "
         "the others keep their activations, trading memory back for speed"
@@ -187,7 +193,7 @@ class TrainConfig(_Section):
     torch_compile: bool = Field(
         False, description="Compile the model with torch.compile (SFTConfig.torch_compile); first steps are slower"
     )
-    seed: int = 42
+    seed: int = Field(42, description="Seeds data order and adapter initialisation: same seed, same adapter")
     output_dir: str = Field("checkpoints", description="Checkpoints of the running training; put it on durable storage")
 
     @model_validator(mode="after")
@@ -219,7 +225,7 @@ class TrainConfig(_Section):
 
 
 class EvalConfig(_Section):
-    batch_size: int = Field(16, gt=0)
+    batch_size: int = Field(16, gt=0, description="Examples per forward pass when measuring validation loss")
 
 
 class GateConfig(_Section):
@@ -232,8 +238,8 @@ class GateConfig(_Section):
 
 
 class RegistryConfig(_Section):
-    model_name: str = Field("loraops-smollm2-chatterbot", min_length=1)
-    experiment: str = Field("loraops", min_length=1)
+    model_name: str = Field("loraops-smollm2-chatterbot", min_length=1, description="Registered model in MLflow")
+    experiment: str = Field("loraops", min_length=1, description="MLflow experiment of the training runs")
     tracking_uri: str | None = Field(None, description="None: MLFLOW_TRACKING_URI, else SQLite under mlflow/")
     auto_promote: bool = Field(False, description="Also move the champion alias to a version that passes the gate")
     card_samples: int = Field(3, ge=0, description="Validation prompts answered by base and adapter in the model card")
@@ -279,10 +285,10 @@ class OrchestrationConfig(_Section):
 
 
 class PathsConfig(_Section):
-    base_model_dir: str = "models/base"
-    adapter_dir: str = "adapters/candidate"
-    metrics_dir: str = "metrics"
-    reports_dir: str = "reports"
+    base_model_dir: str = Field("models/base", description="Where a pypi: GGUF base is converted to safetensors")
+    adapter_dir: str = Field("adapters/candidate", description="The trained adapter (a DVC output)")
+    metrics_dir: str = Field("metrics", description="Metrics and plots (DVC metrics)")
+    reports_dir: str = Field("reports", description="Data-contract reports and Data Docs")
 
 
 class LoraopsConfig(_Section):

@@ -126,3 +126,21 @@ def test_writing_overrides_keeps_comments_and_changes_only_the_key(tmp_path):
 def test_params_hash_changes_with_any_setting():
     assert LoraopsConfig().params_hash() == LoraopsConfig().params_hash()
     assert LoraopsConfig().params_hash() != config_from_dict({"lora": {"r": 8}}).params_hash()
+
+
+def test_every_field_of_the_prefect_form_is_described_in_text_the_ui_shows():
+    """Prefect's run form renders the config's JSON schema: each field needs a description, and
+    descriptions render as markdown/HTML, so ``<dist>`` would vanish (it showed "pypi:/.gguf")."""
+    import re
+
+    schema = LoraopsConfig.model_json_schema()
+    undescribed, mangled = [], []
+    for name, definition in schema["$defs"].items():
+        for field, spec in definition.get("properties", {}).items():
+            description = spec.get("description")
+            if not description:
+                undescribed.append(f"{name}.{field}")
+            elif re.search(r"<[A-Za-z][^>]*>", description):
+                mangled.append(f"{name}.{field}: {description}")
+    assert undescribed == []
+    assert mangled == []
