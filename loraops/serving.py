@@ -316,6 +316,24 @@ def load_adapters(sources: Mapping[str, AdapterSource], model_cfg: ModelConfig, 
 # --- model-card samples -----------------------------------------------------------------------
 
 
+def distinct_prompts(conversations: list[list[dict[str, Any]]], limit: int) -> list[list[dict[str, Any]]]:
+    """The first ``limit`` conversations whose last prompt differs from every earlier one (in file order).
+
+    Validation splits repeat questions with different reference answers; a card should show different prompts.
+    """
+    seen: set[str] = set()
+    chosen = []
+    for turns in conversations:
+        prompt = " ".join(str(turns[-1].get("content", "")).split()).casefold() if turns else ""
+        if prompt in seen:
+            continue
+        seen.add(prompt)
+        chosen.append(turns)
+        if len(chosen) == limit:
+            break
+    return chosen
+
+
 def validation_samples(cfg: LoraopsConfig, root: Path, adapter_dir: str | Path) -> list[SampleAnswer]:
     """Greedy answers of the base model and the adapter to the first validation prompts."""
     if cfg.registry.card_samples == 0:
@@ -325,8 +343,9 @@ def validation_samples(cfg: LoraopsConfig, root: Path, adapter_dir: str | Path) 
 
     root = Path(root)
     split = load_split(root / cfg.data.validation_file, cfg.data.format)
-    conversations = [example["messages"][:-1] for example in split.examples if "messages" in example]
-    conversations = conversations[: cfg.registry.card_samples]
+    conversations = distinct_prompts(
+        [example["messages"][:-1] for example in split.examples if "messages" in example], cfg.registry.card_samples
+    )
     if not conversations:
         logger.info("no chat examples in the validation split: the model card has no samples")
         return []

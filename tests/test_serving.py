@@ -180,3 +180,14 @@ def test_model_card_samples_answer_validation_prompts_with_base_and_adapter(adap
     assert all(sample.base_answer != sample.adapter_answer for sample in samples)
     assert validation_samples(cfg.model_copy(update={"registry": cfg.registry.model_copy(update={"card_samples": 0})}),
                               tmp_path, adapters["one"]) == []
+
+
+def test_model_card_samples_use_distinct_prompts_in_file_order():
+    from loraops.serving import distinct_prompts
+
+    def chat(question: str) -> list[dict]:
+        return [{"role": "user", "content": question}]
+
+    conversations = [chat("What is your name?"), chat("what is  your NAME?"), chat("Who are you?"), chat("Hi"), chat("Bye")]
+    assert distinct_prompts(conversations, 3) == [chat("What is your name?"), chat("Who are you?"), chat("Hi")]
+    assert distinct_prompts(conversations[:2], 3) == [chat("What is your name?")]
