@@ -91,8 +91,38 @@ def _exit_cleanly_on_termination() -> None:
         signal.signal(signum, stop)
 
 
+class _WithoutTraceback(logging.Formatter):
+    """Formats a record as ``inner`` does but without its traceback; the record itself keeps it,
+    so handlers after this one (Prefect's API handler: the run's logs) still get the whole record."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def _quiet_prefect_tracebacks() -> None:
+    """Prefect logs a failed task's or flow's full traceback to the console; the CLI prints the clear message."""
+    for name in (None, "prefect", "prefect.flow_runs", "prefect.task_runs"):  # None: the root logger
+        for handler in logging.getLogger(name).handlers:
+            console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+            if console and not isinstance(handler.formatter, _WithoutTraceback):
+                handler.setFormatter(_WithoutTraceback(handler.formatter))
+
+
 @app.command()
-def retrain(params: ParamsOption = Path("params.yaml"), overrides: SetOption = None) -> None:
+def retrain(
+    params: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's tracebacks too")] = False,
+) -> None:
     """Run the Prefect retrain flow: contract, baseline, train, evaluate, gate, version, register."""
     _exit_cleanly_on_termination()
     with _exit_cleanly_on_user_error():
@@ -104,6 +134,9 @@ def retrain(params: ParamsOption = Path("params.yaml"), overrides: SetOption = N
         check_mlflow_server(resolve_tracking_uri(cfg.registry, params.resolve().parent))
         from flows.retrain import retrain as retrain_flow
         from loraops.reporting import closing_lines
+
+        if not (verbose or logging.getLogger().isEnabledFor(logging.DEBUG)):  # `loraops -v` keeps them too
+            _quiet_prefect_tracebacks()
 
         started = time.monotonic()
         result = retrain_flow(config=cfg, project_dir=str(params.resolve().parent))

@@ -288,6 +288,8 @@ def _parse_jsonl(
                 f"{path}:{number}: malformed JSON ({error.msg} at column {error.colno}); "
                 "each line must be one complete JSON object"
             ) from None
+        except Exception as error:  # a huge integer, nesting too deep (RecursionError), ...
+            raise DataError(f"{path}:{number}: unreadable JSON ({_why(error)}); {UNREADABLE_FIX}") from None
         if problem:
             encoding[len(lines)] = problem
         lines.append(number)
@@ -338,6 +340,9 @@ def _read_json_array(path: Path) -> tuple[list[Any], list[int]]:
             row, end = decoder.raw_decode(text, position)
         except json.JSONDecodeError as error:
             raise DataError(f"{path}:{error.lineno}: malformed JSON ({error.msg} at column {error.colno})") from None
+        except Exception as error:  # a huge integer, nesting too deep (RecursionError), ...
+            line = text.count("\n", 0, position) + 1
+            raise DataError(f"{path}:{line}: unreadable JSON ({_why(error)}); {UNREADABLE_FIX}") from None
         rows.append(row)
         lines.append(text.count("\n", 0, position) + 1)
         position = _skip_space(text, end)
@@ -347,6 +352,17 @@ def _read_json_array(path: Path) -> tuple[list[Any], list[int]]:
             line = text.count("\n", 0, position) + 1
             raise DataError(f"{path}:{line}: malformed JSON (expected ',' or ']' after a row)")
     return rows, lines
+
+
+UNREADABLE_FIX = "write each row as a plain JSON object of strings (no huge numbers, no deep nesting)"
+
+
+def _why(error: BaseException) -> str:
+    """What went wrong with one row, in one line, without the exception's traceback."""
+    if isinstance(error, RecursionError):
+        return "lists or objects nested too deeply"
+    text = str(error).split("\n", 1)[0].split("; use sys.set_int_max_str_digits", 1)[0]
+    return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
 
 
 def _skip_space(text: str, position: int) -> int:
@@ -383,6 +399,8 @@ def _decode_messages(path: Path, row: dict[str, Any], line: int) -> dict[str, An
             f"{path}:{line}: field 'messages' holds malformed JSON ({error.msg}); it must be a JSON list "
             'such as [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]'
         ) from None
+    except Exception as error:  # a huge integer, nesting too deep (RecursionError), ...
+        raise DataError(f"{path}:{line}: field 'messages' holds unreadable JSON ({_why(error)}); {UNREADABLE_FIX}") from None
 
 
 # --- format detection ----------------------------------------------------------------------
@@ -548,7 +566,7 @@ def _arrow_json(block: bytes, fmt: str) -> pa.Table | None:
         # next chunk already runs beside the work on this one (read_batches).
         read = pj.ReadOptions(block_size=max(len(block) + 1, 1 << 20), use_threads=False)
         return pj.read_json(io.BytesIO(block), read_options=read, parse_options=options)
-    except (UnicodeDecodeError, pa.ArrowException):
+    except Exception:  # invalid UTF-8, pa.ArrowException or anything else: the row-by-row path says which line
         return None
 
 
@@ -599,8 +617,11 @@ def _table_batch(path: Path, table: pa.Table, first_row: int, fmt: str, how: str
 
 def _arrow_batch(path: Path, table: pa.Table, lines: np.ndarray, fmt: str) -> RowBatch | None:
     """A batch built without Python per row, or None when any row needs the row-by-row path."""
-    resolved = _arrow_format(table, fmt)
-    messages = _arrow_messages(table, resolved) if resolved else None
+    try:
+        resolved = _arrow_format(table, fmt)
+        messages = _arrow_messages(table, resolved) if resolved else None
+    except Exception:  # column types pyarrow cannot cast or combine: the row-by-row path names the row
+        return None
     if messages is None:
         return None
     return RowBatch(path=str(path), format=resolved, lines=lines, messages=messages)
@@ -720,12 +741,16 @@ def _rows_batch(
     turn_lists: list[list[dict[str, Any]] | None] = []
     for index, row in enumerate(rows):
         row = _decode_messages(path, row, lines[index]) if decode else row
-        problem = field_problem(row, resolved)
+        try:
+            problem = field_problem(row, resolved)
+            if problem is None:
+                turns, surrogate = _clean_turns(normalize_row(row, resolved))
+        except Exception as error:  # any surprise in one row is that row's failure, never a traceback
+            problem = f"cannot read this row ({_why(error)})"
         if problem is not None:
             problems[index] = problem
             turn_lists.append(None)
             continue
-        turns, surrogate = _clean_turns(normalize_row(row, resolved))
         if surrogate:
             encoding.setdefault(index, surrogate)
         turn_lists.append(turns)

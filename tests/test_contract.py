@@ -458,3 +458,54 @@ def test_validate_command_prints_the_summary_and_exits_0_or_1(tiny_model_dir, tm
     assert good.output.startswith("Data contract PASSED") and "Data Docs:" in good.output
     assert bad.exit_code == 1 and "FAIL train      roles" in bad.output and "PASS train      tokenizes" in bad.output
     assert missing.exit_code == 1 and "pass --validation FILE too" in missing.output
+
+
+# --- malformed rows: a failure naming file and line, never a traceback -----------------------
+
+_GOOD_ROW = '{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}'
+_ANSWER = '{"role": "assistant", "content": "x"}'
+MALFORMED_ROWS = {
+    "non_dict_message": '{"messages": ["hi", ' + _ANSWER + "]}",
+    "null_message": '{"messages": [null, ' + _ANSWER + "]}",
+    "content_number": '{"messages": [{"role": "user", "content": 5}, ' + _ANSWER + "]}",
+    "content_object": '{"messages": [{"role": "user", "content": {"a": [1]}}, ' + _ANSWER + "]}",
+    "content_bool": '{"messages": [{"role": "user", "content": true}, ' + _ANSWER + "]}",
+    "content_nan": '{"messages": [{"role": "user", "content": NaN}, ' + _ANSWER + "]}",
+    "content_missing": '{"messages": [{"role": "user"}, ' + _ANSWER + "]}",
+    "role_null": '{"messages": [{"role": null, "content": "a"}, ' + _ANSWER + "]}",
+    "role_missing": '{"messages": [{"content": "a"}, ' + _ANSWER + "]}",
+    "messages_object": '{"messages": {"role": "user", "content": "a"}}',
+    "messages_string": '{"messages": "hello"}',
+    "messages_null": '{"messages": null}',
+    "messages_empty": '{"messages": []}',
+    "top_level_number": "5",
+    "top_level_string": '"hi"',
+    "top_level_list": "[1, 2]",
+    "top_level_null": "null",
+    "huge_int": '{"messages": [{"role": "user", "content": ' + "9" * 5000 + "}]}",
+    "deeply_nested": '{"messages": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    "lone_surrogate_role": '{"messages": [{"role": "\\ud800", "content": "a"}, ' + _ANSWER + "]}",
+    "truncated": '{"messages": [',
+}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+@pytest.mark.parametrize("row", list(MALFORMED_ROWS.values()), ids=list(MALFORMED_ROWS))
+def test_a_malformed_row_fails_naming_file_and_line(row, suffix, tiny_tokenizer, tmp_path):
+    train = tmp_path / f"train{suffix}"
+    if suffix == ".jsonl":
+        train.write_text(f"{_GOOD_ROW}\n{row}\n{_GOOD_ROW}\n")
+        line = 2
+    else:
+        train.write_text(f"[\n{_GOOD_ROW},\n{row},\n{_GOOD_ROW}\n]\n")
+        line = 3
+    validation = GOOD / "validation.jsonl"
+    try:  # the function `loraops validate` runs: a refused file or a failed contract, nothing else
+        report = validate_dataset(train, validation, tiny_tokenizer, data_config(), tmp_path / "reports")
+    except DataError as error:
+        message = str(error)
+    else:
+        assert not report.passed
+        message = format_report(report, failures_only=True)
+    assert f"{train}:{line}" in message, message
+    assert "Traceback" not in message

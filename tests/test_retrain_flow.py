@@ -93,3 +93,21 @@ def test_bad_data_stops_the_flow_before_any_model_is_loaded(tiny_project, prefec
     assert not (tiny_project / "metrics" / "baseline.json").exists()
     assert not (tiny_project / "adapters" / "candidate").exists()
     assert not (tiny_project / "mlflow" / "mlflow.db").exists()
+
+
+def test_retrain_command_on_bad_data_prints_the_message_without_a_traceback(tiny_project, prefect_harness, capfd):
+    from typer.testing import CliRunner
+
+    from loraops.cli import app
+
+    validation = tiny_project / "data" / "validation.jsonl"
+    rows = validation.read_text().splitlines()
+    rows[2] = json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  "}]})
+    validation.write_text("\n".join(rows) + "\n")
+
+    result = CliRunner().invoke(app, ["retrain", "--params", str(tiny_project / "params.yaml")])
+    captured = capfd.readouterr()
+    output = result.output + captured.out + captured.err
+    assert result.exit_code == 1, output
+    assert "validation.jsonl:3" in output
+    assert "Traceback" not in output
