@@ -107,9 +107,51 @@ def build_trainer(cfg: LoraopsConfig, base: BaseModelRef, train_dataset, eval_da
     return build_trainer_for_model(cfg, model, tokenizer, train_dataset, eval_dataset, device)
 
 
+def _progress_log():
+    """A TrainerCallback logging one line per logging step: step i/N, loss, tokens/s and time left.
+
+    It replaces the Trainer's printed metric dicts. Tokens are TRL's ``num_tokens`` (all tokens fed,
+    prompt included); the rates count only this process's steps, so a resumed run starts afresh.
+    """
+    import time
+
+    from transformers import TrainerCallback
+
+    class ProgressLog(TrainerCallback):
+        started = start_step = start_tokens = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started, self.start_step, self.start_tokens = time.monotonic(), state.global_step, None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            step, total = state.global_step, state.max_steps
+            if "eval_loss" in logs:
+                logger.info("step %d/%d  eval loss %.4f (Trainer's mean of batch means; picks the best checkpoint)",
+                         step, total, logs["eval_loss"])
+            if "loss" not in logs or self.started is None:
+                return
+            elapsed = max(time.monotonic() - self.started, 1e-9)
+            tokens = float(logs.get("num_tokens", 0.0))
+            if self.start_tokens is None:  # the first logging step's tokens include that step's own
+                self.start_tokens = 0.0 if self.start_step == 0 else tokens
+            done = max(step - self.start_step, 1)
+            left = elapsed / done * max(total - step, 0)
+            logger.info("step %d/%d  loss %.4f  lr %.2e  %.0f tok/s  %s elapsed, %s left", step, total, logs["loss"],
+                     logs.get("learning_rate", 0.0), (tokens - self.start_tokens) / elapsed,
+                     _clock(elapsed), _clock(left))
+
+    return ProgressLog()
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}" if minutes >= 60 else f"{minutes}:{secs:02d}"
+
+
 def build_trainer_for_model(cfg: LoraopsConfig, model, tokenizer, train_dataset, eval_dataset, device: str):
     """The loraops training path around an already loaded base model (also used by bench/)."""
-    from transformers import EarlyStoppingCallback, set_seed
+    from transformers import EarlyStoppingCallback, PrinterCallback, set_seed
     from trl import SFTTrainer
 
     set_seed(cfg.train.seed)
@@ -120,10 +162,10 @@ def build_trainer_for_model(cfg: LoraopsConfig, model, tokenizer, train_dataset,
         model = prepare_quantized_for_training(
             model, cfg.quant, cfg.train.gradient_checkpointing, every_n_layers=cfg.train.checkpoint_every_n_layers
         )
-    callbacks = [_divergence_guard()]
+    callbacks = [_divergence_guard(), _progress_log()]
     if cfg.train.early_stopping_patience > 0:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model,
         args=build_sft_config(cfg, cfg.train.output_dir, device),
         train_dataset=train_dataset,
@@ -132,6 +174,8 @@ def build_trainer_for_model(cfg: LoraopsConfig, model, tokenizer, train_dataset,
         peft_config=build_lora_config(cfg.lora),
         callbacks=callbacks,
     )
+    trainer.remove_callback(PrinterCallback)  # raw metric dicts on stdout; ProgressLog logs readable lines
+    return trainer
 
 
 def train_adapter(

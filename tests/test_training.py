@@ -540,3 +540,20 @@ def test_padding_free_batches_give_the_padded_loss_without_cross_attention(tiny_
     labels = torch.cat([torch.tensor(f["labels"]) for f in features]).unsqueeze(0)
     with torch.no_grad():
         assert model(input_ids=joined, labels=labels).loss.item() != pytest.approx(losses[True], abs=1e-4)
+
+
+def test_training_logs_one_readable_progress_line_per_step_instead_of_metric_dicts(
+    tmp_path, tiny_model_dir, splits, caplog, capsys
+):
+    import logging
+    import re
+
+    cfg = _config(tiny_model_dir, tmp_path, train={"max_steps": 3, "eval_steps": 3})
+    with caplog.at_level(logging.INFO, logger="loraops.training"):
+        training.train_adapter(cfg, _ref(tiny_model_dir), *splits, tmp_path / "adapter")
+    lines = [record.getMessage() for record in caplog.records if record.name == "loraops.training"]
+    progress = [line for line in lines if re.fullmatch(r"step \d/3  loss \d+\.\d{4}  lr \S+  \d+ tok/s  \S+ elapsed, \S+ left", line)]
+    assert [line.split()[1] for line in progress] == ["1/3", "2/3", "3/3"]
+    assert progress[-1].endswith("0:00 left")
+    assert any(re.match(r"step 3/3  eval loss \d+\.\d{4}", line) for line in lines)
+    assert "{'loss'" not in capsys.readouterr().out  # the Trainer's printed dicts are gone
