@@ -230,18 +230,14 @@ def check_data(
     """Check that data/ is byte-identical to what data.dvc records; works on a fresh clone without a DVC cache."""
     from loraops.versioning import VersioningError, tracked_data_problem
 
-    try:
-        problem = tracked_data_problem(dvc_file.resolve().parent, dvc_file.name)
-    except VersioningError as error:
-        raise _fail(str(error)) from None
-    if problem:
-        raise _fail(problem)
-    typer.echo(f"data matches {dvc_file}")
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    return typer.Exit(code=1)
+    with _exit_cleanly_on_user_error():
+        try:
+            problem = tracked_data_problem(dvc_file.resolve().parent, dvc_file.name)
+        except VersioningError as error:
+            raise UserError(str(error)) from None
+        if problem:
+            raise UserError(problem)
+        typer.echo(f"data matches {dvc_file}")
 
 
 class StageName(str, Enum):

@@ -127,19 +127,20 @@ def _progress_log():
             logs = logs or {}
             step, total = state.global_step, state.max_steps
             if "eval_loss" in logs:
-                logger.info("step %d/%d  eval loss %.4f (Trainer's mean of batch means; picks the best checkpoint)",
-                         step, total, logs["eval_loss"])
+                note = "Trainer's mean of batch means; picks the best checkpoint"
+                logger.info("step %d/%d  eval loss %.4f (%s)", step, total, logs["eval_loss"], note)
             if "loss" not in logs or self.started is None:
                 return
             elapsed = max(time.monotonic() - self.started, 1e-9)
             tokens = float(logs.get("num_tokens", 0.0))
-            if self.start_tokens is None:  # the first logging step's tokens include that step's own
+            if self.start_tokens is None:  # a resumed run counts tokens from its first logged step on
                 self.start_tokens = 0.0 if self.start_step == 0 else tokens
-            done = max(step - self.start_step, 1)
-            left = elapsed / done * max(total - step, 0)
-            logger.info("step %d/%d  loss %.4f  lr %.2e  %.0f tok/s  %s elapsed, %s left", step, total, logs["loss"],
-                     logs.get("learning_rate", 0.0), (tokens - self.start_tokens) / elapsed,
-                     _clock(elapsed), _clock(left))
+            left = elapsed / max(step - self.start_step, 1) * max(total - step, 0)
+            rate = (tokens - self.start_tokens) / elapsed
+            logger.info(
+                "step %d/%d  loss %.4f  lr %.2e  %.0f tok/s  %s elapsed, %s left",
+                step, total, logs["loss"], logs.get("learning_rate", 0.0), rate, _clock(elapsed), _clock(left),
+            )
 
     return ProgressLog()
 

@@ -84,6 +84,7 @@ def tracked_data_problem(repo_root: str | Path, dvc_file: str = "data.dvc") -> s
     compares with the recorded md5; when the cache holds the recorded listing, the differing files are named.
     """
     from dvc.repo import Repo
+    from dvc_data.hashfile.hash_info import HashInfo
     from dvc_data.hashfile.build import build
     from dvc_data.hashfile.tree import Tree
 
@@ -101,7 +102,7 @@ def tracked_data_problem(repo_root: str | Path, dvc_file: str = "data.dvc") -> s
             return None
         detail = ""
         if isinstance(obj, Tree) and odb.exists(recorded):
-            expected = Tree.load(odb, obj.hash_info.__class__("md5", recorded))
+            expected = Tree.load(odb, HashInfo("md5", recorded))
             detail = _tree_difference(dict(_entries(expected)), dict(_entries(obj)))
     return (
         f"{target} differs from what {root / dvc_file} records (md5 {actual}, recorded {recorded}){detail}: "
