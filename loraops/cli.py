@@ -154,8 +154,12 @@ class DataFormat(str, Enum):
 
 @app.command()
 def validate(
-    path: Annotated[Path, typer.Argument(help="A data folder (train.*, optionally validation.*) or one data file")],
-    validation: Annotated[Path | None, typer.Option(help="A validation file: also checks train/validation leakage")] = None,
+    path: Annotated[
+        Path, typer.Argument(help="A data folder (train.*, optionally validation.*) or one data file", readable=False)
+    ],
+    validation: Annotated[
+        Path | None, typer.Option(help="A validation file: also checks train/validation leakage", readable=False)
+    ] = None,
     data_format: Annotated[DataFormat | None, typer.Option("--format", help="Override data.format")] = None,
     max_length: Annotated[int | None, typer.Option(help="Override data.max_length")] = None,
     report_dir: Annotated[
