@@ -863,11 +863,16 @@ def _format_check(splits: list[SplitFacts]) -> ContractCheck:
 
 def _not_checked_without_validation() -> list[ContractCheck]:
     """The rules that compare train with validation, listed as not checked when there is no validation file."""
-    why = "not checked: no validation file"
+    rules = {
+        "train_overlap": "no validation question or answer in train",
+        "same_format_kind": "both chat/alpaca or both text",
+    }
     return [
-        ContractCheck(expectation=name, split="validation", passed=False, checked=False, observed=why, threshold=threshold)
-        for name, threshold in (("train_overlap", "no validation question or answer in train"),
-                                ("same_format_kind", "both chat/alpaca or both text"))
+        ContractCheck(
+            expectation=name, split="validation", passed=False, checked=False,
+            observed="not checked: no validation file", threshold=threshold,
+        )
+        for name, threshold in rules.items()
     ]
 
 
@@ -1006,7 +1011,8 @@ def format_report(report: ContractReport, failures_only: bool = False) -> str:
     for check in report.checks:
         if failures_only and (check.passed or check.severity == "warn" or not check.checked):
             continue
-        status = "SKIP" if not check.checked else "PASS" if check.passed else "FAIL" if check.severity == "fail" else "WARN"
+        status = "PASS" if check.passed else "FAIL" if check.severity == "fail" else "WARN"
+        status = status if check.checked else "SKIP"
         lines.append(
             f"  {status} {check.split:<10} {check.expectation:<22} "
             f"observed {check.observed}; expected {check.threshold}"
