@@ -154,63 +154,47 @@ class DataFormat(str, Enum):
 
 @app.command()
 def validate(
-    path: Annotated[Path, typer.Argument(help="A data folder with train/validation files, or one training file")],
-    validation: Annotated[Path | None, typer.Option(help="The validation file (when PATH is a file)")] = None,
+    path: Annotated[
+        Path, typer.Argument(help="A data folder (train.*, optionally validation.*) or one data file", readable=False)
+    ],
+    validation: Annotated[
+        Path | None, typer.Option(help="A validation file: also checks train/validation leakage", readable=False)
+    ] = None,
     data_format: Annotated[DataFormat | None, typer.Option("--format", help="Override data.format")] = None,
     max_length: Annotated[int | None, typer.Option(help="Override data.max_length")] = None,
+    report_dir: Annotated[
+        Path | None, typer.Option(help="Where the report and Data Docs go (default: a new temporary folder)")
+    ] = None,
     params: ParamsOption = Path("params.yaml"),
 ) -> None:
-    """Run the data contract on PATH alone; print its summary; exit 0 when it passes, 1 when it fails."""
-    from loraops import stages
-    from loraops.contract import DataContractError, format_report
+    """Run the data contract on PATH alone; print its summary; exit 0 when it passes, 1 when it fails.
+
+    Writes nothing into the pipeline's outputs (reports/, models/): see loraops/adhoc_validation.py.
+    """
+    from loraops import adhoc_validation
+    from loraops.contract import format_report
 
     with _exit_cleanly_on_user_error():
+        train_file, validation_file = adhoc_validation.split_files(path, validation)
         overrides: dict[str, object] = {}
-        train_file, validation_file = _split_files(path, validation)
-        overrides["data.train_file"] = str(train_file.resolve())
-        overrides["data.validation_file"] = str(validation_file.resolve())
         if data_format is not None:
             overrides["data.format"] = data_format.value
         if max_length is not None:
             overrides["data.max_length"] = max_length
         cfg = load_config(params, overrides) if params.exists() else _defaults_with(overrides)
         root = params.resolve().parent
-        stages.prepare_base_model(cfg, root)
-        try:
-            report = stages.validate_dataset(cfg, root)
-        except DataContractError as error:
-            typer.echo(format_report(error.report))
-            raise typer.Exit(code=1) from None
+        target = adhoc_validation.report_dir_for(report_dir, cfg, root)
+        report = adhoc_validation.validate_files(cfg, root, train_file, validation_file, target)
         typer.echo(format_report(report))
+        typer.echo(f"Report written to {target} (the pipeline's reports/ are untouched)")
+        if not report.passed:
+            raise typer.Exit(code=1)
 
 
 def _defaults_with(overrides: dict[str, object]) -> LoraopsConfig:
     from loraops.config import apply_overrides, config_from_dict
 
     return config_from_dict(apply_overrides({}, overrides), source="defaults")
-
-
-def _split_files(path: Path, validation: Path | None) -> tuple[Path, Path]:
-    """The train and validation files: ``train.*``/``validation.*`` in a folder, or PATH and --validation."""
-    from loraops.data import EXTENSIONS
-
-    if path.is_dir():
-        found = {}
-        for split in ("train", "validation"):
-            matches = sorted(match for match in path.glob(f"{split}.*") if match.suffix.lower() in EXTENSIONS)
-            if len(matches) > 1:
-                raise UserError(f"{path}: several {split} files ({', '.join(m.name for m in matches)}); keep one")
-            found[split] = matches[0] if matches else None
-        missing = [split for split, match in found.items() if match is None and not (split == "validation" and validation)]
-        if missing:
-            raise UserError(
-                f"{path}: no {' or '.join(missing)} file found (expected e.g. train.jsonl and validation.jsonl, "
-                f"one of {', '.join(EXTENSIONS)})"
-            )
-        return found["train"], validation or found["validation"]
-    if validation is None:
-        raise UserError(f"{path}: pass --validation FILE too (the contract checks leakage between the splits)")
-    return path, validation
 
 
 @app.command("import-data")

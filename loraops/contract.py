@@ -751,6 +751,7 @@ def gx_frame(facts: SplitFacts, rules: list[Rule], keep: np.ndarray) -> pd.DataF
 
 def _gx_context(docs_dir: Path) -> Any:
     """An ephemeral GX context whose one Data Docs site is ``docs_dir``, emptied for this run."""
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)  # before the import: it logs ~150 INFO lines
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
@@ -860,6 +861,21 @@ def _format_check(splits: list[SplitFacts]) -> ContractCheck:
     )
 
 
+def _not_checked_without_validation() -> list[ContractCheck]:
+    """The rules that compare train with validation, listed as not checked when there is no validation file."""
+    rules = {
+        "train_overlap": "no validation question or answer in train",
+        "same_format_kind": "both chat/alpaca or both text",
+    }
+    return [
+        ContractCheck(
+            expectation=name, split="validation", passed=False, checked=False,
+            observed="not checked: no validation file", threshold=threshold,
+        )
+        for name, threshold in rules.items()
+    ]
+
+
 def _kind(fmt: str) -> str:
     return "text" if fmt == "text" else "chat"
 
@@ -929,22 +945,26 @@ def quarantined_lines(report_dir: str | Path, split: str, source: str | Path) ->
 
 
 def validate_dataset(
-    train: str | Path, validation: str | Path, tokenizer: Any, data: DataConfig, report_dir: str | Path
+    train: str | Path, validation: str | Path | None, tokenizer: Any, data: DataConfig, report_dir: str | Path
 ) -> ContractReport:
     """Run the contract over both splits; write GX results, Data Docs, quarantine and a summary.
 
+    ``validation=None`` checks the train file on its own (``loraops validate FILE``): every
+    per-split rule, with the rules across splits reported as not checked.
     ``tokenizer=None`` skips the two token rules (the benchmark measures that path separately);
     the pipeline always passes one.
     """
     report_dir = Path(report_dir)
     contract = data.contract
     train_facts = scan_split("train", train, data, tokenizer)
-    validation_facts = scan_split("validation", validation, data, tokenizer, TrainIndex.of(train_facts))
+    splits = [train_facts]
+    if validation is not None:
+        splits.append(scan_split("validation", validation, data, tokenizer, TrainIndex.of(train_facts)))
     context = _gx_context(report_dir / DOCS_DIR)
     checks: list[ContractCheck] = []
     raw: dict[str, Any] = {}
     records: dict[str, QuarantineRecord] = {}
-    for facts in (train_facts, validation_facts):
+    for facts in splits:
         mark_duplicates(facts, contract.duplicates.normalized)
         keep, record = quarantine(facts, contract.quarantine, report_dir)
         if record is not None:
@@ -954,14 +974,15 @@ def validate_dataset(
         raw[facts.name] = result.to_json_dict()
         counts = record.by_rule if record else {}
         checks += to_checks(facts, rules, result, {"min_rows": record.rows if record else 0, **counts}, int(keep.sum()))
-    checks.append(_format_check([train_facts, validation_facts]))
+    checks += [_format_check(splits)] if validation is not None else _not_checked_without_validation()
     context.build_data_docs()
+    formats = [facts.format for facts in splits if facts.format != EMPTY_FORMAT]
     report = ContractReport(
-        passed=all(check.passed for check in checks if check.severity == "fail"),
+        passed=all(check.passed for check in checks if check.severity == "fail" and check.checked),
         checks=checks,
         train_rows=len(train_facts.column("line")),
-        validation_rows=len(validation_facts.column("line")),
-        format=train_facts.format if train_facts.format != EMPTY_FORMAT else validation_facts.format,
+        validation_rows=len(splits[1].column("line")) if validation is not None else None,
+        format=formats[0] if formats else EMPTY_FORMAT,
         quarantine=records,
         data_docs=str(report_dir / DOCS_DIR / "index.html"),
     )
@@ -983,14 +1004,15 @@ def _write_reports(report_dir: Path, raw: dict[str, Any], report: ContractReport
 def format_report(report: ContractReport, failures_only: bool = False) -> str:
     """A readable summary: one line per expectation, failing rows and the fix listed under each failure."""
     verdict = "PASSED" if report.passed else "FAILED"
-    lines = [
-        f"Data contract {verdict} (format {report.format}; {report.train_rows} train / "
-        f"{report.validation_rows} validation rows)"
-    ]
+    rows = f"{report.train_rows} train / {report.validation_rows} validation rows"
+    if report.validation_rows is None:
+        rows = f"{report.train_rows} train rows; no validation file"
+    lines = [f"Data contract {verdict} (format {report.format}; {rows})"]
     for check in report.checks:
-        if failures_only and (check.passed or check.severity == "warn"):
+        if failures_only and (check.passed or check.severity == "warn" or not check.checked):
             continue
         status = "PASS" if check.passed else "FAIL" if check.severity == "fail" else "WARN"
+        status = status if check.checked else "SKIP"
         lines.append(
             f"  {status} {check.split:<10} {check.expectation:<22} "
             f"observed {check.observed}; expected {check.threshold}"

@@ -209,10 +209,13 @@ def _messages_problem(messages: Any) -> str | None:
 
 
 def _existing(path: str | Path) -> Path:
+    from loraops.file_checks import unreadable_reason
+
     path = Path(path)
-    if not path.is_file():
+    reason = unreadable_reason(path)
+    if reason is not None:
         raise DataError(
-            f"{path}: not found; set data.train_file / data.validation_file to an existing file, "
+            f"{path}: {reason}; set data.train_file / data.validation_file to a readable data file, "
             "or run `loraops import-data` to build the default dataset"
         )
     if path.suffix.lower() not in EXTENSIONS:

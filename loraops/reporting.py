@@ -17,10 +17,11 @@ def contract_markdown(report: ContractReport) -> str:
     ]
     for check in report.checks:
         result = "pass" if check.passed else ("warn" if check.severity == "warn" else "**fail**")
+        result = result if check.checked else "not checked"
         lines.append(
             f"| {check.expectation} | {check.split} | {check.severity} | {result} | {check.observed} | {check.threshold} |"
         )
-    failing = [check for check in report.checks if not check.passed]
+    failing = [check for check in report.checks if not check.passed and check.checked]
     if failing:
         lines += ["", "## Failing rows"]
         for check in failing:

@@ -38,6 +38,7 @@ class ContractCheck(_Result):
     threshold: str = ""
     examples: list[str] = []  # "data/train.jsonl:12: <why>"
     hint: str = ""  # what to do when the check fails
+    checked: bool = True  # False: not run (e.g. train/validation leakage without a validation file); passed is False
 
 
 class QuarantineRecord(_Result):
@@ -55,14 +56,14 @@ class ContractReport(_Result):
     passed: bool
     checks: list[ContractCheck]
     train_rows: int  # rows read, quarantined ones included
-    validation_rows: int
+    validation_rows: int | None  # None: a train file validated on its own (`loraops validate FILE`)
     format: str
     report_path: str | None = None
     quarantine: dict[str, QuarantineRecord] = {}  # by split; empty when data.contract.quarantine is off
     data_docs: str | None = None  # index.html of the GX Data Docs built for this run
 
     def failures(self) -> list[ContractCheck]:
-        return [check for check in self.checks if not check.passed and check.severity == "fail"]
+        return [check for check in self.checks if not check.passed and check.severity == "fail" and check.checked]
 
 
 class EvalMetrics(_Result):

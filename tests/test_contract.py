@@ -448,16 +448,19 @@ def test_validate_command_prints_the_summary_and_exits_0_or_1(tiny_model_dir, tm
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"model": {"base": str(tiny_model_dir)}, "data": {"max_length": MAX_LENGTH}}))
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     runner = CliRunner()
 
     good = runner.invoke(app, ["validate", str(GOOD), "--params", str(params)])
     bad = runner.invoke(app, ["validate", str(BAD / "train.jsonl"), "--validation", str(BAD / "validation.jsonl")])
-    missing = runner.invoke(app, ["validate", str(BAD / "train.jsonl")])
+    alone = runner.invoke(app, ["validate", str(BAD / "train.jsonl")])
 
     assert good.exit_code == 0, good.output
     assert good.output.startswith("Data contract PASSED") and "Data Docs:" in good.output
     assert bad.exit_code == 1 and "FAIL train      roles" in bad.output and "PASS train      tokenizes" in bad.output
-    assert missing.exit_code == 1 and "pass --validation FILE too" in missing.output
+    assert alone.exit_code == 1 and "FAIL train      roles" in alone.output
+    assert "SKIP validation train_overlap" in alone.output and "FAIL validation" not in alone.output
+    assert not (tmp_path / "models").exists() and not (tmp_path / "reports").exists()
 
 
 # --- malformed rows: a failure naming file and line, never a traceback -----------------------
