@@ -8,9 +8,9 @@ from prefect import flow
 from pydantic import BaseModel
 
 from loraops import stages
-from loraops.config import LoraopsConfig, load_config
+from loraops.config import LoraopsConfig
 from loraops.results import EvalMetrics, GateDecision, Registration
-from tasks import pipeline
+from tasks import pipeline, run_context
 
 
 class RetrainResult(BaseModel):
@@ -24,24 +24,28 @@ class RetrainResult(BaseModel):
 def retrain(config: LoraopsConfig | None = None, project_dir: str = ".") -> RetrainResult:
     """Specialise the base model on the dataset and register the adapter if it beats base and champion.
 
-    ``config`` defaults to the project's params.yaml; a config given here (CLI overrides, the
-    Prefect UI form) is written to params.yaml first, so dvc.lock and lineage describe this run.
+    ``config`` empty runs the project's params.yaml as it is. Otherwise the fields it changes (the
+    Prefect form: those that differ from what the form pre-filled; ``loraops retrain -S``) are applied to
+    params.yaml and recorded there, so dvc.lock and lineage describe this run. The final state says
+    whether a version was registered ("Completed") or the gate refused it ("Refused"), and so does a tag.
     """
     root = Path(project_dir).resolve()
-    cfg = config or load_config(root / "params.yaml")
-    pipeline.check_servers(cfg, root)  # before anything is written: an unreachable server changes nothing
-    with stages.params_restored_on_failure(root):  # a failed run's overrides don't stay in params.yaml
-        pipeline.record_run_config(cfg, root)
-        pipeline.prepare_base_model(cfg, root)
-        pipeline.validate_dataset(cfg, root)
-        pipeline.check_memory(cfg, root)
-        baseline = pipeline.evaluate_baseline(cfg, root)
-        if cfg.orchestration.train_deployment:  # its own run on the GPU pool; inputs and adapter travel via DVC and MLflow
-            trained = pipeline.train_on_deployment(cfg, root)
-        else:
-            trained = pipeline.train_adapter(cfg, root)
-        candidate = pipeline.evaluate_adapter(cfg, root)
-        decision = pipeline.gate_candidate(cfg, root, baseline, candidate)
-        lineage = pipeline.version_outputs(cfg, root)
-        registration = pipeline.register_adapter(cfg, root, trained, baseline, candidate, decision, lineage)
-    return RetrainResult(baseline=baseline, candidate=candidate, decision=decision, registration=registration)
+    with run_context.loraops_logs_in_run():
+        cfg = run_context.run_config(config, root)
+        pipeline.check_servers(cfg, root)  # before anything is written: an unreachable server changes nothing
+        with stages.params_restored_on_failure(root):  # a failed run's overrides don't stay in params.yaml
+            pipeline.record_run_config(cfg, root)
+            pipeline.prepare_base_model(cfg, root)
+            pipeline.validate_dataset(cfg, root)
+            pipeline.check_memory(cfg, root)
+            baseline = pipeline.evaluate_baseline(cfg, root)
+            if cfg.orchestration.train_deployment:  # its own run on the GPU pool; inputs and adapter travel via DVC and MLflow
+                trained = pipeline.train_on_deployment(cfg, root)
+            else:
+                trained = pipeline.train_adapter(cfg, root)
+            candidate = pipeline.evaluate_adapter(cfg, root)
+            decision = pipeline.gate_candidate(cfg, root, baseline, candidate)
+            lineage = pipeline.version_outputs(cfg, root)
+            registration = pipeline.register_adapter(cfg, root, trained, baseline, candidate, decision, lineage)
+        result = RetrainResult(baseline=baseline, candidate=candidate, decision=decision, registration=registration)
+        return run_context.final_state(result, decision, registration)

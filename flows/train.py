@@ -8,7 +8,7 @@ from prefect import flow
 
 from loraops.config import LoraopsConfig
 from loraops.results import TrainResult
-from tasks import pipeline
+from tasks import pipeline, run_context
 
 
 @flow(name="train-adapter")  # loraops logs through logging; captured prints would include dill's dis output
@@ -19,10 +19,11 @@ def train_adapter(config: LoraopsConfig, data_dvc: str, train_key: str, project_
     ``train_key`` tags the MLflow run the retrain run fetches the adapter from.
     """
     root = Path(project_dir).resolve()
-    pipeline.check_servers(config, root)  # the adapter goes back through MLflow
-    pipeline.receive_training_inputs(root, data_dvc)
-    pipeline.prepare_base_model(config, root)
-    pipeline.check_memory(config, root)  # against this worker's GPU
-    trained = pipeline.train_adapter(config, root)
-    pipeline.publish_training(config, root, trained, train_key)
+    with run_context.loraops_logs_in_run():  # training steps and losses in this run's logs
+        pipeline.check_servers(config, root)  # the adapter goes back through MLflow
+        pipeline.receive_training_inputs(root, data_dvc)
+        pipeline.prepare_base_model(config, root)
+        pipeline.check_memory(config, root)  # against this worker's GPU
+        trained = pipeline.train_adapter(config, root)
+        pipeline.publish_training(config, root, trained, train_key)
     return trained
