@@ -153,3 +153,4 @@ def test_retrain_command_on_bad_data_prints_the_message_without_a_traceback(tiny
     assert result.exit_code == 1, output
     assert "validation.jsonl:3" in output
     assert "Traceback" not in output
+    assert output.count("this run's settings: params.yaml as it is") == 1, output  # loraops lines, once
