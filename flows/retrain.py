@@ -21,6 +21,7 @@ class RetrainResult(BaseModel):
 
 
 @flow(name="retrain")  # loraops logs through logging; captured prints would include dill's dis output
+@run_context.with_loraops_logs  # stage, training and gate lines in the run's logs
 def retrain(config: LoraopsConfig | None = None, project_dir: str = ".") -> RetrainResult:
     """Specialise the base model on the dataset and register the adapter if it beats base and champion.
 
@@ -30,22 +31,21 @@ def retrain(config: LoraopsConfig | None = None, project_dir: str = ".") -> Retr
     whether a version was registered ("Completed") or the gate refused it ("Refused"), and so does a tag.
     """
     root = Path(project_dir).resolve()
-    with run_context.loraops_logs_in_run():
-        cfg = run_context.run_config(config, root)
-        pipeline.check_servers(cfg, root)  # before anything is written: an unreachable server changes nothing
-        with stages.params_restored_on_failure(root):  # a failed run's overrides don't stay in params.yaml
-            pipeline.record_run_config(cfg, root)
-            pipeline.prepare_base_model(cfg, root)
-            pipeline.validate_dataset(cfg, root)
-            pipeline.check_memory(cfg, root)
-            baseline = pipeline.evaluate_baseline(cfg, root)
-            if cfg.orchestration.train_deployment:  # its own run on the GPU pool; inputs and adapter travel via DVC and MLflow
-                trained = pipeline.train_on_deployment(cfg, root)
-            else:
-                trained = pipeline.train_adapter(cfg, root)
-            candidate = pipeline.evaluate_adapter(cfg, root)
-            decision = pipeline.gate_candidate(cfg, root, baseline, candidate)
-            lineage = pipeline.version_outputs(cfg, root)
-            registration = pipeline.register_adapter(cfg, root, trained, baseline, candidate, decision, lineage)
-        result = RetrainResult(baseline=baseline, candidate=candidate, decision=decision, registration=registration)
-        return run_context.final_state(result, decision, registration)
+    cfg = run_context.run_config(config, root)  # params.yaml with the values this run chose
+    pipeline.check_servers(cfg, root)  # before anything is written: an unreachable server changes nothing
+    with stages.params_restored_on_failure(root):  # a failed run's overrides don't stay in params.yaml
+        pipeline.record_run_config(cfg, root)
+        pipeline.prepare_base_model(cfg, root)
+        pipeline.validate_dataset(cfg, root)
+        pipeline.check_memory(cfg, root)
+        baseline = pipeline.evaluate_baseline(cfg, root)
+        if cfg.orchestration.train_deployment:  # its own run on the GPU pool; inputs and adapter travel via DVC and MLflow
+            trained = pipeline.train_on_deployment(cfg, root)
+        else:
+            trained = pipeline.train_adapter(cfg, root)
+        candidate = pipeline.evaluate_adapter(cfg, root)
+        decision = pipeline.gate_candidate(cfg, root, baseline, candidate)
+        lineage = pipeline.version_outputs(cfg, root)
+        registration = pipeline.register_adapter(cfg, root, trained, baseline, candidate, decision, lineage)
+    result = RetrainResult(baseline=baseline, candidate=candidate, decision=decision, registration=registration)
+    return run_context.final_state(result, decision, registration)  # "Completed" (registered) or "Refused"

@@ -12,6 +12,7 @@ from tasks import pipeline, run_context
 
 
 @flow(name="train-adapter")  # loraops logs through logging; captured prints would include dill's dis output
+@run_context.with_loraops_logs  # training steps and losses in the run's logs
 def train_adapter(config: LoraopsConfig, data_dvc: str, train_key: str, project_dir: str = ".") -> TrainResult:
     """Check out the retrain run's dataset, train (resuming an interrupted run), publish the adapter to MLflow.
 
@@ -19,11 +20,10 @@ def train_adapter(config: LoraopsConfig, data_dvc: str, train_key: str, project_
     ``train_key`` tags the MLflow run the retrain run fetches the adapter from.
     """
     root = Path(project_dir).resolve()
-    with run_context.loraops_logs_in_run():  # training steps and losses in this run's logs
-        pipeline.check_servers(config, root)  # the adapter goes back through MLflow
-        pipeline.receive_training_inputs(root, data_dvc)
-        pipeline.prepare_base_model(config, root)
-        pipeline.check_memory(config, root)  # against this worker's GPU
-        trained = pipeline.train_adapter(config, root)
-        pipeline.publish_training(config, root, trained, train_key)
+    pipeline.check_servers(config, root)  # the adapter goes back through MLflow
+    pipeline.receive_training_inputs(root, data_dvc)
+    pipeline.prepare_base_model(config, root)
+    pipeline.check_memory(config, root)  # against this worker's GPU
+    trained = pipeline.train_adapter(config, root)
+    pipeline.publish_training(config, root, trained, train_key)
     return trained

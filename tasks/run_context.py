@@ -5,11 +5,12 @@ The work stays in loraops; these helpers only read or set things on the run itse
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from prefect.context import FlowRunContext
 from prefect.states import Completed, State
@@ -19,6 +20,8 @@ from loraops.results import GateDecision, Registration
 from loraops.run_config import resolve_run_config
 
 REGISTERED_TAG, REFUSED_TAG = "registered", "refused"
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @contextmanager
@@ -45,6 +48,17 @@ def loraops_logs_in_run(logger_name: str = "loraops") -> Iterator[None]:
         logger.setLevel(level)
         if added:
             logger.removeHandler(added)
+
+
+def with_loraops_logs(function: Callable[P, R]) -> Callable[P, R]:
+    """Decorate a flow function (under ``@flow``) to run it inside ``loraops_logs_in_run``."""
+
+    @functools.wraps(function)  # keeps the signature: the flow's parameters and form are unchanged
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        with loraops_logs_in_run():
+            return function(*args, **kwargs)
+
+    return run
 
 
 def run_config(config: LoraopsConfig | None, root: Path) -> LoraopsConfig:
@@ -90,7 +104,10 @@ def _tag_run(tag: str) -> None:
         return
     from prefect.client.orchestration import get_client
 
-    with get_client(sync_client=True) as client:
-        tags = client.read_flow_run(context.flow_run.id).tags
-        if tag not in tags:
-            client.update_flow_run(context.flow_run.id, tags=[*tags, tag])
+    try:
+        with get_client(sync_client=True) as client:
+            tags = client.read_flow_run(context.flow_run.id).tags
+            if tag not in tags:
+                client.update_flow_run(context.flow_run.id, tags=[*tags, tag])
+    except Exception as error:  # the outcome is already recorded in MLflow: a missing tag must not fail the run
+        logging.getLogger("loraops.outcome").warning("could not tag the flow run '%s': %s", tag, error)

@@ -362,7 +362,8 @@ def test_the_retrain_form_means_params_yaml_and_a_form_run_changes_only_the_fiel
     with temporary_settings(updates={PREFECT_API_URL: servers["prefect"]}), get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("retrain/retrain")
         assert deployment.parameters["config"] == load_config(params).model_dump(mode="json")
-        assert deployment.enforce_parameter_schema
+        with pytest.raises(Exception, match=r"config\.lora\.r"):  # the schema is still enforced at run creation
+            client.create_flow_run_from_deployment(deployment.id, parameters={"config": {"lora": {"r": "many"}}})
 
         # params.yaml changes after deploying; the form still shows the deployed values.
         edited = params.read_text().replace("\n  r: 16\n", "\n  r: 8\n")
