@@ -3,7 +3,6 @@
 import logging
 import os
 
-os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "loraops")
 # The temporary API server (no PREFECT_API_URL) needs more than the default 20 s on a busy 2-core machine.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 

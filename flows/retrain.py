@@ -8,9 +8,9 @@ from prefect import flow
 from pydantic import BaseModel
 
 from loraops import stages
-from loraops.config import LoraopsConfig, load_config
+from loraops.config import LoraopsConfig
 from loraops.results import EvalMetrics, GateDecision, Registration
-from tasks import pipeline
+from tasks import pipeline, run_context
 
 
 class RetrainResult(BaseModel):
@@ -21,14 +21,17 @@ class RetrainResult(BaseModel):
 
 
 @flow(name="retrain")  # loraops logs through logging; captured prints would include dill's dis output
+@run_context.with_loraops_logs  # stage, training and gate lines in the run's logs
 def retrain(config: LoraopsConfig | None = None, project_dir: str = ".") -> RetrainResult:
     """Specialise the base model on the dataset and register the adapter if it beats base and champion.
 
-    ``config`` defaults to the project's params.yaml; a config given here (CLI overrides, the
-    Prefect UI form) is written to params.yaml first, so dvc.lock and lineage describe this run.
+    ``config`` empty runs the project's params.yaml as it is. Otherwise the fields it changes (the
+    Prefect form: those that differ from what the form pre-filled; ``loraops retrain -S``) are applied to
+    params.yaml and recorded there, so dvc.lock and lineage describe this run. The final state says
+    whether a version was registered ("Completed") or the gate refused it ("Refused"), and so does a tag.
     """
     root = Path(project_dir).resolve()
-    cfg = config or load_config(root / "params.yaml")
+    cfg = run_context.run_config(config, root)  # params.yaml with the values this run chose
     pipeline.check_servers(cfg, root)  # before anything is written: an unreachable server changes nothing
     with stages.params_restored_on_failure(root):  # a failed run's overrides don't stay in params.yaml
         pipeline.record_run_config(cfg, root)
@@ -44,4 +47,5 @@ def retrain(config: LoraopsConfig | None = None, project_dir: str = ".") -> Retr
         decision = pipeline.gate_candidate(cfg, root, baseline, candidate)
         lineage = pipeline.version_outputs(cfg, root)
         registration = pipeline.register_adapter(cfg, root, trained, baseline, candidate, decision, lineage)
-    return RetrainResult(baseline=baseline, candidate=candidate, decision=decision, registration=registration)
+    result = RetrainResult(baseline=baseline, candidate=candidate, decision=decision, registration=registration)
+    return run_context.final_state(result, decision, registration)  # "Completed" (registered) or "Refused"

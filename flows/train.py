@@ -8,10 +8,11 @@ from prefect import flow
 
 from loraops.config import LoraopsConfig
 from loraops.results import TrainResult
-from tasks import pipeline
+from tasks import pipeline, run_context
 
 
 @flow(name="train-adapter")  # loraops logs through logging; captured prints would include dill's dis output
+@run_context.with_loraops_logs  # training steps and losses in the run's logs
 def train_adapter(config: LoraopsConfig, data_dvc: str, train_key: str, project_dir: str = ".") -> TrainResult:
     """Check out the retrain run's dataset, train (resuming an interrupted run), publish the adapter to MLflow.
 

@@ -391,34 +391,23 @@ def load_config(path: str | Path = DEFAULT_PARAMS_FILE, overrides: dict[str, Any
 
 
 def write_params(config: LoraopsConfig, path: str | Path = DEFAULT_PARAMS_FILE) -> bool:
-    """Write ``config`` into ``path`` keeping its comments and order; return whether anything changed.
+    """Write the values of ``config`` that differ from ``path`` into it, changing only their lines.
 
     A run with overrides records them in params.yaml (as ``dvc exp run -S`` does) so that dvc.lock
-    and the registered lineage describe what actually ran.
+    and the registered lineage describe what actually ran. Comments, key order and ``null`` stay, and a
+    setting the file leaves to its default is not added: only values this run chose are written.
     """
-    from ruamel.yaml import YAML
+    from loraops.params_file import flatten, set_values
 
     path = Path(path)
-    round_trip = YAML()
-    round_trip.preserve_quotes = True
-    document = round_trip.load(path.read_text()) if path.exists() else {}
-    wanted = config.model_dump(mode="json")
-    changed = _merge_into(document, wanted)
-    if changed or not path.exists():
-        with path.open("w") as handle:
-            round_trip.dump(document, handle)
-    return changed
-
-
-def _merge_into(document: Any, wanted: dict[str, Any]) -> bool:
-    changed = False
-    for key, value in wanted.items():
-        if isinstance(value, dict):
-            if key not in document or not isinstance(document[key], dict):
-                document[key] = {}
-                changed = True
-            changed |= _merge_into(document[key], value)
-        elif key not in document or document[key] != value:
-            document[key] = value
-            changed = True
-    return changed
+    wanted = flatten(config.model_dump(mode="json"))
+    if not path.exists():
+        path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        return True
+    raw = read_params(path)
+    try:
+        recorded = flatten(config_from_dict(raw, source=str(path)).model_dump(mode="json"))
+    except ConfigError:
+        recorded = flatten(raw)
+    missing = object()
+    return set_values(path, {key: value for key, value in wanted.items() if recorded.get(key, missing) != value})

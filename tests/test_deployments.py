@@ -327,3 +327,67 @@ def test_a_crashed_gpu_worker_fails_retrain_and_the_rerun_resumes_its_training(s
     assert [row["step"] for row in history if "loss" in row] == list(range(1, 151))
     version = _mlflow_get(servers["mlflow"], "model-versions/get", name="tiny-adapter", version="1")["model_version"]
     assert "champion" in version["aliases"]
+
+
+def test_the_retrain_form_means_params_yaml_and_a_form_run_changes_only_the_field_it_changed(
+    servers, tiny_model_dir, tmp_path
+):
+    """Deployed from a checkout, the form's defaults are its params.yaml; params.yaml is then edited, and a
+    form run that changes one field records that field alone, into the edited file, keeping its layout."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from loraops.config import load_config
+
+    project = make_project(tmp_path / "project", tiny_model_dir, registry={"tracking_uri": servers["mlflow"]})
+    params = project / "params.yaml"
+    params.write_text("# the tiny project (yaml.safe_dump spells null out)\n" + params.read_text())
+    for package in ("flows", "tasks"):
+        shutil.copytree(REPO_ROOT / package, project / package, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(["git", "add", "-A"], cwd=project, check=True)
+    subprocess.run([*GIT, "commit", "-q", "-m", "flows and tasks"], cwd=project, check=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING", "LORAOPS_"))}
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        PREFECT_API_URL=servers["prefect"],
+        PREFECT_HOME=str(tmp_path / "prefect-client-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_WORKER_QUERY_SECONDS="2",
+    )
+    _cli([str(REPO_ROOT / "infra" / "work-pools.sh")], {**env, "PREFECT": str(BIN / "prefect")})
+    deploy = [str(BIN / "prefect"), "--no-prompt", "deploy", "--name", "retrain"]
+    _cli([*deploy, "--prefect-file", str(REPO_ROOT / "infra" / "prefect.yaml")], env, cwd=project)
+
+    with temporary_settings(updates={PREFECT_API_URL: servers["prefect"]}), get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name("retrain/retrain")
+        assert deployment.parameters["config"] == load_config(params).model_dump(mode="json")
+        with pytest.raises(Exception, match=r"config\.lora\.r"):  # the schema is still enforced at run creation
+            client.create_flow_run_from_deployment(deployment.id, parameters={"config": {"lora": {"r": "many"}}})
+
+        # params.yaml changes after deploying; the form still shows the deployed values.
+        edited = params.read_text().replace("\n  r: 16\n", "\n  r: 8\n")
+        assert edited != params.read_text() and ": null\n" in edited
+        params.write_text(edited)
+        form = json.loads(json.dumps(deployment.parameters))  # the form sends every field it shows
+        form["config"]["train"]["max_steps"] = 4
+        run = client.create_flow_run_from_deployment(deployment.id, parameters=form)
+        started = time.monotonic()
+        cpu_host = {**env, "LORAOPS_PROJECT_DIR": str(project)}
+        _cli([str(BIN / "prefect"), "worker", "start", "--pool", "cpu", "--run-once"], cpu_host, timeout=RUN_S)
+        run = _finished_run(client, run.id, started + RUN_S)
+        print(f"form run {run.state.name} after {time.monotonic() - started:.1f} s")
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+        messages = [log.message for log in logs]
+        assert run.state.is_completed(), f"{run.state}\n" + "\n".join(messages[-40:])
+        assert (run.state.name, run.state.message) == ("Completed", "registered tiny-adapter v1 @challenger")
+        assert "registered" in run.tags
+
+    # Exactly the chosen field changed; the edit made after deploying, comments and nulls stayed.
+    assert params.read_text() == edited.replace("\n  max_steps: 8\n", "\n  max_steps: 4\n")
+    # loraops' own lines reached the run's logs through the worker's flow-run process, once each.
+    steps = [m.split()[1] for m in messages if m.startswith("step ") and " loss " in m and "tok/s" in m]
+    assert steps == ["1/4", "2/4", "3/4", "4/4"], messages
+    assert any(m.startswith("baseline validation loss") for m in messages)
+    assert any(m.startswith("gate: validation loss") for m in messages)
+    assert any(m == "this run's settings: params.yaml with train.max_steps=4" for m in messages), messages

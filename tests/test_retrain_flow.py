@@ -62,17 +62,59 @@ def test_retrain_with_no_gain_over_the_champion_registers_nothing(tiny_project, 
     from flows.retrain import retrain
 
     cfg = load_config(tiny_project / "params.yaml", {"registry.auto_promote": True})
-    first = retrain(config=cfg, project_dir=str(tiny_project))
+    first_state = retrain(config=cfg, project_dir=str(tiny_project), return_state=True)
+    first = first_state.result()
     assert first.registration.version == "1"
 
     # Same seed, same data: the same adapter again cannot beat the champion it equals.
-    second = retrain(config=cfg, project_dir=str(tiny_project))
+    second_state = retrain(config=cfg, project_dir=str(tiny_project), return_state=True)
+    second = second_state.result()
     assert not second.decision.passed
+
+    # The final states and tags tell the two apart at a glance.
+    assert (first_state.name, first_state.message) == ("Completed", "registered tiny-adapter v1 @challenger @champion")
+    assert second_state.is_completed() and second_state.name == "Refused"
+    assert second_state.message == "gate refused: " + "; ".join(second.decision.reasons)
+    assert "no improvement" in second_state.message
+    assert _run_tags(first_state) == ["registered"] and _run_tags(second_state) == ["refused"]
+
+    # loraops' own lines (stages, training steps, gate reasons) are in the run's logs, each once.
+    messages = _run_log_messages(second_state)
+    steps = [m for m in messages if m.startswith("step ") and " loss " in m and "tok/s" in m and "left" in m]
+    assert [m.split()[1] for m in steps] == [f"{i}/8" for i in range(1, 9)], messages
+    assert any(m.startswith("baseline validation loss") for m in messages)
+    assert any(m.startswith("step 4/8  eval loss") for m in messages)
+    assert [m for m in messages if m.startswith("gate: ")] == [f"gate: {r}" for r in second.decision.reasons]
+    assert second_state.message in messages
     assert second.decision.champion_version == "1"
     assert second.registration.version is None
     client = _client(tiny_project)
     assert [str(v.version) for v in client.search_model_versions("name='tiny-adapter'")] == ["1"]
     assert client.get_run(second.registration.run_id).data.tags["loraops.gate"] == "failed"
+
+
+def _run_tags(state) -> list[str]:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(state.state_details.flow_run_id).tags
+
+
+def _run_log_messages(state) -> list[str]:
+    """The flow run's logs as the UI's Logs tab shows them (read back from the API)."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    run_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+    with get_client(sync_client=True) as client:
+        for _ in range(50):  # the API log handler sends in the background, batched
+            messages = [log.message for log in client.read_logs(log_filter=run_filter)]
+            if any(message.startswith("registered ") or message.startswith("gate refused") for message in messages):
+                return messages
+            time.sleep(0.2)
+    return messages
 
 
 def test_bad_data_stops_the_flow_before_any_model_is_loaded(tiny_project, prefect_harness):
@@ -111,3 +153,4 @@ def test_retrain_command_on_bad_data_prints_the_message_without_a_traceback(tiny
     assert result.exit_code == 1, output
     assert "validation.jsonl:3" in output
     assert "Traceback" not in output
+    assert output.count("this run's settings: params.yaml as it is") == 1, output  # loraops lines, once
