@@ -270,3 +270,29 @@ def test_registration_refuses_a_workspace_adapter_that_differs_from_dvc_lock(pro
     assert "adapters/candidate differs from what" in message and "[changed: adapter_model.safetensors]" in message
     assert "Nothing was registered" in message and "dvc checkout adapters/candidate" in message
     assert not client.search_registered_models(f"name = '{cfg.registry.model_name}'"), "nothing registered"
+
+
+# --- the training hand-off ----------------------------------------------------------------------
+
+
+def test_the_hand_off_fetch_refuses_an_adapter_changed_after_the_worker_published_it(tiny_project, adapters):
+    from loraops import handoff
+    from loraops.config import load_config
+
+    cfg = load_config(tiny_project / "params.yaml")
+    history = tiny_project / "history.json"
+    history.write_text(json.dumps([{"loss": 2.0, "step": 1}]))
+    trained = TrainResult(
+        adapter_dir=str(adapters[0]), trainable_params=1, total_params=2, steps=1, best_step=1,
+        best_eval_loss=1.0, stopped_early=False, history_path=str(history),
+    )
+    run_id = handoff.publish_training(cfg, tiny_project, trained, "key-1")
+    client = make_client(handoff.registry.resolve_tracking_uri(cfg.registry, tiny_project))
+    stored = Path(unquote(urlparse(client.get_run(run_id).info.artifact_uri).path)) / "adapter" / WEIGHTS
+    shutil.copyfile(adapters[1] / WEIGHTS, stored)
+
+    with pytest.raises(AdapterIntegrityError) as refused:
+        handoff.fetch_training(cfg, tiny_project, "key-1")
+
+    assert f"the adapter of MLflow run {run_id} (train key key-1): {WEIGHTS} differs" in str(refused.value)
+    assert not (tiny_project / cfg.paths.adapter_dir).exists(), "nothing fetched into the project"
