@@ -296,3 +296,34 @@ def test_the_hand_off_fetch_refuses_an_adapter_changed_after_the_worker_publishe
 
     assert f"the adapter of MLflow run {run_id} (train key key-1): {WEIGHTS} differs" in str(refused.value)
     assert not (tiny_project / cfg.paths.adapter_dir).exists(), "nothing fetched into the project"
+
+
+# --- in the flow: a refusal is final ------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_the_gate_task_refuses_a_changed_champion_once_without_retrying(project, tmp_path, prefect_harness):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from tasks import pipeline
+
+    cfg, _, client = project
+    random_bytes(client, cfg.registry.model_name)
+    promote_version(client, cfg.registry.model_name, "1", CHAMPION)
+    (tmp_path / "data.dvc").write_text("outs:\n- md5: 0123456789abcdef0123456789abcdef.dir\n  path: data\n")
+    metrics = EvalMetrics.from_totals(150.0, 100, 4)
+
+    @flow(name="gate-only")
+    def gate_only():
+        return pipeline.gate_candidate(cfg, tmp_path, metrics, metrics)
+
+    state = gate_only(return_state=True)
+
+    assert state.is_failed()
+    with pytest.raises(AdapterIntegrityError, match="version 1: adapter_model.safetensors differs"):
+        state.result()
+    with get_client(sync_client=True) as prefect:
+        runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    assert [(run.name.split("-")[0], run.run_count) for run in runs] == [("gate", 1)], "not retried"
