@@ -260,7 +260,7 @@ def download_registered_adapter(client, recorded: RecordedVersion, destination: 
 
     try:
         return download_verified(client, registry.get_version(client, recorded.model_name, recorded.version), destination)
-    except AdapterIntegrityError as error:
+    except (AdapterIntegrityError, LookupError) as error:  # changed files, or the version deleted meanwhile
         raise ReproduceError(str(error)) from None
     except (MlflowException, OSError) as error:
         raise ReproduceError(
