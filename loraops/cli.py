@@ -31,10 +31,12 @@ class UserError(Exception):
 def _user_errors() -> tuple[type[BaseException], ...]:
     from loraops.contract import DataContractError
     from loraops.data import DataError
+    from loraops.integrity import AdapterIntegrityError
     from loraops.servers import ServerUnreachableError
 
     errors: list[type[BaseException]] = [
-        ConfigError, DataError, DataContractError, UserError, FileNotFoundError, ServerUnreachableError
+        ConfigError, DataError, DataContractError, UserError, FileNotFoundError, ServerUnreachableError,
+        AdapterIntegrityError,
     ]
     try:
         from loraops.training import TrainingDivergedError

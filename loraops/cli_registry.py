@@ -22,12 +22,14 @@ SetOption = Annotated[
 def _registry_errors() -> Iterator[None]:
     """Refusals and unknown versions are the user's to fix: one line, exit 1, no traceback."""
     from loraops.export import ExportMismatchError
+    from loraops.integrity import AdapterIntegrityError
     from loraops.promotion import PromotionRefused
     from loraops.serving import UnsafeArtifactError
 
+    refusals = (PromotionRefused, ExportMismatchError, UnsafeArtifactError, AdapterIntegrityError)
     try:
         yield
-    except (PromotionRefused, ExportMismatchError, UnsafeArtifactError, LookupError, FileExistsError) as error:
+    except (*refusals, LookupError, FileExistsError) as error:
         message = error.args[0] if isinstance(error, LookupError) and error.args else error
         typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=1) from None

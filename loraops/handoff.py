@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from loraops import registry, stages, versioning
+from loraops import integrity, registry, stages, versioning
 from loraops.config import LoraopsConfig
 from loraops.results import TrainResult
 
@@ -83,9 +83,8 @@ def publish_training(cfg: LoraopsConfig, root: Path, trained: TrainResult, train
     experiment_id = registry.ensure_experiment(
         client, cfg.registry.experiment, registry.artifact_root_for(client.tracking_uri)
     )
-    run = client.create_run(
-        experiment_id, run_name="train-adapter", tags={TRAIN_KEY_TAG: train_key, STAGE_TAG: "train-adapter"}
-    )
+    tags = {TRAIN_KEY_TAG: train_key, STAGE_TAG: "train-adapter", **integrity.digest_tags(trained.adapter_dir)}
+    run = client.create_run(experiment_id, run_name="train-adapter", tags=tags)
     run_id = run.info.run_id
     with tempfile.TemporaryDirectory() as scratch:
         training_dir = Path(scratch) / TRAINING_ARTIFACTS
@@ -108,6 +107,9 @@ def fetch_training(cfg: LoraopsConfig, root: Path, train_key: str) -> TrainResul
     with tempfile.TemporaryDirectory() as scratch:
         client.download_artifacts(run_id, TRAINING_ARTIFACTS, scratch)
         client.download_artifacts(run_id, ADAPTER_ARTIFACTS, scratch)
+        label = f"the adapter of MLflow run {run_id} (train key {train_key})"
+        remedy = "It changed after the training run published it; nothing was fetched: rerun the retrain flow"
+        integrity.verify_adapter(Path(scratch) / ADAPTER_ARTIFACTS, client.get_run(run_id).data.tags, label, remedy)
         result = TrainResult.read_json(Path(scratch) / TRAINING_ARTIFACTS / TRAIN_RESULT_FILE)
         history = metrics_dir / stages.TRAIN_HISTORY
         history.parent.mkdir(parents=True, exist_ok=True)

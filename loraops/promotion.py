@@ -7,6 +7,8 @@ rollback undoes the first.
 
 A version is promoted only if its gate passed (its ``loraops.gate`` tag) and, when
 ``export.check_before_promote`` is on, its merge into the base model reproduces its logits.
+Promote and rollback first check the version's files against the hashes recorded at registration
+(loraops/integrity.py); changed or unreadable files raise, and ``force`` does not override that.
 ``force`` overrides a refusal, and needs a reason, which is recorded on the version with the
 refusals it overrode. Every step is safe to repeat: promoting the champion again changes nothing.
 """
@@ -22,7 +24,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
 
-from loraops import registry
+from loraops import integrity, registry
 from loraops.config import LoraopsConfig
 from loraops.export import EquivalenceReport
 
@@ -93,6 +95,7 @@ def check_promotion(
     """Gate record, then (if configured) the merge equivalence check; a refused gate skips the costly check."""
     client = client or registry.client_for(cfg.registry, root)
     found = registry.get_version(client, model_name, version)
+    integrity.verify_version(client, found)  # changed files raise: no --force promotes them
     refusals = gate_refusals(found)
     equivalence = None
     if cfg.export.check_before_promote and (force or not refusals):
@@ -168,6 +171,7 @@ def rollback(
             f"{model_name} has no previous champion to roll back to (champion: {state.champion or 'none'}); "
             "promote a version explicitly with `loraops promote NAME VERSION`"
         )
+    integrity.verify_version(client, client.get_model_version(model_name, state.previous))
     registry.promote_version(client, model_name, state.previous, registry.CHAMPION)
     if state.champion is None:
         _delete_alias(client, model_name, PREVIOUS)

@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-import mlflow.artifacts
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunStatus
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from loraops.config import LoraopsConfig, RegistryConfig
+from loraops.integrity import digest_tags
 from loraops.results import ChampionRef, EvalMetrics, GateDecision, Lineage, Registration, TrainResult
 from loraops.versioning import file_md5
 
@@ -159,14 +159,11 @@ def get_version(client: MlflowClient, model_name: str, version_or_alias: str) ->
         ) from None
 
 
-def download_adapter(client: MlflowClient, champion: ChampionRef, destination: Path) -> Path:
-    """Fetch the champion's adapter files (e.g. to re-evaluate it on new data); returns their folder."""
-    if not champion.adapter_uri:
-        raise ValueError(f"champion version {champion.version} records no adapter source to download")
-    local = mlflow.artifacts.download_artifacts(
-        artifact_uri=champion.adapter_uri, dst_path=str(destination), tracking_uri=client.tracking_uri
-    )
-    return Path(local)
+def download_adapter(client: MlflowClient, model_name: str, champion: ChampionRef, destination: Path) -> Path:
+    """Fetch the champion's adapter files (e.g. to re-evaluate it on new data), verified; returns their folder."""
+    from loraops.integrity import download_verified
+
+    return download_verified(client, get_version(client, model_name, champion.version), destination)
 
 
 def version_url(cfg: RegistryConfig, root: str | Path, registration: Registration) -> str | None:
@@ -529,6 +526,7 @@ def version_tags(record: RunRecord) -> dict[str, str]:
         BASELINE_LOSS_TAG: repr(record.baseline.loss),
         "loraops.val_tokens": str(record.candidate.tokens),
         GATE_REASONS_TAG: "; ".join(record.decision.reasons),
+        **digest_tags(record.train.adapter_dir),  # loraops.adapter_sha256: every load path checks it
     }
 
 

@@ -253,20 +253,20 @@ def _text_md5(text: str) -> str:
 
 
 def download_registered_adapter(client, recorded: RecordedVersion, destination: Path) -> Path:
-    import mlflow.artifacts
+    """The registered adapter, checked against the hashes recorded at registration (else ReproduceError)."""
     from mlflow.exceptions import MlflowException
 
-    destination.mkdir(parents=True, exist_ok=True)
+    from loraops.integrity import AdapterIntegrityError, download_verified
+
     try:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=recorded.adapter_uri, dst_path=str(destination), tracking_uri=client.tracking_uri
-        )
+        return download_verified(client, registry.get_version(client, recorded.model_name, recorded.version), destination)
+    except (AdapterIntegrityError, LookupError) as error:  # changed files, or the version deleted meanwhile
+        raise ReproduceError(str(error)) from None
     except (MlflowException, OSError) as error:
         raise ReproduceError(
             f"cannot download the registered adapter of {recorded.model_name} version {recorded.version} "
             f"from {recorded.adapter_uri}: {error}"
         ) from None
-    return Path(local)
 
 
 # --- the worktree -----------------------------------------------------------------------------

@@ -77,15 +77,18 @@ def fetch_adapter(
 ) -> AdapterSource:
     """Resolve ``model`` (a models:/ URI or a local adapter folder) into an adapter on local disk."""
     parsed = parse_model_uri(model)
+    from loraops import integrity
+
     if parsed is None:
         folder = Path(model)
         require_safetensors_adapter(folder)
+        integrity.check_readable(folder, str(folder))
         return AdapterSource(label=model, adapter_dir=folder, base=project_base(cfg, root), quant=cfg.quant)
     from loraops import registry
 
     client = client or registry.client_for(cfg.registry, root)
     version = registry.get_version(client, *parsed)
-    adapter_dir = download_version(client, version.source, destination / f"{version.name}-v{version.version}")
+    adapter_dir = integrity.download_verified(client, version, destination / f"{version.name}-v{version.version}")
     require_safetensors_adapter(adapter_dir)
     return AdapterSource(
         label=model,
@@ -95,17 +98,6 @@ def fetch_adapter(
         model_name=version.name,
         version=str(version.version),
         run_id=version.run_id,
-    )
-
-
-def download_version(client: MlflowClient, source: str, destination: Path) -> Path:
-    import mlflow.artifacts
-
-    destination.mkdir(parents=True, exist_ok=True)
-    return Path(
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=source, dst_path=str(destination), tracking_uri=client.tracking_uri
-        )
     )
 
 

@@ -268,7 +268,7 @@ def _champion_loss_on_current_data(cfg: LoraopsConfig, root: Path, client, champ
         return champion.loss
     log.info("champion v%s was measured on other data or base: re-evaluating it on the current split", champion.version)
     with tempfile.TemporaryDirectory() as scratch:
-        adapter_dir = registry.download_adapter(client, champion, Path(scratch))
+        adapter_dir = registry.download_adapter(client, cfg.registry.model_name, champion, Path(scratch))
         return _evaluate_adapter_dir(cfg, root, adapter_dir).loss
 
 
@@ -293,9 +293,10 @@ def register_adapter(
     lineage: Lineage,
 ) -> Registration:
     """Log the run to MLflow; register a version only when the gate passed (with its model card)."""
-    from loraops import registry, serving
+    from loraops import integrity, registry, serving
     from loraops.contract import DOCS_DIR, QUARANTINE_DIR
 
+    integrity.check_workspace_adapter(root, cfg.paths.adapter_dir)  # still the adapter dvc.lock recorded
     extra_files = [
         _path(root, "params.yaml"),
         _path(root, "dvc.lock"),

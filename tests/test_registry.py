@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import uuid
 from pathlib import Path
 
 import mlflow.artifacts
+import numpy
 import pytest
+import safetensors.numpy
 from mlflow.exceptions import MlflowException
 
 from loraops.config import LoraopsConfig, RegistryConfig
@@ -39,7 +40,10 @@ HISTORY = [
     {"eval_loss": 2.013, "eval_runtime": 0.4, "epoch": 1.0, "step": 20},
     {"train_runtime": 12.5, "train_loss": 2.35, "epoch": 1.0, "step": 20},
 ]
-ADAPTER_FILES = {"adapter_config.json": b'{"r": 16, "lora_alpha": 32}', "adapter_model.safetensors": os.urandom(2048)}
+ADAPTER_FILES = {
+    "adapter_config.json": b'{"r": 16, "lora_alpha": 32}',
+    "adapter_model.safetensors": safetensors.numpy.save({"w": numpy.random.default_rng().random(512, numpy.float32)}),
+}
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +239,7 @@ def test_champion_adapter_downloads_by_source_and_by_alias_uri(cfg, project, cli
     log_and_register(cfg, root=project, **outcome(), client=client)
     champion = find_champion(client, cfg.registry.model_name)
 
-    by_source = download_adapter(client, champion, tmp_path / "a")
+    by_source = download_adapter(client, cfg.registry.model_name, champion, tmp_path / "a")
     # A consumer resolves models:/NAME@champion through its environment's registry URI.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.registry.tracking_uri)
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", cfg.registry.tracking_uri)

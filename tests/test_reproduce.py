@@ -259,6 +259,23 @@ def test_reproduce_refuses_when_the_remote_lacks_a_recorded_object(untouched, tm
     assert "the DVC remote 'local' does not hold everything this version recorded" in result.output
 
 
+def test_reproduce_refuses_a_registered_adapter_whose_weights_changed(untouched, tmp_path):
+    from urllib.parse import unquote, urlparse
+
+    source = _client(untouched).get_model_version(MODEL, "1").source
+    weights = Path(unquote(urlparse(source).path)) / "adapter_model.safetensors"
+    shutil.copy(weights, tmp_path / "original")
+    weights.write_bytes(os.urandom(weights.stat().st_size))
+    try:
+        result = _reproduce(untouched, f"{MODEL}/1")
+    finally:
+        shutil.copy(tmp_path / "original", weights)
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert f"{MODEL} version 1: adapter_model.safetensors differs from the sha256 recorded at registration" in message
+    assert "Traceback" not in result.output
+
+
 # --- experiments -------------------------------------------------------------------------------------
 
 
