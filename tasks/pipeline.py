@@ -25,7 +25,17 @@ from loraops.results import (
 _stage = dict(cache_policy=NO_CACHE, persist_result=False)
 # Stages that talk to the MLflow server or the DVC remote: retry transient failures, with jitter so
 # runs that failed together (a server restart) do not all retry at the same second.
-_network = dict(retries=2, retry_delay_seconds=[5, 30], retry_jitter_factor=0.5)
+# A tracking server that stopped answering is not retried: the run fails within registry.timeout_s.
+
+
+def _server_still_there(task, task_run, state) -> bool:
+    from loraops.tracking_limits import TrackingServerLostError
+
+    error = state.data if isinstance(state.data, BaseException) else getattr(state.data, "result", None)
+    return not isinstance(error, TrackingServerLostError)
+
+
+_network = dict(retries=2, retry_delay_seconds=[5, 30], retry_jitter_factor=0.5, retry_condition_fn=_server_still_there)
 
 
 @task(name="record-run-config", **_stage)
