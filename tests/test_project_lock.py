@@ -129,6 +129,7 @@ def project_with_data(tiny_project) -> Path:
     return tiny_project
 
 
+@pytest.mark.slow  # two training processes on a tiny project: ~40 s on 2 busy cores
 def test_two_train_adapter_stages_on_one_checkout_one_is_refused_naming_the_other(project_with_data):
     command = [sys.executable, "-m", "loraops", "stage", "train-adapter"]
     first = subprocess.Popen(command, cwd=project_with_data, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -94,6 +94,7 @@ class _KillWhenTrainingStarts(logging.Handler):
             self.killed = True
 
 
+@pytest.mark.slow  # a real mlflow server and a whole retrain: ~1-2 min on 2 busy cores
 @pytest.mark.integration
 def test_a_tracking_server_killed_during_training_fails_the_run_in_one_line_registering_nothing(
     tiny_project, killable_tracking_server, prefect_harness, capfd
