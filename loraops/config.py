@@ -245,7 +245,7 @@ class RegistryConfig(_Section):
     card_samples: int = Field(3, ge=0, description="Validation prompts answered by base and adapter in the model card")
     card_max_new_tokens: int = Field(32, gt=0, description="Greedy tokens per model-card sample answer")
     timeout_s: int = Field(
-        60, ge=5, description="Seconds a run waits on a tracking server that stopped answering (MLflow's own "
+        60, ge=10, description="Seconds a run waits on a tracking server that stopped answering (MLflow's own "
         "retries included) before it fails, keeping its adapter and metrics"
     )
 
