@@ -32,8 +32,8 @@ def retrain(config: LoraopsConfig | None = None, project_dir: str = ".") -> Retr
     """
     root = Path(project_dir).resolve()
     cfg = run_context.run_config(config, root)  # params.yaml with the values this run chose
-    pipeline.check_servers(cfg, root)  # before anything is written: an unreachable server changes nothing
-    with stages.params_restored_on_failure(root):  # a failed run's overrides don't stay in params.yaml
+    with stages.guarded_run(cfg, root, "retrain flow"), stages.params_restored_on_failure(root):
+        pipeline.check_servers(cfg, root)  # before anything is written: an unreachable server changes nothing
         pipeline.record_run_config(cfg, root)
         pipeline.prepare_base_model(cfg, root)
         pipeline.validate_dataset(cfg, root)

@@ -32,11 +32,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from loraops.contract import DataContractError
     from loraops.data import DataError
     from loraops.integrity import AdapterIntegrityError
+    from loraops.project_lock import ProjectLockedError
     from loraops.servers import ServerUnreachableError
 
     errors: list[type[BaseException]] = [
         ConfigError, DataError, DataContractError, UserError, FileNotFoundError, ServerUnreachableError,
         AdapterIntegrityError,
+        ProjectLockedError,
     ]
     try:
         from loraops.training import TrainingDivergedError
@@ -69,6 +71,16 @@ def _configure_logging(verbose: bool) -> None:
 
 def _config(params: Path, overrides: list[str] | None) -> LoraopsConfig:
     return load_config(params, dict(parse_override(item) for item in overrides or []))
+
+
+@contextmanager
+def _project_locked(params: Path, command: str):
+    """The project's run lock (loraops/project_lock.py), waiting orchestration.lock_timeout_s."""
+    from loraops.project_lock import project_lock
+
+    cfg = load_config(params)
+    with project_lock(params.resolve().parent, command, cfg.orchestration.lock_timeout_s):
+        yield
 
 
 @app.callback()
@@ -204,7 +216,7 @@ def import_data(params: ParamsOption = Path("params.yaml")) -> None:
     """Rebuild data/ from the embedded chatterbot corpus (byte-identical to what data.dvc records)."""
     from loraops import stages
 
-    with _exit_cleanly_on_user_error():
+    with _exit_cleanly_on_user_error(), _project_locked(params, "loraops import-data"):
         summary = stages.import_data(load_config(params), params.resolve().parent)
         typer.echo(f"imported {summary}")
 
@@ -241,7 +253,7 @@ def stage(name: StageName, params: ParamsOption = Path("params.yaml")) -> None:
     from loraops import stages
 
     runner: Callable = getattr(stages, name.name)
-    with _exit_cleanly_on_user_error():
+    with _exit_cleanly_on_user_error(), _project_locked(params, f"loraops stage {name.value}"):
         result = runner(load_config(params), params.resolve().parent)
         typer.echo(result.model_dump_json(indent=1) if hasattr(result, "model_dump_json") else str(result))
 

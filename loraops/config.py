@@ -244,6 +244,10 @@ class RegistryConfig(_Section):
     auto_promote: bool = Field(False, description="Also move the champion alias to a version that passes the gate")
     card_samples: int = Field(3, ge=0, description="Validation prompts answered by base and adapter in the model card")
     card_max_new_tokens: int = Field(32, gt=0, description="Greedy tokens per model-card sample answer")
+    timeout_s: int = Field(
+        60, ge=10, description="Seconds a run waits on a tracking server that stopped answering (MLflow's own "
+        "retries included) before it fails, keeping its adapter and metrics"
+    )
 
 
 class ExportConfig(_Section):
@@ -281,6 +285,10 @@ class OrchestrationConfig(_Section):
     )
     train_timeout_s: int = Field(
         86_400, gt=0, description="Seconds the retrain run waits for the training run to finish"
+    )
+    lock_timeout_s: float = Field(
+        0, ge=0, description="Seconds a run waits for another run of the same checkout to finish before it is "
+        "refused (0: refuse at once); one run per checkout at a time"
     )
 
 

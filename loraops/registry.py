@@ -52,6 +52,7 @@ LOSS_PLOT_ARTIFACT = "training/loss_curves.png"
 _DESCRIPTION_LIMIT = 4500  # SQL stores cap a version description at 5000 characters
 _CARD_PARAM_SECTIONS = ("model", "data", "lora", "quant", "train", "gate")
 _SECRET_WORDS = ("password", "secret", "token", "api_key")
+_STORE_LOCK_TIMEOUT_S = 300  # creating and migrating a fresh SQLite store takes seconds
 _BATCH = 100  # MLflow accepts at most 100 params and 1000 metrics per log_batch call
 
 
@@ -97,9 +98,24 @@ def artifact_root_for(tracking_uri: str) -> str | None:
 
 def make_client(tracking_uri: str) -> MlflowClient:
     database = _sqlite_path(tracking_uri)
-    if database:
-        database.parent.mkdir(parents=True, exist_ok=True)
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    if not database:
+        return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    database.parent.mkdir(parents=True, exist_ok=True)
+    # MLflow creates and migrates a SQLite store on its first open in a process; two processes doing
+    # that at once break it for good ("table _alembic_tmp_... already exists"). One opens it at a time.
+    from filelock import FileLock, Timeout
+
+    try:
+        with FileLock(f"{database}.lock", timeout=_STORE_LOCK_TIMEOUT_S):
+            client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+            client.search_experiments(max_results=1)  # the tracking store: created and migrated here
+            client.search_registered_models(max_results=1)  # the registry store
+    except Timeout:
+        raise MlflowException(
+            f"the MLflow store {database} stayed locked by another process for {_STORE_LOCK_TIMEOUT_S} s "
+            f"(lock file {database}.lock): let that process finish, then rerun"
+        ) from None
+    return client
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_root: str | None) -> str:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from loraops.config import LoraopsConfig, write_params
 from loraops.memory import MemoryCheck
+from loraops.project_lock import project_lock
+from loraops.tracking_limits import bounded_requests, reports_lost_server
 from loraops.results import (
     BaseModelRef,
     ContractReport,
@@ -46,6 +48,13 @@ def record_run_config(cfg: LoraopsConfig, root: Path) -> bool:
     if changed:
         log.info("params.yaml updated with this run's settings (params hash %s)", cfg.params_hash())
     return changed
+
+
+@contextmanager
+def guarded_run(cfg: LoraopsConfig, root: Path, command: str) -> Iterator[None]:
+    """One run per checkout (the project lock), and MLflow requests that give up within registry.timeout_s."""
+    with project_lock(root, command, cfg.orchestration.lock_timeout_s), bounded_requests(cfg.registry.timeout_s):
+        yield
 
 
 @contextmanager
@@ -240,6 +249,7 @@ def _evaluate_adapter_dir(cfg: LoraopsConfig, root: Path, adapter_dir: Path) -> 
     return evaluate_loss(model, _validation_dataset(cfg, root), cfg.eval.batch_size)
 
 
+@reports_lost_server("gate-candidate")
 def gate_candidate(cfg: LoraopsConfig, root: Path, baseline: EvalMetrics, candidate: EvalMetrics) -> GateDecision:
     """Compare the candidate with the base model and with the current champion on today's data."""
     from loraops import gate, registry
@@ -283,6 +293,7 @@ def version_outputs(cfg: LoraopsConfig, root: Path) -> Lineage:
     return versioning.collect_lineage(cfg, root, base.source, base.revision)
 
 
+@reports_lost_server("register-adapter")
 def register_adapter(
     cfg: LoraopsConfig,
     root: Path,

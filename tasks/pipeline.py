@@ -24,18 +24,22 @@ from loraops.results import (
 # Stages read and write the project's files, so Prefect's input-hash caching would hide reruns.
 _stage = dict(cache_policy=NO_CACHE, persist_result=False)
 
-
-def _not_a_changed_adapter(task, task_run, state) -> bool:
-    """Changed or corrupt adapter files (a champion, the workspace adapter) stay so on a retry."""
-    from loraops.integrity import AdapterIntegrityError
-
-    return not isinstance(state.data, AdapterIntegrityError)
-
-
 # Stages that talk to the MLflow server or the DVC remote: retry transient failures, with jitter so
 # runs that failed together (a server restart) do not all retry at the same second.
+# Not retried: a tracking server that stopped answering (the run fails within registry.timeout_s), and
+# changed or corrupt adapter files (a champion, the workspace adapter), which stay so on a retry.
+
+
+def _worth_retrying_network(task, task_run, state) -> bool:
+    from loraops.integrity import AdapterIntegrityError
+    from loraops.tracking_limits import TrackingServerLostError
+
+    error = state.data if isinstance(state.data, BaseException) else getattr(state.data, "result", None)
+    return not isinstance(error, (TrackingServerLostError, AdapterIntegrityError))
+
+
 _network = dict(
-    retries=2, retry_delay_seconds=[5, 30], retry_jitter_factor=0.5, retry_condition_fn=_not_a_changed_adapter
+    retries=2, retry_delay_seconds=[5, 30], retry_jitter_factor=0.5, retry_condition_fn=_worth_retrying_network
 )
 
 

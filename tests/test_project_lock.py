@@ -1,0 +1,163 @@
+"""One run per checkout: the project's run lock, held by real processes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from loraops.project_lock import HOLDER_ENV, LOCK_FILE, ProjectLockedError, project_lock
+
+# Holds the lock of PROJECT as COMMAND until the file RELEASE exists (or forever, to be killed).
+HOLD = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from loraops.project_lock import project_lock
+
+    root, command, release = sys.argv[1:4]
+    with project_lock(root, command):
+        while not Path(release).exists():
+            time.sleep(0.05)
+    """
+)
+
+
+def _start_holder(root: Path, command: str, release: Path) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, "-c", HOLD, str(root), command, str(release)])
+    _wait_for_holder(root, process)
+    return process
+
+
+def _wait_for_holder(root: Path, process: subprocess.Popen, timeout_s: float = 120) -> dict:
+    lock = root / LOCK_FILE
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the holder exited with {process.returncode}"
+        text = lock.read_text() if lock.exists() else ""
+        if text.strip():
+            return json.loads(text)
+        time.sleep(0.05)
+    pytest.fail("the holder never recorded itself in the lock file")
+
+
+def test_a_second_run_is_refused_naming_the_holder_and_runs_once_it_is_gone(tmp_path):
+    release = tmp_path / "release"
+    holder = _start_holder(tmp_path, "loraops stage train-adapter", release)
+    try:
+        with pytest.raises(ProjectLockedError) as refused:
+            with project_lock(tmp_path, "second"):
+                pytest.fail("ran while another process held the project")
+        message = str(refused.value)
+        assert f"'loraops stage train-adapter' (pid {holder.pid} on {socket.gethostname()}, started 20" in message
+        assert "orchestration.lock_timeout_s" in message
+    finally:
+        release.touch()
+        holder.wait(timeout=30)
+    with project_lock(tmp_path, "second"):
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["command"] == "second"
+    assert (tmp_path / LOCK_FILE).read_text() == ""  # released: no record left behind
+
+
+def test_a_second_run_waits_up_to_lock_timeout_for_the_first(tmp_path):
+    release = tmp_path / "release"
+    holder = _start_holder(tmp_path, "first", release)
+    try:
+        with pytest.raises(ProjectLockedError, match="after waiting 1 s by 'first'"):
+            with project_lock(tmp_path, "second", timeout_s=1):
+                pass
+        release.touch()  # the first run ends while the second waits
+        with project_lock(tmp_path, "second", timeout_s=60):
+            assert holder.poll() is not None
+    finally:
+        release.touch()
+        holder.wait(timeout=30)
+
+
+def test_the_lock_of_a_killed_run_is_taken_over_with_a_message(tmp_path, caplog):
+    holder = _start_holder(tmp_path, "loraops stage train-adapter", tmp_path / "never")
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=30)
+    with caplog.at_level(logging.WARNING, logger="loraops.project_lock"):
+        with project_lock(tmp_path, "next run"):
+            pass
+    assert f"taking over the run lock {tmp_path / LOCK_FILE} left by 'loraops stage train-adapter' (pid {holder.pid}" in caplog.text
+
+
+def test_nested_use_in_one_process_and_children_of_the_holder_run_under_the_lock(tmp_path):
+    child = "from loraops.project_lock import project_lock\nwith project_lock(__import__('sys').argv[1], 'child'): print('ran')"
+    with project_lock(tmp_path, "outer"):
+        with project_lock(tmp_path, "inner"):  # the flow calling a stage that locks: no deadlock
+            pass
+        ran = subprocess.run([sys.executable, "-c", child, str(tmp_path)], capture_output=True, text=True)
+        assert ran.stdout.strip() == "ran", ran.stderr  # dvc repro -> loraops stage started by the holder
+        stranger_env = {k: v for k, v in os.environ.items() if k != HOLDER_ENV}
+        stranger = subprocess.run([sys.executable, "-c", child, str(tmp_path)], capture_output=True, text=True, env=stranger_env)
+        assert stranger.returncode == 1 and "is in use by 'outer'" in stranger.stderr
+    assert HOLDER_ENV not in os.environ
+    stranger = subprocess.run([sys.executable, "-c", child, str(tmp_path)], capture_output=True, text=True)
+    assert stranger.stdout.strip() == "ran", stranger.stderr  # released after the outer block only
+
+
+def test_a_flow_run_records_its_id_in_the_lock(tmp_path, prefect_harness):
+    from prefect import flow
+    from prefect.runtime import flow_run
+
+    @flow
+    def holds_the_project(root: str) -> tuple[str, str]:
+        with project_lock(root, "retrain flow"):
+            return json.loads((Path(root) / LOCK_FILE).read_text())["flow_run_id"], flow_run.id
+
+    recorded, actual = holds_the_project(str(tmp_path))
+    assert recorded == actual and recorded
+
+
+@pytest.fixture
+def project_with_data(tiny_project) -> Path:
+    """The tiny project with its base model and data contract done, ready for `loraops stage train-adapter`."""
+    for stage in ("prepare-base-model", "validate-dataset"):
+        subprocess.run([sys.executable, "-m", "loraops", "stage", stage], cwd=tiny_project, check=True, capture_output=True)
+    return tiny_project
+
+
+@pytest.mark.slow  # two training processes on a tiny project: ~40 s on 2 busy cores
+def test_two_train_adapter_stages_on_one_checkout_one_is_refused_naming_the_other(project_with_data):
+    command = [sys.executable, "-m", "loraops", "stage", "train-adapter"]
+    first = subprocess.Popen(command, cwd=project_with_data, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_holder(project_with_data, first)
+    second = subprocess.run(command, cwd=project_with_data, capture_output=True, text=True, timeout=120)
+    out, err = first.communicate(timeout=300)
+
+    assert first.returncode == 0, err[-3000:]
+    assert second.returncode == 1
+    assert f"is in use by 'loraops stage train-adapter' (pid {first.pid} on" in second.stderr
+    assert "Traceback" not in second.stderr
+    trained = json.loads(out)
+    assert Path(trained["adapter_dir"]).is_dir() and trained["steps"] > 0
+
+
+def test_a_retrain_flow_is_refused_while_another_run_holds_the_checkout(tiny_project, prefect_harness):
+    from flows.retrain import retrain
+    from loraops.config import load_config
+
+    params_before = (tiny_project / "params.yaml").read_bytes()
+    release = tiny_project / "release"
+    holder = _start_holder(tiny_project, "loraops stage train-adapter", release)
+    try:
+        with pytest.raises(ProjectLockedError, match=rf"in use by 'loraops stage train-adapter' \(pid {holder.pid} on"):
+            retrain(config=load_config(tiny_project / "params.yaml", {"train.seed": 2}), project_dir=str(tiny_project))
+    finally:
+        release.touch()
+        holder.wait(timeout=30)
+    assert (tiny_project / "params.yaml").read_bytes() == params_before  # its -S override was never written
+    assert not (tiny_project / "mlflow" / "mlflow.db").exists()  # nothing logged or registered
+    assert not (tiny_project / "adapters").exists()
