@@ -24,6 +24,7 @@ from loraops.results import (
     Lineage,
     Registration,
     TrainResult,
+    write_metrics,
 )
 
 log = logging.getLogger(__name__)
@@ -206,8 +207,16 @@ def train_adapter(cfg: LoraopsConfig, root: Path) -> TrainResult:
 
 def record_training(result: TrainResult, metrics_dir: Path) -> None:
     """metrics/train.json and the loss series ``dvc plots`` draws (also for an adapter trained elsewhere)."""
-    result.write_json(metrics_dir / TRAIN_METRICS)
+    write_metrics(result.metrics(), metrics_dir / TRAIN_METRICS)
     write_loss_plots(Path(result.history_path), metrics_dir / "plots")
+
+
+def read_training(cfg: LoraopsConfig, root: Path) -> TrainResult:
+    """The last training's result from metrics/train.json, with the adapter and history paths of this checkout."""
+    metrics_dir = _path(root, cfg.paths.metrics_dir)
+    return TrainResult.from_metrics(
+        metrics_dir / TRAIN_METRICS, _path(root, cfg.paths.adapter_dir), metrics_dir / TRAIN_HISTORY
+    )
 
 
 def write_loss_plots(history_path: Path, plots_dir: Path) -> None:
@@ -252,7 +261,7 @@ def gate_candidate(cfg: LoraopsConfig, root: Path, baseline: EvalMetrics, candid
     decision = gate.gate_candidate(
         baseline, candidate, champion_loss, champion.version if champion else None, cfg.gate
     )
-    decision.write_json(_path(root, cfg.paths.metrics_dir) / GATE_DECISION)
+    write_metrics(decision.metrics(), _path(root, cfg.paths.metrics_dir) / GATE_DECISION)
     for reason in decision.reasons:
         log.info("gate: %s", reason)
     return decision
