@@ -43,5 +43,6 @@ def retrain(config: LoraopsConfig | None = None, project_dir: str = ".") -> Retr
         candidate = pipeline.evaluate_adapter(cfg, root)
         decision = pipeline.gate_candidate(cfg, root, baseline, candidate)
         lineage = pipeline.version_outputs(cfg, root)
+        lineage = pipeline.save_experiment(cfg, root, lineage)  # `dvc exp show` lists the run, gate failed or not
         registration = pipeline.register_adapter(cfg, root, trained, baseline, candidate, decision, lineage)
     return RetrainResult(baseline=baseline, candidate=candidate, decision=decision, registration=registration)

@@ -285,11 +285,21 @@ def version_outputs(cfg: LoraopsConfig, root: Path) -> Lineage:
     """Record what ran in dvc.lock, push data and outputs to the remote, and return the lineage."""
     from loraops import modeling, versioning
 
-    versioning.record_pipeline_state(root)
+    versioning.record_pipeline_state(root, lock_wait_s=cfg.version.dvc_lock_wait_s)
     if cfg.version.push:
-        versioning.push_outputs(root)
+        versioning.push_outputs(root, lock_wait_s=cfg.version.dvc_lock_wait_s)
     base = modeling.read_base_model_ref(_path(root, cfg.paths.base_model_dir))
     return versioning.collect_lineage(cfg, root, base.source, base.revision)
+
+
+def save_experiment(cfg: LoraopsConfig, root: Path, lineage: Lineage, name: str) -> Lineage:
+    """Save the run as DVC experiment ``name`` (pushed with version.push); the lineage then names it."""
+    from loraops import experiments
+
+    saved = experiments.save_experiment(
+        root, name, push=cfg.version.push, lock_wait_s=cfg.version.dvc_lock_wait_s
+    )
+    return experiments.with_experiment(lineage, saved)
 
 
 def register_adapter(
