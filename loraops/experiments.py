@@ -88,10 +88,10 @@ def save_experiment(
 
 def _check_same_lock(root: Path, name: str, rev: str) -> None:
     try:
-        saved = versioning.run_git(root, "show", f"{rev}:dvc.lock")
+        saved = versioning.git_show(root, rev, "dvc.lock")
     except VersioningError:
         saved = None
-    if saved != (root / "dvc.lock").read_text().strip():
+    if saved != (root / "dvc.lock").read_text():
         raise VersioningError(
             f"a DVC experiment named {name} already exists in {root} ({rev[:12]}) and records another dvc.lock: "
             f"remove it with `dvc exp remove {name}` or run again (each run gets a new name)"

@@ -112,6 +112,11 @@ def run_git(repo_root: str | Path, *args: str) -> str:
     return _run(["git", *args], repo_root, f"git {' '.join(args)}").strip()
 
 
+def git_show(repo_root: str | Path, rev: str, path: str) -> str:
+    """The content of ``path`` at commit ``rev``, byte for byte (``git show REV:PATH``)."""
+    return _run(["git", "show", f"{rev}:{path}"], repo_root, f"git show {rev}:{path}")
+
+
 def file_md5(path: str | Path) -> str:
     digest = hashlib.md5()
     with Path(path).open("rb") as handle:
