@@ -32,9 +32,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from loraops.contract import DataContractError
     from loraops.data import DataError
     from loraops.servers import ServerUnreachableError
+    from loraops.versioning import DvcLockedError
 
     errors: list[type[BaseException]] = [
-        ConfigError, DataError, DataContractError, UserError, FileNotFoundError, ServerUnreachableError
+        ConfigError, DataError, DataContractError, UserError, FileNotFoundError, ServerUnreachableError, DvcLockedError
     ]
     try:
         from loraops.training import TrainingDivergedError

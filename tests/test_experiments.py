@@ -88,15 +88,19 @@ json.dump({"steps": steps}, open("metrics/train.json", "w"))
 """
 
 
-@pytest.fixture
-def small(tmp_path) -> Path:
-    """A git + DVC project with one stage, a DVC remote and a bare git remote; the stage has run once."""
-    project = tmp_path / "small"
+@pytest.fixture(scope="module")
+def small_template(tmp_path_factory) -> Path:
+    """Built once: a git + DVC project with one stage that has run, its DVC remote and a bare git remote.
+
+    Both remotes are relative paths, so a copy of the folder is a self-contained project.
+    """
+    root = tmp_path_factory.mktemp("small-template")
+    project = root / "small"
     (project / "data").mkdir(parents=True)
     (project / "metrics").mkdir()
     _sh(project, "git", "init", "-q", "-b", "main")
     _sh(project, DVC, "init", "-q")
-    _sh(project, DVC, "remote", "add", "-d", "local", str(tmp_path / "dvc-remote"))
+    _sh(project, DVC, "remote", "add", "-d", "local", "../../dvc-remote")  # relative to .dvc/
     (project / "data" / "a.txt").write_text("hello\n")
     _sh(project, DVC, "add", "-q", "data")
     (project / "params.yaml").write_text("train:\n  steps: 3\n")
@@ -104,9 +108,17 @@ def small(tmp_path) -> Path:
     (project / "train.py").write_text(TRAIN_PY)
     _sh(project, "git", "add", "-A")
     _sh(project, *GIT, "commit", "-qm", "small project")
-    _with_git_remote(project)
+    _sh(root, "git", "init", "-q", "--bare", "-b", "main", "small.git")
+    _sh(project, "git", "remote", "add", "origin", "../small.git")
+    _sh(project, "git", "push", "-q", "origin", "main")
     _run_small(project, steps=3, passed=True)
-    return project
+    return root
+
+
+@pytest.fixture
+def small(small_template, tmp_path) -> Path:
+    shutil.copytree(small_template, tmp_path, dirs_exist_ok=True)
+    return tmp_path / "small"
 
 
 def _run_small(project: Path, steps: int, passed: bool) -> None:
