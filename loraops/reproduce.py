@@ -32,8 +32,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from loraops import registry, versioning
-from loraops.experiments import EXPERIMENT_REV_TAG, EXPERIMENT_TAG
 from loraops.config import PathsConfig, RegistryConfig
+from loraops.experiments import EXPERIMENT_REV_TAG, EXPERIMENT_TAG
 from loraops.results import EvalMetrics
 from loraops.stages import ADAPTER_METRICS, BASELINE_METRICS
 from loraops.versioning import VersioningError
