@@ -168,6 +168,7 @@ def reproduce_version(
         with recorded_worktree(root, recorded.checkout, Path(scratch) / "worktree") as project:
             if recorded.experiment:
                 _use_users_remotes(project, root)  # params.yaml, dvc.lock and data.dvc are in the commit
+                untrack_outputs(project)
             else:
                 restore_recorded_inputs(project, root, recorded)
             pull_recorded_outputs(project)
@@ -393,6 +394,20 @@ def _use_users_remotes(project: Path, root: Path) -> None:
             if url and not re.match(r"\w+://", url) and not os.path.isabs(os.path.expanduser(url)):
                 anchored = os.path.normpath(root / ".dvc" / url)
                 versioning.run_dvc(project, "remote", "modify", "--local", name, "url", anchored)
+
+
+def untrack_outputs(project: Path) -> None:
+    """Take DVC outputs out of the worktree's git index, where an experiment commit can hold them.
+
+    ``dvc exp save`` force-adds the files top-level plots read (metrics/plots/*.json), although stages
+    produce them; ``dvc repro`` refuses to write an output git tracks. Only the temporary worktree's index changes.
+    """
+    lock = yaml.safe_load((project / "dvc.lock").read_text()) or {}
+    outs = sorted({out["path"] for stage in (lock.get("stages") or {}).values() for out in stage.get("outs") or []})
+    tracked = versioning.run_git(project, "ls-files", "--", *outs).split() if outs else []
+    if tracked:
+        versioning.run_git(project, "rm", "-r", "--cached", "--quiet", "--", *tracked)
+        logger.info("untracked %s in the worktree's git index (DVC outputs the experiment commit holds)", ", ".join(tracked))
 
 
 def pull_recorded_outputs(project: Path) -> None:
