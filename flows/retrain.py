@@ -46,6 +46,7 @@ def retrain(config: LoraopsConfig | None = None, project_dir: str = ".") -> Retr
         candidate = pipeline.evaluate_adapter(cfg, root)
         decision = pipeline.gate_candidate(cfg, root, baseline, candidate)
         lineage = pipeline.version_outputs(cfg, root)
+        lineage = pipeline.save_experiment(cfg, root, lineage)  # `dvc exp show` lists the run, gate failed or not
         registration = pipeline.register_adapter(cfg, root, trained, baseline, candidate, decision, lineage)
     result = RetrainResult(baseline=baseline, candidate=candidate, decision=decision, registration=registration)
     return run_context.final_state(result, decision, registration)  # "Completed" (registered) or "Refused"

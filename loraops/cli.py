@@ -34,11 +34,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from loraops.integrity import AdapterIntegrityError
     from loraops.project_lock import ProjectLockedError
     from loraops.servers import ServerUnreachableError
+    from loraops.versioning import DvcLockedError
 
     errors: list[type[BaseException]] = [
         ConfigError, DataError, DataContractError, UserError, FileNotFoundError, ServerUnreachableError,
         AdapterIntegrityError,
         ProjectLockedError,
+        DvcLockedError,
     ]
     try:
         from loraops.training import TrainingDivergedError

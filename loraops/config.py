@@ -272,6 +272,12 @@ class ExportConfig(_Section):
 
 class VersionConfig(_Section):
     push: bool = Field(True, description="dvc push data, adapter and metrics to the default remote")
+    dvc_lock_wait_s: float = Field(
+        120.0,
+        ge=0,
+        description="Seconds a run waits while another DVC process (e.g. your own dvc repro) holds the checkout's "
+        "DVC lock, before failing with that process named",
+    )
 
 
 class OrchestrationConfig(_Section):

@@ -591,6 +591,7 @@ def render_model_card(cfg: LoraopsConfig, record: RunRecord, registration: Regis
         _card_evaluation(record),
         _card_gate(record.decision),
         _card_base_and_data(record.lineage),
+        _card_reproduce(registration, record.lineage),
         _card_samples(record.samples, cfg.registry.card_max_new_tokens),
         _card_training(record.train),
         _card_table("Parameters", _card_params(cfg)),
@@ -667,6 +668,22 @@ def _card_base_and_data(lineage: Lineage) -> str:
         f"- data version (DVC md5 of data/): `{lineage.data_md5}`\n"
         f"- dvc.lock md5: `{lineage.dvc_lock_md5}`; params hash `{lineage.params_hash}`\n"
         f"- git commit: `{lineage.git_commit}`{dirty}\n"
+    )
+
+
+def _card_reproduce(registration: Registration, lineage: Lineage) -> str:
+    from loraops.experiments import reproduce_commands
+
+    rebuild = f"loraops reproduce {registration.model_name}/{registration.version}" if registration.version else ""
+    if not lineage.dvc_experiment:
+        return f"## How to reproduce\n\n`{rebuild}` (from the run's MLflow lineage artifacts)\n" if rebuild else ""
+    name, rev = lineage.dvc_experiment, lineage.dvc_experiment_rev or ""
+    compare = f"\n{rebuild}   # rebuilds it in a temporary worktree and compares it with this version" if rebuild else ""
+    return (
+        f"## How to reproduce\n\nThe run is DVC experiment `{name}` (commit `{rev[:12]}`); with DVC alone:\n\n"
+        f"```bash\ndvc exp pull origin {name}   # in another clone: fetch the experiment first\n"
+        f"{reproduce_commands(name)}\ndvc repro --force   # rebuild every stage; `dvc metrics diff {name}` then shows no change"
+        f"{compare}\n```\n"
     )
 
 

@@ -1,12 +1,14 @@
 """Rebuild a registered adapter from its lineage and compare it with what the registry holds.
 
-A version's reproducibility key is its lineage: the git commit of the code, the exact dvc.lock of
-the run (logged as ``lineage/dvc.lock``, md5 in ``loraops.dvc_lock_md5``), the params.yaml it ran
-with (``lineage/params.yaml``) and the data version (``loraops.data_md5``). The flow does not
-git-commit dvc.lock or params.yaml, so they come from the run's artifacts, not from the commit.
+A version's reproducibility key is its lineage. A version registered by a run that saved a DVC
+experiment (``loraops.dvc_experiment`` / ``loraops.dvc_experiment_rev``) has it all in that commit:
+code, params.yaml, dvc.lock and data.dvc as the run left them. Older versions have the git commit of
+the code, plus the exact dvc.lock (``lineage/dvc.lock``, md5 in ``loraops.dvc_lock_md5``) and
+params.yaml (``lineage/params.yaml``) as run artifacts and the data version (``loraops.data_md5``).
 
-``reproduce_version`` checks out the commit in a temporary ``git worktree`` (the user's checkout
-is never written to), puts the recorded dvc.lock and params.yaml in, pulls the recorded data and
+``reproduce_version`` checks out the experiment's commit (else the code's commit, with the recorded
+dvc.lock and params.yaml put in) in a temporary ``git worktree`` (the user's checkout is never
+written to), pulls the recorded data and
 outputs from the DVC remote into the worktree's own cache (proving the remote holds them), runs
 ``dvc repro --force`` with the worktree's own code, and compares the rebuilt metrics and adapter
 tensors with the registered ones. The worktree is removed afterwards, also on failure.
@@ -31,6 +33,7 @@ from pydantic import BaseModel, ValidationError
 
 from loraops import registry, versioning
 from loraops.config import PathsConfig, RegistryConfig
+from loraops.experiments import EXPERIMENT_REV_TAG, EXPERIMENT_TAG
 from loraops.results import EvalMetrics
 from loraops.stages import ADAPTER_METRICS, BASELINE_METRICS
 from loraops.versioning import VersioningError
@@ -69,7 +72,8 @@ class TensorDiff(BaseModel):
 class ReproductionReport(BaseModel):
     model_name: str
     version: str
-    git_commit: str
+    git_commit: str  # the commit the rebuild checked out: the experiment's when the version has one
+    dvc_experiment: str | None = None
     dvc_lock_md5: str
     data_md5: str
     checks: list[Check]
@@ -107,6 +111,16 @@ class RecordedVersion:
     @property
     def commit(self) -> str:
         return self.tags["loraops.git_commit"]
+
+    @property
+    def experiment(self) -> str | None:
+        """The run's DVC experiment (versions registered before runs were saved as experiments have none)."""
+        return self.tags.get(EXPERIMENT_TAG) or None
+
+    @property
+    def checkout(self) -> str:
+        """The commit to rebuild from: the experiment's (it holds params.yaml and dvc.lock) or the code's."""
+        return self.tags.get(EXPERIMENT_REV_TAG) or self.commit
 
     @property
     def data_md5(self) -> str:
@@ -151,10 +165,14 @@ def reproduce_version(
         recorded = fetch_recorded_version(client, model_name, which)
         check_reproducible(recorded, root, allow_dirty)
         registered_adapter = download_registered_adapter(client, recorded, Path(scratch) / "registered")
-        with recorded_worktree(root, recorded.commit, Path(scratch) / "worktree") as project:
-            restore_recorded_inputs(project, root, recorded)
+        with recorded_worktree(root, recorded.checkout, Path(scratch) / "worktree") as project:
+            if recorded.experiment:
+                _use_users_remotes(project, root)  # params.yaml, dvc.lock and data.dvc are in the commit
+                untrack_outputs(project)
+            else:
+                restore_recorded_inputs(project, root, recorded)
             pull_recorded_outputs(project)
-            rebuild(project, recorded.commit)
+            rebuild(project, recorded.checkout)
             return compare_rebuild(recorded, project, registered_adapter, loss_tolerance, weight_tolerance)
 
 
@@ -215,6 +233,9 @@ def _run_artifact_text(client, run_id: str, path: str, model_name: str, version:
 def check_reproducible(recorded: RecordedVersion, root: Path, allow_dirty: bool) -> None:
     """Refuse, before anything is checked out, a version whose lineage cannot lead to a faithful rebuild."""
     label = f"{recorded.model_name} version {recorded.version}"
+    if recorded.experiment:
+        _check_experiment(recorded, root, label)
+        return
     if recorded.commit == versioning.UNKNOWN_COMMIT:
         raise ReproduceError(f"{label} was trained outside a git repository (no commit recorded): nothing to check out")
     if recorded.tags["loraops.git_dirty"] == "True" and not allow_dirty:
@@ -230,6 +251,30 @@ def check_reproducible(recorded: RecordedVersion, root: Path, allow_dirty: bool)
             f"{recorded.tags['loraops.dvc_lock_md5']}: the lineage was altered, refusing to rebuild"
         )
     _check_commit_exists(root, recorded.commit, label)
+
+
+def _check_experiment(recorded: RecordedVersion, root: Path, label: str) -> None:
+    """The experiment's commit is here and holds the dvc.lock the version records (uncommitted code included)."""
+    name, rev = recorded.experiment, recorded.checkout
+    try:
+        versioning.run_git(root, "rev-parse", "--show-toplevel")
+    except VersioningError:
+        raise ReproduceError(f"{root} is not a git repository: run reproduce in a clone of the project") from None
+    try:
+        lock_text = versioning.git_show(root, rev, "dvc.lock")
+    except VersioningError:
+        raise ReproduceError(
+            f"{label} is DVC experiment {name} (commit {rev[:12]}), which is not in the git repository at {root}: "
+            f"fetch it with `dvc exp pull origin {name}` (or run reproduce where the run happened)"
+        ) from None
+    if _text_md5(lock_text) != recorded.tags["loraops.dvc_lock_md5"]:
+        raise ReproduceError(
+            f"{label}: the dvc.lock of DVC experiment {name} ({rev[:12]}) does not have the md5 the version records "
+            f"(loraops.dvc_lock_md5={recorded.tags['loraops.dvc_lock_md5']}): the lineage was altered, refusing to rebuild"
+        )
+    data_dvc = yaml.safe_load(versioning.git_show(root, rev, DATA_DVC_FILE)) or {}
+    data_path = ((data_dvc.get("outs") or [{}])[0]).get("path", "data")
+    _check_lock_uses_data(recorded, data_path)
 
 
 def _check_commit_exists(root: Path, commit: str, label: str) -> None:
@@ -351,6 +396,20 @@ def _use_users_remotes(project: Path, root: Path) -> None:
                 versioning.run_dvc(project, "remote", "modify", "--local", name, "url", anchored)
 
 
+def untrack_outputs(project: Path) -> None:
+    """Take DVC outputs out of the worktree's git index, where an experiment commit can hold them.
+
+    ``dvc exp save`` force-adds the files top-level plots read (metrics/plots/*.json), although stages
+    produce them; ``dvc repro`` refuses to write an output git tracks. Only the temporary worktree's index changes.
+    """
+    lock = yaml.safe_load((project / "dvc.lock").read_text()) or {}
+    outs = sorted({out["path"] for stage in (lock.get("stages") or {}).values() for out in stage.get("outs") or []})
+    tracked = versioning.run_git(project, "ls-files", "--", *outs).split() if outs else []
+    if tracked:
+        versioning.run_git(project, "rm", "-r", "--cached", "--quiet", "--", *tracked)
+        logger.info("untracked %s in the worktree's git index (DVC outputs the experiment commit holds)", ", ".join(tracked))
+
+
 def pull_recorded_outputs(project: Path) -> None:
     """``dvc pull`` the recorded data and outputs into the worktree's own (empty) cache."""
     remote = _default_remote(project)
@@ -424,7 +483,8 @@ def compare_rebuild(
     return ReproductionReport(
         model_name=recorded.model_name,
         version=recorded.version,
-        git_commit=recorded.commit,
+        git_commit=recorded.checkout,
+        dvc_experiment=recorded.experiment,
         dvc_lock_md5=recorded.tags["loraops.dvc_lock_md5"],
         data_md5=recorded.data_md5,
         checks=checks,
@@ -573,8 +633,9 @@ _CELL = 48  # longer differences are printed under the table
 
 def format_report(report: ReproductionReport) -> str:
     """The comparison table the CLI prints and the Prefect task shows as an artifact."""
+    experiment = f" (DVC experiment {report.dvc_experiment})" if report.dvc_experiment else ""
     header = (
-        f"{report.model_name} version {report.version}: rebuilt from commit {report.git_commit[:12]}, "
+        f"{report.model_name} version {report.version}: rebuilt from commit {report.git_commit[:12]}{experiment}, "
         f"dvc.lock {report.dvc_lock_md5[:12]}, data {report.data_md5[:12]}"
     )
     rows = [("check", "registered", "rebuilt", "difference", "result")]

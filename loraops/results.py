@@ -9,6 +9,18 @@ from pathlib import Path
 from pydantic import BaseModel
 
 
+def write_metrics(values: dict[str, float | int | None], path: str | Path) -> Path:
+    """A metrics file for ``dvc metrics``/``dvc exp show``: numbers only (flags as 0/1, unknown values left out)."""
+    numbers = {key: int(value) if isinstance(value, bool) else value for key, value in values.items() if value is not None}
+    bad = [key for key, value in numbers.items() if not isinstance(value, int | float)]
+    if bad:
+        raise TypeError(f"metrics file {path}: {', '.join(bad)} are not numbers; keep strings and paths out of metrics")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(numbers, indent=2, sort_keys=True) + "\n")
+    return path
+
+
 class _Result(BaseModel):
     def write_json(self, path: str | Path) -> Path:
         path = Path(path)
@@ -89,6 +101,16 @@ class TrainResult(_Result):
     history_path: str  # JSON list of {"step", "loss"|"eval_loss", ...} from the trainer
     resumed_from_step: int | None = None  # the checkpoint an interrupted run continued from
 
+    def metrics(self) -> dict[str, float | int | None]:
+        """What ``metrics/train.json`` holds: the numbers, not the paths (they'd differ between clones)."""
+        return self.model_dump(exclude={"adapter_dir", "history_path"})
+
+    @classmethod
+    def from_metrics(cls, path: str | Path, adapter_dir: str | Path, history_path: str | Path) -> TrainResult:
+        """Read ``metrics/train.json`` back; the paths come from the config, as the stage wrote them."""
+        values = json.loads(Path(path).read_text())
+        return cls.model_validate({**values, "adapter_dir": str(adapter_dir), "history_path": str(history_path)})
+
 
 class ChampionRef(_Result):
     version: str
@@ -106,6 +128,17 @@ class GateDecision(_Result):
     champion_loss: float | None = None
     champion_version: str | None = None
 
+    def metrics(self) -> dict[str, float | int | None]:
+        """What ``metrics/gate.json`` holds (``passed`` 0/1); the reasons stay in the MLflow run and Prefect."""
+        version = self.champion_version
+        return {
+            "passed": int(self.passed),
+            "baseline_loss": self.baseline_loss,
+            "candidate_loss": self.candidate_loss,
+            "champion_loss": self.champion_loss,
+            "champion_version": int(version) if version and version.isdigit() else None,
+        }
+
 
 class Lineage(_Result):
     git_commit: str
@@ -115,6 +148,8 @@ class Lineage(_Result):
     params_hash: str
     base_model: str
     base_revision: str | None = None
+    dvc_experiment: str | None = None  # the run's DVC experiment: `dvc exp apply NAME` restores it
+    dvc_experiment_rev: str | None = None  # that experiment's git commit
 
     def as_tags(self) -> dict[str, str]:
         return {f"loraops.{key}": "" if value is None else str(value) for key, value in self.model_dump().items()}

@@ -26,6 +26,7 @@ from loraops.results import (
     Lineage,
     Registration,
     TrainResult,
+    write_metrics,
 )
 
 log = logging.getLogger(__name__)
@@ -215,8 +216,16 @@ def train_adapter(cfg: LoraopsConfig, root: Path) -> TrainResult:
 
 def record_training(result: TrainResult, metrics_dir: Path) -> None:
     """metrics/train.json and the loss series ``dvc plots`` draws (also for an adapter trained elsewhere)."""
-    result.write_json(metrics_dir / TRAIN_METRICS)
+    write_metrics(result.metrics(), metrics_dir / TRAIN_METRICS)
     write_loss_plots(Path(result.history_path), metrics_dir / "plots")
+
+
+def read_training(cfg: LoraopsConfig, root: Path) -> TrainResult:
+    """The last training's result from metrics/train.json, with the adapter and history paths of this checkout."""
+    metrics_dir = _path(root, cfg.paths.metrics_dir)
+    return TrainResult.from_metrics(
+        metrics_dir / TRAIN_METRICS, _path(root, cfg.paths.adapter_dir), metrics_dir / TRAIN_HISTORY
+    )
 
 
 def write_loss_plots(history_path: Path, plots_dir: Path) -> None:
@@ -262,7 +271,7 @@ def gate_candidate(cfg: LoraopsConfig, root: Path, baseline: EvalMetrics, candid
     decision = gate.gate_candidate(
         baseline, candidate, champion_loss, champion.version if champion else None, cfg.gate
     )
-    decision.write_json(_path(root, cfg.paths.metrics_dir) / GATE_DECISION)
+    write_metrics(decision.metrics(), _path(root, cfg.paths.metrics_dir) / GATE_DECISION)
     for reason in decision.reasons:
         log.info("gate: %s", reason)
     return decision
@@ -286,11 +295,21 @@ def version_outputs(cfg: LoraopsConfig, root: Path) -> Lineage:
     """Record what ran in dvc.lock, push data and outputs to the remote, and return the lineage."""
     from loraops import modeling, versioning
 
-    versioning.record_pipeline_state(root)
+    versioning.record_pipeline_state(root, lock_wait_s=cfg.version.dvc_lock_wait_s)
     if cfg.version.push:
-        versioning.push_outputs(root)
+        versioning.push_outputs(root, lock_wait_s=cfg.version.dvc_lock_wait_s)
     base = modeling.read_base_model_ref(_path(root, cfg.paths.base_model_dir))
     return versioning.collect_lineage(cfg, root, base.source, base.revision)
+
+
+def save_experiment(cfg: LoraopsConfig, root: Path, lineage: Lineage, name: str) -> Lineage:
+    """Save the run as DVC experiment ``name`` (pushed with version.push); the lineage then names it."""
+    from loraops import experiments
+
+    saved = experiments.save_experiment(
+        root, name, push=cfg.version.push, lock_wait_s=cfg.version.dvc_lock_wait_s
+    )
+    return experiments.with_experiment(lineage, saved)
 
 
 @reports_lost_server("register-adapter")

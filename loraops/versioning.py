@@ -15,6 +15,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -46,14 +47,74 @@ def _run(command: list[str], cwd: str | Path, what: str, env: Mapping[str, str] 
     return done.stdout
 
 
-def run_dvc(repo_root: str | Path, *args: str, what: str | None = None, env: Mapping[str, str] | None = None) -> str:
-    """``dvc ARGS`` in ``repo_root``; ``env`` replaces the process environment (e.g. a PATH for stage commands)."""
+DVC_LOCK_WAIT_S = 120.0  # the default of version.dvc_lock_wait_s
+# What DVC prints when another DVC process holds the repository lock (.dvc/tmp/lock) or an output (.dvc/tmp/rwlock).
+_DVC_LOCK_ERRORS = ("Unable to acquire lock", "is busy, it is being blocked by")
+_LOCK_POLL_S = 1.0
+
+
+class DvcLockedError(VersioningError):
+    """Another DVC process kept this checkout locked for longer than loraops waits; the message names it."""
+
+
+def run_dvc(
+    repo_root: str | Path,
+    *args: str,
+    what: str | None = None,
+    env: Mapping[str, str] | None = None,
+    lock_wait_s: float = DVC_LOCK_WAIT_S,
+) -> str:
+    """``dvc ARGS`` in ``repo_root``; ``env`` replaces the process environment (e.g. a PATH for stage commands).
+
+    While another DVC process (the user's ``dvc repro``, another run) holds the checkout's lock, the command
+    is retried for up to ``lock_wait_s`` seconds; then ``DvcLockedError`` names the process holding it.
+    """
     # The interpreter's own DVC, so a venv's dvc is used even when its bin/ is not on PATH.
-    return _run([sys.executable, "-m", "dvc", *args], repo_root, what or f"dvc {' '.join(args)}", env)
+    command, label = [sys.executable, "-m", "dvc", *args], what or f"dvc {' '.join(args)}"
+    deadline = time.monotonic() + lock_wait_s
+    while True:
+        try:
+            return _run(command, repo_root, label, env)
+        except VersioningError as error:
+            if not any(marker in str(error) for marker in _DVC_LOCK_ERRORS):
+                raise
+            if time.monotonic() >= deadline:
+                raise DvcLockedError(_lock_message(repo_root, label, lock_wait_s, str(error))) from None
+            logger.info("%s: the DVC repository is locked by another process, waiting", label)
+            time.sleep(_LOCK_POLL_S)
+
+
+def _lock_message(repo_root: str | Path, what: str, waited_s: float, error: str) -> str:
+    tmp = Path(repo_root) / ".dvc" / "tmp"
+    blocked_by = error.partition("it is being blocked by:")[2].partition("If there are no processes")[0].strip()
+    holder = blocked_by or _lock_holder(tmp / "lock")
+    return (
+        f"{what}: another DVC process ({holder}) holds the lock of the DVC repository at {repo_root} and still "
+        f"held it after {waited_s:.0f} s (version.dvc_lock_wait_s). Let it finish or stop it, then rerun; if that "
+        f"process no longer exists, delete {tmp / 'lock'} and {tmp / 'rwlock'}"
+    )
+
+
+def _lock_holder(lock_file: Path) -> str:
+    """``PID 123: dvc repro`` from the PID DVC's lock file holds (the command line where /proc has it)."""
+    try:
+        pid = int(lock_file.read_text().strip())
+    except (OSError, ValueError):
+        return "unknown process"
+    try:
+        command = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        command = ""
+    return f"PID {pid}: {command}" if command else f"PID {pid}"
 
 
 def run_git(repo_root: str | Path, *args: str) -> str:
     return _run(["git", *args], repo_root, f"git {' '.join(args)}").strip()
+
+
+def git_show(repo_root: str | Path, rev: str, path: str) -> str:
+    """The content of ``path`` at commit ``rev``, byte for byte (``git show REV:PATH``)."""
+    return _run(["git", "show", f"{rev}:{path}"], repo_root, f"git show {rev}:{path}")
 
 
 def file_md5(path: str | Path) -> str:
@@ -171,7 +232,9 @@ def collect_lineage(
     )
 
 
-def record_pipeline_state(repo_root: str | Path, stages: list[str] | None = None) -> None:
+def record_pipeline_state(
+    repo_root: str | Path, stages: list[str] | None = None, lock_wait_s: float = DVC_LOCK_WAIT_S
+) -> None:
     """Make dvc.lock (and .dvc files) match the workspace without re-running anything.
 
     ``dvc commit --force`` records the current hashes of each stage's deps, params and outs in
@@ -181,7 +244,8 @@ def record_pipeline_state(repo_root: str | Path, stages: list[str] | None = None
     e.g. when some stages of dvc.yaml did not run and their outputs are missing.
     """
     targets = list(stages or [])
-    run_dvc(repo_root, "commit", "--force", *targets, what=f"dvc commit --force {' '.join(targets) or '(all stages)'}")
+    what = f"dvc commit --force {' '.join(targets) or '(all stages)'}"
+    run_dvc(repo_root, "commit", "--force", *targets, what=what, lock_wait_s=lock_wait_s)
     logger.info("recorded pipeline state in %s", Path(repo_root) / "dvc.lock")
 
 
@@ -215,7 +279,7 @@ def ensure_default_remote(repo_root: str | Path, path: str | Path, name: str = "
     return name
 
 
-def push_outputs(repo_root: str | Path, remote: str | None = None) -> str:
+def push_outputs(repo_root: str | Path, remote: str | None = None, lock_wait_s: float = DVC_LOCK_WAIT_S) -> str:
     """``dvc push`` the cached data and outputs; returns the remote's name."""
     name = remote
     if name is None:
@@ -228,6 +292,6 @@ def push_outputs(repo_root: str | Path, remote: str | None = None) -> str:
                 f"no default DVC remote in {repo_root}: add one with `dvc remote add -d NAME URL` "
                 "or set version.push: false"
             )
-    output = run_dvc(repo_root, "push", "--remote", name, what=f"dvc push to remote '{name}'")
+    output = run_dvc(repo_root, "push", "--remote", name, what=f"dvc push to remote '{name}'", lock_wait_s=lock_wait_s)
     logger.info("dvc push to '%s': %s", name, output.strip().splitlines()[-1] if output.strip() else "done")
     return name

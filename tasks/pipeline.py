@@ -165,6 +165,16 @@ def version_outputs(cfg: LoraopsConfig, root: Path) -> Lineage:
     return stages.version_outputs(cfg, root)
 
 
+@task(name="save-experiment", **_network, **_stage)
+def save_experiment(cfg: LoraopsConfig, root: Path, lineage: Lineage) -> Lineage:
+    """Named after the flow run and its scheduled start, so a retry finds the experiment it saved."""
+    from prefect.runtime import flow_run
+
+    from loraops.experiments import experiment_name
+
+    return stages.save_experiment(cfg, root, lineage, experiment_name(flow_run.name, flow_run.scheduled_start_time))
+
+
 @task(name="register-adapter", **_network, **_stage)
 def register_adapter(
     cfg: LoraopsConfig,

@@ -272,8 +272,8 @@ def test_a_crashed_gpu_worker_fails_retrain_and_the_rerun_resumes_its_training(s
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.states import Crashed
 
-    from loraops import training
-    from loraops.results import TrainResult
+    from loraops import stages, training
+    from loraops.config import load_config
 
     project = _checkout(tmp_path, tiny_model_dir, servers["mlflow"], max_steps=150, eval_steps=10)
     env, gpu_checkout = _deploy(servers, tmp_path, project)
@@ -320,7 +320,7 @@ def test_a_crashed_gpu_worker_fails_retrain_and_the_rerun_resumes_its_training(s
         print(f"rerun {second.state.type.value} after {time.monotonic() - started:.1f} s, resumed past {survivor.name}")
         assert second.state.is_completed(), (tmp_path / "gpu-worker-2.log").read_text()[-3000:]
 
-    resumed = TrainResult.read_json(project / "metrics" / "train.json")  # fetched back from the GPU host
+    resumed = stages.read_training(load_config(project / "params.yaml"), project)  # fetched back from the GPU host
     assert resumed.resumed_from_step is not None and resumed.resumed_from_step >= int(survivor.name.split("-")[1])
     assert resumed.steps == 150
     history = json.loads((project / "metrics" / "train_history.json").read_text())

@@ -57,7 +57,7 @@ def test_the_worker_trains_on_the_pushed_dataset_and_the_adapter_comes_back(pare
         assert (parent_adapter / file.name).read_bytes() == file.read_bytes(), file.name
     assert fetched.adapter_dir == str(parent_adapter) and fetched.steps == trained.steps
     assert fetched.best_eval_loss == pytest.approx(trained.best_eval_loss)
-    recorded = TrainResult.read_json(parent / cfg.paths.metrics_dir / stages.TRAIN_METRICS)
+    recorded = stages.read_training(cfg, parent)
     assert recorded == fetched and Path(recorded.history_path).parent == parent / cfg.paths.metrics_dir
     plots = json.loads((parent / cfg.paths.metrics_dir / "plots" / "train_loss.json").read_text())
     assert [row["step"] for row in plots] == list(range(1, trained.steps + 1))

@@ -85,6 +85,10 @@ def untouched(project):
     assert _checkout_state(project) == before
 
 
+# A version registered before runs were saved as DVC experiments: lineage tags and MLflow artifacts only.
+BEFORE_EXPERIMENTS = {"loraops__dvc_experiment": None, "loraops__dvc_experiment_rev": None}
+
+
 def _version_with(project: Path, **tags: str | None) -> str:
     """Register version 1's run again with some lineage tags changed (None: removed); returns the version."""
     client = _client(project)
@@ -144,7 +148,9 @@ def test_reproduce_rebuilds_version_1_and_prints_a_matching_table(untouched, tmp
     for row in ("adapter validation loss", "baseline validation loss", "adapter tensors", "inputs in dvc.lock"):
         assert row in result.output
     report = ReproductionReport.model_validate_json(report_file.read_text())
-    assert report.matched and report.git_commit == _sh(untouched, "git", "rev-parse", "HEAD").strip()
+    tags = _client(untouched).get_model_version(MODEL, "1").tags
+    assert report.matched and report.git_commit == tags["loraops.dvc_experiment_rev"]  # the run's experiment
+    assert report.dvc_experiment == tags["loraops.dvc_experiment"] and f"(DVC experiment {report.dvc_experiment})" in result.output
     assert report.tensors and all(t.max_abs_diff is not None and t.max_abs_diff <= 1e-6 for t in report.tensors)
     assert next(c for c in report.checks if c.name.startswith("inputs")).difference == "identical"
 
@@ -155,7 +161,7 @@ def test_reproduce_flow_fails_with_the_differences_when_the_registered_loss_was_
     from loraops.reproduce import ReproductionMismatch
 
     registered = float(_client(untouched).get_model_version(MODEL, "1").tags["loraops.val_loss"])
-    version = _version_with(untouched, loraops__val_loss=repr(registered + 0.01))
+    version = _version_with(untouched, loraops__val_loss=repr(registered + 0.01), **BEFORE_EXPERIMENTS)
 
     with pytest.raises(ReproductionMismatch) as raised:
         reproduce(f"{MODEL}/{version}", project_dir=str(untouched))
@@ -202,7 +208,7 @@ def test_reproduce_refuses_a_version_without_lineage_tags(untouched):
 
 
 def test_reproduce_refuses_uncommitted_code_unless_allowed(untouched):
-    version = _version_with(untouched, loraops__git_dirty="True")
+    version = _version_with(untouched, loraops__git_dirty="True", **BEFORE_EXPERIMENTS)
 
     result = _reproduce(untouched, f"{MODEL}/{version}")
     assert result.exit_code == 2
@@ -213,7 +219,7 @@ def test_allow_dirty_lets_a_dirty_version_past_the_checks(untouched):
     from loraops.registry import client_for
     from loraops.reproduce import check_reproducible, fetch_recorded_version
 
-    version = _version_with(untouched, loraops__git_dirty="True")
+    version = _version_with(untouched, loraops__git_dirty="True", **BEFORE_EXPERIMENTS)
     client = client_for(load_config(untouched / "params.yaml").registry, untouched)
     recorded = fetch_recorded_version(client, MODEL, version)
 
@@ -223,11 +229,29 @@ def test_allow_dirty_lets_a_dirty_version_past_the_checks(untouched):
 
 
 def test_reproduce_refuses_a_commit_missing_from_the_repository(untouched):
-    version = _version_with(untouched, loraops__git_commit="0123456789abcdef0123456789abcdef01234567")
+    version = _version_with(untouched, loraops__git_commit="0123456789abcdef0123456789abcdef01234567", **BEFORE_EXPERIMENTS)
 
     result = _reproduce(untouched, f"{MODEL}/{version}")
     assert result.exit_code == 2
     assert "is not in the git repository" in result.output and "git fetch" in result.output
+
+
+def test_a_version_names_its_experiment_whose_commit_holds_its_lock_and_params(untouched):
+    from loraops.versioning import git_show
+
+    tags = _client(untouched).get_model_version(MODEL, "1").tags
+    name, rev = tags["loraops.dvc_experiment"], tags["loraops.dvc_experiment_rev"]
+    assert _sh(untouched, "git", "for-each-ref", "--format=%(objectname)", f"refs/exps/*/*/{name}").strip() == rev
+    assert git_show(untouched, rev, "dvc.lock") == (untouched / "dvc.lock").read_text()
+    assert git_show(untouched, rev, "params.yaml") == (untouched / "params.yaml").read_text()
+
+
+def test_reproduce_refuses_an_experiment_missing_from_the_repository(untouched):
+    version = _version_with(untouched, loraops__dvc_experiment_rev="0123456789abcdef0123456789abcdef01234567")
+
+    result = _reproduce(untouched, f"{MODEL}/{version}")
+    assert result.exit_code == 2
+    assert "is not in the git repository" in result.output and "dvc exp pull origin" in result.output
 
 
 def test_reproduce_refuses_a_lock_that_does_not_match_its_recorded_hash(untouched):

@@ -237,7 +237,10 @@ def test_rerunning_a_killed_train_stage_resumes_from_its_checkpoint(tmp_path, ti
 
     rerun = subprocess.run(stage("train-adapter"), cwd=project, capture_output=True, text=True, env=env)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    result = TrainResult.read_json(project / "metrics" / "train.json")
+    from loraops.config import load_config
+    from loraops.stages import read_training
+
+    result = read_training(load_config(project / "params.yaml"), project)
     assert result.resumed_from_step is not None and result.resumed_from_step >= saved_at
     assert result.steps == 120 and Path(result.adapter_dir).name == "candidate"
     history = json.loads((project / "metrics" / "train_history.json").read_text())
