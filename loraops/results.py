@@ -87,6 +87,7 @@ class TrainResult(_Result):
     stopped_early: bool
     history_path: str  # JSON list of {"step", "loss"|"eval_loss", ...} from the trainer
     resumed_from_step: int | None = None  # the checkpoint an interrupted run continued from
+    mlflow_run_id: str | None = None  # the MLflow run opened as training started; later stages log into it
 
 
 class ChampionRef(_Result):
