@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import flow
 from pydantic import BaseModel
 
-from loraops import stages
+from loraops import stages, tracking
 from loraops.config import LoraopsConfig, load_config
 from loraops.results import EvalMetrics, GateDecision, Registration
 from tasks import pipeline
@@ -30,7 +30,8 @@ def retrain(config: LoraopsConfig | None = None, project_dir: str = ".") -> Retr
     root = Path(project_dir).resolve()
     cfg = config or load_config(root / "params.yaml")
     pipeline.check_servers(cfg, root)  # before anything is written: an unreachable server changes nothing
-    with stages.params_restored_on_failure(root):  # a failed run's overrides don't stay in params.yaml
+    # A failed run's overrides don't stay in params.yaml; its MLflow run ends FAILED, not RUNNING.
+    with stages.params_restored_on_failure(root), tracking.flow_runs_failed_on_error(cfg, root):
         pipeline.record_run_config(cfg, root)
         pipeline.prepare_base_model(cfg, root)
         pipeline.validate_dataset(cfg, root)

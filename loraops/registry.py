@@ -560,11 +560,14 @@ def register_adapter(
     """
     if record.adapter_sha256:
         tracking.fail_orphans(client, run.info.experiment_id, tracking.ADAPTER_SHA_TAG, record.adapter_sha256, keep=run.info.run_id)
-    version = (
-        _version_of_adapter(client, model_name, record.adapter_sha256)
-        or _version_of_run(client, model_name, run.info.run_id)
-        or _create_version(client, model_name, run, record)
+    version = _version_of_adapter(client, model_name, record.adapter_sha256) or _version_of_run(
+        client, model_name, run.info.run_id
     )
+    if version is None:
+        version = _create_version(client, model_name, run, record)
+    else:  # finish it: tags (and below the aliases and card) describe this, the latest, evaluation
+        for key, value in version_tags(record).items():
+            client.set_model_version_tag(model_name, str(version.version), key, value)
     aliases = [CHALLENGER, CHAMPION] if auto_promote else [CHALLENGER]
     for alias in aliases:
         promote_version(client, model_name, str(version.version), alias)

@@ -183,8 +183,11 @@ def check_memory(cfg: LoraopsConfig, root: Path, available: int | None = None) -
     return memory.check_memory(shape, cfg, device, budget)
 
 
-def train_adapter(cfg: LoraopsConfig, root: Path) -> TrainResult:
-    """Train in a live MLflow run (opened now, step metrics as they happen); later stages log into it."""
+def train_adapter(cfg: LoraopsConfig, root: Path, callbacks: tuple = ()) -> TrainResult:
+    """Train in a live MLflow run (opened now, step metrics as they happen); later stages log into it.
+
+    ``callbacks``: more TrainerCallbacks (e.g. a test watching the run while it trains).
+    """
     from loraops import modeling, tracking, training
 
     base = modeling.read_base_model_ref(_path(root, cfg.paths.base_model_dir))
@@ -202,7 +205,7 @@ def train_adapter(cfg: LoraopsConfig, root: Path) -> TrainResult:
             validation_dataset,
             _path(root, cfg.paths.adapter_dir),
             history_path=metrics_dir / TRAIN_HISTORY,
-            extra_callbacks=(tracking.metrics_callback(live),) if live else (),
+            extra_callbacks=((tracking.metrics_callback(live),) if live else ()) + tuple(callbacks),
         )
         if live:
             tracking.tag_adapter(live, Path(result.adapter_dir))
