@@ -146,15 +146,23 @@ def flow_runs_failed_on_error(cfg: LoraopsConfig, root: Path) -> Iterator[None]:
         flow_run_id = prefect_links().get(PREFECT_FLOW_RUN_ID_TAG)
         if flow_run_id:
             try:
-                from loraops import registry
-
-                client = registry.client_for(cfg.registry, root)
-                found = client.get_experiment_by_name(cfg.registry.experiment)
-                if found is not None:
-                    fail_orphans(client, found.experiment_id, PREFECT_FLOW_RUN_ID_TAG, flow_run_id)
+                _fail_runs_of_flow_run(cfg, root, flow_run_id)
             except Exception as error:
                 logger.warning("could not end this flow run's MLflow run FAILED: %s", error)
         raise
+
+
+def _fail_runs_of_flow_run(cfg: LoraopsConfig, root: Path, flow_run_id: str) -> None:
+    from loraops import registry
+
+    tracking_uri = registry.resolve_tracking_uri(cfg.registry, root)
+    database = registry._sqlite_path(tracking_uri)
+    if database is not None and not database.exists():
+        return  # nothing was tracked yet (e.g. bad data): don't create a store now
+    client = registry.make_client(tracking_uri)
+    found = client.get_experiment_by_name(cfg.registry.experiment)
+    if found is not None:
+        fail_orphans(client, found.experiment_id, PREFECT_FLOW_RUN_ID_TAG, flow_run_id)
 
 
 # --- logging as it happens ------------------------------------------------------------------

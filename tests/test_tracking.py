@@ -103,10 +103,10 @@ def adapter(tmp_path, tiny_model_dir) -> Path:
 
 
 @pytest.fixture
-def cfg(tmp_path):
-    from registry_helpers import registry_config
+def cfg(tmp_path, tmp_path_factory):
+    from registry_helpers import registry_config, shared_store_uri
 
-    return registry_config(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}", tmp_path)
+    return registry_config(shared_store_uri(tmp_path_factory), tmp_path)  # own model and experiment names
 
 
 def outcome(root: Path, adapter_dir: Path, run_id: str | None, passed: bool = True) -> dict:
@@ -198,7 +198,7 @@ registry.log_and_register(cfg, root=root, **outcome(root, adapter, live.run_id))
 """
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_a_rerun_after_a_sigkill_between_version_and_alias_finishes_that_one_version(cfg, tmp_path, adapter):
     config, marker = tmp_path / "config.json", tmp_path / "version-created"
     config.write_text(cfg.model_dump_json())
