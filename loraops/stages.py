@@ -210,6 +210,7 @@ def train_adapter(cfg: LoraopsConfig, root: Path, callbacks: tuple = ()) -> Trai
         if live:
             tracking.tag_adapter(live, Path(result.adapter_dir))
             result.mlflow_run_id = live.run_id
+            tracking.training_done(live)
     record_training(result, metrics_dir)
     return result
 

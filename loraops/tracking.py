@@ -80,6 +80,15 @@ def start_run(cfg: LoraopsConfig, root: Path) -> LiveRun | None:
     return live
 
 
+def training_done(live: LiveRun) -> None:
+    """Outside a flow run (``dvc repro``, ``loraops stage train-adapter``) nothing else ends the run: FINISHED now.
+
+    Inside one, evaluation, gate and registration continue in it and the flow ends it.
+    """
+    if not prefect_links():
+        live.client.set_terminated(live.run_id, FINISHED)
+
+
 def _run_of_flow_run(client: MlflowClient, experiment_id: str, flow_run_id: str | None) -> str | None:
     if not flow_run_id:
         return None

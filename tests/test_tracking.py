@@ -46,36 +46,48 @@ class _Watch(TrainerCallback):
 @pytest.mark.integration
 def test_the_run_is_running_during_training_with_step_metrics_and_the_prefect_run_id(tiny_project, prefect_harness):
     from prefect import flow
-    from prefect.runtime import flow_run
 
     watch = _Watch(tiny_project, at_step=5)  # after the first evaluation (step 4)
+    after_training = {}
 
     @flow
-    def train_in_a_flow_run(project: str):
-        cfg = load_config(Path(project) / "params.yaml")
-        stages.prepare_base_model(cfg, Path(project))
-        return stages.train_adapter(cfg, Path(project), callbacks=(watch,)), flow_run.get_id()
+    def train_then_fail(project: str):
+        """Like retrain: train in the flow run, then a later step fails."""
+        root = Path(project)
+        cfg = load_config(root / "params.yaml")
+        with tracking.flow_runs_failed_on_error(cfg, root):
+            stages.prepare_base_model(cfg, root)
+            trained = stages.train_adapter(cfg, root, callbacks=(watch,))
+            after_training.update(trained=trained, status=_client(root).get_run(trained.mlflow_run_id).info.status)
+            raise RuntimeError("evaluation crashed")
 
-    trained, flow_run_id = train_in_a_flow_run(str(tiny_project))
+    with pytest.raises(RuntimeError, match="evaluation crashed"):
+        train_then_fail(str(tiny_project))
 
     during, losses = watch.seen
+    flow_run_id = during.data.tags[tracking.PREFECT_FLOW_RUN_ID_TAG]
     assert during.info.status == "RUNNING"
-    assert during.data.tags[tracking.PREFECT_FLOW_RUN_ID_TAG] == flow_run_id
     assert during.data.tags[tracking.PREFECT_FLOW_RUN_URL_TAG].endswith(f"/runs/flow-run/{flow_run_id}")
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as prefect:
+        assert prefect.read_flow_run(flow_run_id).state.is_failed()  # the id is the real flow run's
     assert during.data.params["lora.r"] == str(load_config(tiny_project / "params.yaml").lora.r)
     assert [point.step for point in losses] == [1, 2, 3, 4]  # logged as they happened, not after training
     assert "eval_loss" in during.data.metrics
 
+    trained = after_training["trained"]
+    assert after_training["status"] == "RUNNING", "in a flow run, evaluation, gate and registration continue in it"
     client = _client(tiny_project)
     run = client.get_run(trained.mlflow_run_id)
     assert run.info.run_id == during.info.run_id
+    assert run.info.status == "FAILED", "the flow failed after training: its run ends FAILED, not RUNNING"
     stamps = [point.timestamp for point in client.get_metric_history(run.info.run_id, "loss")]
     assert len(stamps) == 8 and stamps == sorted(stamps) and stamps[-1] > stamps[0]
     assert run.info.start_time <= stamps[0]
     evals = {point.step: point.value for point in client.get_metric_history(run.info.run_id, "eval_loss")}
     assert evals[trained.best_step] == pytest.approx(trained.best_eval_loss)
     assert run.data.tags[tracking.ADAPTER_SHA_TAG]
-    assert run.info.status == "RUNNING", "evaluation, gate and registration continue in it"
 
 
 def test_a_training_crash_ends_the_run_failed(tiny_project):
@@ -90,6 +102,7 @@ def test_a_training_crash_ends_the_run_failed(tiny_project):
     assert watch.seen[0].info.status == "RUNNING"
     assert run.info.status == "FAILED"
     assert [point.step for point in watch.seen[1]] == [1, 2]
+    assert tracking.PREFECT_FLOW_RUN_ID_TAG not in run.data.tags  # no flow run: `loraops stage train-adapter`
 
 
 # --- registration into the live run -----------------------------------------------------------
