@@ -762,7 +762,7 @@ def _card_training(train: TrainResult) -> str:
     best = f"{train.best_eval_loss:.4f} at step {train.best_step}" if train.best_eval_loss is not None else "n/a"
     return (
         "## Training\n\n"
-        f"- steps: {train.steps}{' (stopped early)' if train.stopped_early else ''}; best validation loss {best}\n"
+        f"- steps: {train.steps}{' (stopped early)' if train.stopped_early else ''}; best validation loss {best} (per completion token, as in Evaluation)\n"
         f"- trainable parameters: {train.trainable_params:,} of {train.total_params:,} ({fraction:.2%})\n"
         f"- loss curves: `{LOSS_PLOT_ARTIFACT}`; trainer history: `training/`\n"
     )

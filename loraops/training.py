@@ -251,7 +251,7 @@ def train_adapter(
         _write_history(trainer.state.log_history, history_path)
         _remove_checkpoints(output_dir)  # the adapter is saved: a rerun starts afresh
     logger.info(
-        "Adapter saved to %s: %d steps, best eval loss %s at step %s",
+        "Adapter saved to %s: %d steps, best validation loss %s (per completion token, as the gate) at step %s",
         adapter_dir, result.steps, result.best_eval_loss, result.best_step,
     )
     return result
