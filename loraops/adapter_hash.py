@@ -1,7 +1,8 @@
-"""The identity of an adapter: a sha256 over the files that determine it (config and weights).
+"""The key of an adapter: one sha256 over the files that determine it (config and weights).
 
-Registration is keyed on it, so the same adapter is one model version however often (and after
-whatever crash) it is registered. Tokenizer files, timings and run ids do not enter it.
+Registration is keyed on it (tag ``loraops.adapter_key``), so the same adapter is one model version
+however often, and after whatever crash, it is registered. Tokenizer files, timings and run ids
+do not enter it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def _determines_adapter(path: Path) -> bool:
     return path.name == _CONFIG or path.suffix in _WEIGHT_SUFFIXES
 
 
-def adapter_sha256(adapter_dir: str | Path) -> str:
+def adapter_key(adapter_dir: str | Path) -> str:
     """sha256 over (name, sha256 of content) of each file that determines the adapter."""
     files = adapter_files(adapter_dir)
     if not files:

@@ -28,7 +28,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from loraops import tracking
-from loraops.adapter_hash import adapter_sha256
+from loraops.adapter_hash import adapter_key
 from loraops.config import LoraopsConfig, RegistryConfig
 from loraops.results import ChampionRef, EvalMetrics, GateDecision, Lineage, Registration, TrainResult
 from loraops.versioning import file_md5
@@ -67,7 +67,7 @@ class RunRecord:
     decision: GateDecision
     lineage: Lineage
     samples: tuple[SampleAnswer, ...] = ()  # greedy answers of base and adapter for the model card
-    adapter_sha256: str = ""  # loraops.adapter_hash: what a version is keyed on
+    adapter_key: str = ""  # loraops.adapter_hash: what a version is keyed on
 
 
 # --- where runs and models live -------------------------------------------------------------
@@ -232,7 +232,7 @@ def log_and_register(
     record = _with_paths_under(record, Path(root))
     extra = _artifact_folders([_under(root, path) for path in extra_files])
     _check_inputs(record, extra)
-    record = replace(record, adapter_sha256=adapter_sha256(record.train.adapter_dir))
+    record = replace(record, adapter_key=adapter_key(record.train.adapter_dir))
     tracking_uri = resolve_tracking_uri(cfg.registry, root)
     client = client or make_client(tracking_uri)
     experiment_id = ensure_experiment(client, cfg.registry.experiment, artifact_root_for(tracking_uri))
@@ -398,7 +398,7 @@ def _run_tags(record: RunRecord, run_key: str) -> dict[str, str]:
     return {
         **record.lineage.as_tags(),
         RUN_KEY_TAG: run_key,
-        tracking.ADAPTER_SHA_TAG: record.adapter_sha256,
+        tracking.ADAPTER_KEY_TAG: record.adapter_key,
         GATE_TAG: "passed" if record.decision.passed else "failed",
         GATE_REASONS_TAG: "; ".join(record.decision.reasons),
         "mlflow.note.content": summarize(record),
@@ -558,9 +558,10 @@ def register_adapter(
     A version holding the same adapter (an earlier attempt killed before its aliases and card) is
     finished instead of registering the adapter again; runs that attempt left RUNNING end FAILED.
     """
-    if record.adapter_sha256:
-        tracking.fail_orphans(client, run.info.experiment_id, tracking.ADAPTER_SHA_TAG, record.adapter_sha256, keep=run.info.run_id)
-    version = _version_of_adapter(client, model_name, record.adapter_sha256) or _version_of_run(
+    if record.adapter_key:
+        experiment_id, run_id = run.info.experiment_id, run.info.run_id
+        tracking.fail_orphans(client, experiment_id, tracking.ADAPTER_KEY_TAG, record.adapter_key, keep=run_id)
+    version = _version_of_adapter(client, model_name, record.adapter_key) or _version_of_run(
         client, model_name, run.info.run_id
     )
     if version is None:
@@ -574,8 +575,9 @@ def register_adapter(
     return Registration(run_id=run.info.run_id, model_name=model_name, version=str(version.version), aliases=aliases)
 
 
-def _version_of_adapter(client: MlflowClient, model_name: str, sha: str) -> ModelVersion | None:
-    if not sha:
+def _version_of_adapter(client: MlflowClient, model_name: str, key: str) -> ModelVersion | None:
+    """The version registered from this adapter (``loraops.adapter_key``), oldest first if several."""
+    if not key:
         return None
     try:
         versions = client.search_model_versions(f"name = '{model_name}'")
@@ -583,9 +585,9 @@ def _version_of_adapter(client: MlflowClient, model_name: str, sha: str) -> Mode
         if error.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
         raise
-    same = sorted((v for v in versions if v.tags.get(tracking.ADAPTER_SHA_TAG) == sha), key=lambda v: int(v.version))
+    same = sorted((v for v in versions if v.tags.get(tracking.ADAPTER_KEY_TAG) == key), key=lambda v: int(v.version))
     if same:
-        logger.info("adapter %s is already %s version %s: finishing that version", sha[:12], model_name, same[0].version)
+        logger.info("adapter %s is already %s version %s: finishing that version", key[:12], model_name, same[0].version)
     return same[0] if same else None
 
 
@@ -614,7 +616,7 @@ def version_tags(record: RunRecord) -> dict[str, str]:
     return {
         **record.lineage.as_tags(),
         GATE_TAG: "passed" if record.decision.passed else "failed",
-        tracking.ADAPTER_SHA_TAG: record.adapter_sha256,
+        tracking.ADAPTER_KEY_TAG: record.adapter_key,
         VAL_LOSS_TAG: repr(record.candidate.loss),
         BASELINE_LOSS_TAG: repr(record.baseline.loss),
         "loraops.val_tokens": str(record.candidate.tokens),

@@ -267,7 +267,10 @@ def gate_candidate(cfg: LoraopsConfig, root: Path, baseline: EvalMetrics, candid
     decision.write_json(_path(root, cfg.paths.metrics_dir) / GATE_DECISION)
     for reason in decision.reasons:
         log.info("gate: %s", reason)
-    verdict = {registry.GATE_TAG: "passed" if decision.passed else "failed", registry.GATE_REASONS_TAG: "; ".join(decision.reasons)}
+    verdict = {
+        registry.GATE_TAG: "passed" if decision.passed else "failed",
+        registry.GATE_REASONS_TAG: "; ".join(decision.reasons),
+    }
     _log_to_training_run(cfg, root, {"baseline_val_loss": baseline.loss, "champion_val_loss": champion_loss}, verdict)
     return decision
 

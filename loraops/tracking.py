@@ -36,7 +36,7 @@ PREFECT_FLOW_RUN_URL_TAG = "loraops.prefect_flow_run_url"
 PREFECT_TRAIN_FLOW_RUN_ID_TAG = "loraops.prefect_train_flow_run_id"  # the worker's run, when training was handed off
 PREFECT_TRAIN_FLOW_RUN_URL_TAG = "loraops.prefect_train_flow_run_url"
 WORKSPACE_TAG = "loraops.workspace"  # host:project folder of the process that opened the run
-ADAPTER_SHA_TAG = "loraops.adapter_sha256"
+ADAPTER_KEY_TAG = "loraops.adapter_key"
 RUNNING, FINISHED, FAILED = "RUNNING", "FINISHED", "FAILED"
 
 
@@ -67,7 +67,7 @@ def start_run(cfg: LoraopsConfig, root: Path) -> LiveRun | None:
     earlier = _run_of_flow_run(client, experiment_id, links.get(PREFECT_FLOW_RUN_ID_TAG))
     if earlier is not None:
         client.update_run(earlier, status=RUNNING)
-        logger.info("MLflow run %s continues (a retry of Prefect flow run %s)", earlier, links[PREFECT_FLOW_RUN_ID_TAG])
+        logger.info("MLflow run %s continues (a retry in Prefect flow run %s)", earlier, links[PREFECT_FLOW_RUN_ID_TAG])
         return LiveRun(client, experiment_id, earlier)
     workspace = workspace_key(root)
     fail_orphans(client, experiment_id, WORKSPACE_TAG, workspace)
@@ -76,7 +76,8 @@ def start_run(cfg: LoraopsConfig, root: Path) -> LiveRun | None:
     live = LiveRun(client, experiment_id, run.info.run_id)
     with ended_failed_on_error(live):
         registry.log_new_params(client, run.info.run_id, cfg)
-    logger.info("MLflow run %s (%s) open: %s", live.run_id, run_name, describe_run(client.tracking_uri, experiment_id, live.run_id))
+    where = describe_run(client.tracking_uri, experiment_id, live.run_id)
+    logger.info("MLflow run %s (%s) open: %s", live.run_id, run_name, where)
     return live
 
 
@@ -189,7 +190,8 @@ def metrics_callback(live: LiveRun):
             if not state.is_world_process_zero:
                 return
             stamp = int(time.time() * 1000)
-            metrics = [Metric(key, float(value), stamp, state.global_step) for key, value in (logs or {}).items() if is_number(value)]
+            step = state.global_step
+            metrics = [Metric(key, float(value), stamp, step) for key, value in (logs or {}).items() if is_number(value)]
             if metrics:
                 live.client.log_batch(live.run_id, metrics=metrics)
 
@@ -197,16 +199,20 @@ def metrics_callback(live: LiveRun):
 
 
 def tag_adapter(live: LiveRun, adapter_dir: Path) -> str:
-    from loraops.adapter_hash import adapter_sha256
+    """Tag the run with the adapter it produced, so a rerun that registers the same adapter finds it."""
+    from loraops.adapter_hash import adapter_key
 
-    sha = adapter_sha256(adapter_dir)
-    live.client.set_tag(live.run_id, ADAPTER_SHA_TAG, sha)
-    return sha
+    key = adapter_key(adapter_dir)
+    live.client.set_tag(live.run_id, ADAPTER_KEY_TAG, key)
+    return key
 
 
-def log_to_training_run(cfg: LoraopsConfig, root: Path, train_json: Path, metrics: dict[str, float], tags: dict[str, str] | None = None) -> str | None:
+def log_to_training_run(
+    cfg: LoraopsConfig, root: Path, train_json: Path, metrics: dict[str, float | None], tags: dict[str, str] | None = None
+) -> str | None:
     """Add a later stage's numbers to the run training opened (named in ``train_json``); None without one."""
     from mlflow.entities import Metric, RunTag
+    from mlflow.exceptions import MlflowException
 
     from loraops import registry
     from loraops.results import TrainResult
@@ -216,14 +222,13 @@ def log_to_training_run(cfg: LoraopsConfig, root: Path, train_json: Path, metric
     trained = TrainResult.read_json(train_json)
     if not trained.mlflow_run_id:
         return None
-    from mlflow.exceptions import MlflowException
-
     client = registry.client_for(cfg.registry, root)
     stamp = int(time.time() * 1000)
+    values = {key: value for key, value in metrics.items() if registry.is_number(value)}
     try:
         client.log_batch(
             trained.mlflow_run_id,
-            metrics=[Metric(key, float(value), stamp, trained.steps) for key, value in metrics.items() if registry.is_number(value)],
+            metrics=[Metric(key, float(value), stamp, trained.steps) for key, value in values.items()],
             tags=[RunTag(key, value) for key, value in (tags or {}).items()],
         )
     except MlflowException as error:  # e.g. the run was deleted; registration logs these numbers again
@@ -281,11 +286,16 @@ def describe_run(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     url = run_url(tracking_uri, experiment_id, run_id)
     if url:
         return url
-    return f"run `{run_id}` in {without_credentials(tracking_uri)} (`mlflow ui --backend-store-uri {without_credentials(tracking_uri)}`)"
+    store = without_credentials(tracking_uri)
+    return f"run `{run_id}` in {store} (`mlflow ui --backend-store-uri {store}`)"
 
 
 def run_markdown(
-    cfg: LoraopsConfig, root: Path, run_id: str, registration: Registration | None = None, decision: GateDecision | None = None
+    cfg: LoraopsConfig,
+    root: Path,
+    run_id: str,
+    registration: Registration | None = None,
+    decision: GateDecision | None = None,
 ) -> str:
     """The Prefect artifact linking to the MLflow run: where it is, what came of it, and the gate's reasons."""
     from loraops import registry
@@ -301,5 +311,6 @@ def run_markdown(
         else:
             lines.append(f"Registered `{registration.model_name}` version {registration.version}.")
     if decision is not None:
-        lines += ["", f"Gate {'passed' if decision.passed else 'refused'}:", *[f"- {reason}" for reason in decision.reasons]]
+        verdict = "passed" if decision.passed else "refused"
+        lines += ["", f"Gate {verdict}:", *[f"- {reason}" for reason in decision.reasons]]
     return "\n".join(lines)

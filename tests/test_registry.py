@@ -208,9 +208,9 @@ def test_the_same_adapter_is_one_version_whatever_the_timings_and_lineage_around
     assert again.run_id != first.run_id and again.version == first.version == "1"
     versions = client.search_model_versions(f"name = '{cfg.registry.model_name}'")
     assert [str(v.version) for v in versions] == ["1"]
-    from loraops.adapter_hash import adapter_sha256
+    from loraops.adapter_hash import adapter_key
 
-    assert versions[0].tags["loraops.adapter_sha256"] == adapter_sha256(project / "adapters" / "candidate")
+    assert versions[0].tags["loraops.adapter_key"] == adapter_key(project / "adapters" / "candidate")
 
 
 def test_auto_promote_sets_champion_and_find_champion_reads_its_tags(cfg, project, client):

@@ -87,7 +87,7 @@ def test_the_run_is_running_during_training_with_step_metrics_and_the_prefect_ru
     assert run.info.start_time <= stamps[0]
     evals = {point.step: point.value for point in client.get_metric_history(run.info.run_id, "eval_loss")}
     assert evals[trained.best_step] == pytest.approx(trained.best_eval_loss)
-    assert run.data.tags[tracking.ADAPTER_SHA_TAG]
+    assert run.data.tags[tracking.ADAPTER_KEY_TAG]
 
 
 def test_a_training_crash_ends_the_run_failed(tiny_project):
@@ -250,11 +250,11 @@ def test_a_rerun_after_a_sigkill_between_version_and_alias_finishes_that_one_ver
 def test_orphans_of_the_same_adapter_end_failed_but_other_runs_stay(cfg, tmp_path):
     client = registry.client_for(cfg.registry, tmp_path)
     experiment_id = registry.ensure_experiment(client, cfg.registry.experiment, None)
-    orphan = client.create_run(experiment_id, tags={tracking.ADAPTER_SHA_TAG: "a" * 64}).info.run_id
-    other = client.create_run(experiment_id, tags={tracking.ADAPTER_SHA_TAG: "b" * 64}).info.run_id
-    current = client.create_run(experiment_id, tags={tracking.ADAPTER_SHA_TAG: "a" * 64}).info.run_id
+    orphan = client.create_run(experiment_id, tags={tracking.ADAPTER_KEY_TAG: "a" * 64}).info.run_id
+    other = client.create_run(experiment_id, tags={tracking.ADAPTER_KEY_TAG: "b" * 64}).info.run_id
+    current = client.create_run(experiment_id, tags={tracking.ADAPTER_KEY_TAG: "a" * 64}).info.run_id
 
-    assert tracking.fail_orphans(client, experiment_id, tracking.ADAPTER_SHA_TAG, "a" * 64, keep=current) == [orphan]
+    assert tracking.fail_orphans(client, experiment_id, tracking.ADAPTER_KEY_TAG, "a" * 64, keep=current) == [orphan]
     assert [client.get_run(run).info.status for run in (orphan, other, current)] == ["FAILED", "RUNNING", "RUNNING"]
 
 
