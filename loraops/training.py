@@ -153,9 +153,11 @@ def _clock(seconds: float) -> str:
 def _token_weighted_evaluation(trainer_class):
     """``trainer_class`` whose evaluation is the gate's: ``loraops.evaluation.evaluate_loss``.
 
-    The Trainer's own eval loss is a mean of batch means; this one weighs every completion token
-    the same, so the checkpoint picked as best, metrics/train.json, the history and the MLflow run
-    show the number the gate compares (the adapter's validation loss).
+    The Trainer's own eval loss (TRL's collator and loss) is another number: SmolLM2 after 4 steps
+    measured 2.878 there and 2.509 here, the gate's. This one weighs every completion token the
+    same, so the checkpoint picked as best, metrics/train.json, the history and the MLflow run show
+    the number the gate compares (the adapter's validation loss). ``evaluate(eval_dataset=...)``
+    keeps the Trainer's own evaluation.
     """
     import time
 
