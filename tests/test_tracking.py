@@ -265,3 +265,46 @@ def test_run_links_for_a_server_and_for_a_sqlite_store():
     assert tracking.run_url("sqlite:///tmp/mlflow.db", "3", "abc") is None
     described = tracking.describe_run("sqlite:///tmp/mlflow.db", "3", "abc")
     assert "abc" in described and "sqlite:///tmp/mlflow.db" in described
+
+
+@pytest.mark.integration
+def test_a_retried_training_in_the_same_flow_run_continues_in_its_run(tiny_project, prefect_harness):
+    from prefect import flow
+
+    @flow
+    def train_twice(project: str):
+        """As the train-adapter task's retry does: the first attempt crashes, the second trains."""
+        root = Path(project)
+        cfg = load_config(root / "params.yaml")
+        stages.prepare_base_model(cfg, root)
+        crash = _Watch(root, at_step=2, fail=True)
+        with pytest.raises(RuntimeError, match="training crashed"):
+            stages.train_adapter(cfg, root, callbacks=(crash,))
+        first = crash.seen[0].info.run_id
+        return first, _client(root).get_run(first).info.status, stages.train_adapter(cfg, root)
+
+    first, status_after_crash, trained = train_twice(str(tiny_project))
+
+    assert status_after_crash == "FAILED"
+    assert trained.mlflow_run_id == first, "the retry continued in the same MLflow run"
+    client = _client(tiny_project)
+    run = client.get_run(first)
+    assert run.info.status == "RUNNING"
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+    assert [p.step for p in client.get_metric_history(first, "loss")][-1] == trained.steps
+
+
+def test_the_adapter_key_follows_weights_and_config_not_tokenizer_files(tmp_path):
+    from loraops.adapter_hash import adapter_key
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"r": 4}')
+    (adapter / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    key = adapter_key(adapter)
+    (adapter / "tokenizer_config.json").write_text('{"model_max_length": 512}')
+    assert adapter_key(adapter) == key
+    (adapter / "adapter_model.safetensors").write_bytes(b"\x00" * 63 + b"\x01")
+    assert adapter_key(adapter) != key
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json or weight files"):
+        adapter_key(tmp_path / "empty")
