@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import flow
 from pydantic import BaseModel
 
-from loraops import stages
+from loraops import stages, tracking
 from loraops.config import LoraopsConfig
 from loraops.results import EvalMetrics, GateDecision, Registration
 from tasks import pipeline, run_context
@@ -32,7 +32,12 @@ def retrain(config: LoraopsConfig | None = None, project_dir: str = ".") -> Retr
     """
     root = Path(project_dir).resolve()
     cfg = run_context.run_config(config, root)  # params.yaml with the values this run chose
-    with stages.guarded_run(cfg, root, "retrain flow"), stages.params_restored_on_failure(root):
+    # One run per checkout; a failed run's overrides don't stay in params.yaml; its MLflow run ends FAILED, not RUNNING.
+    with (
+        stages.guarded_run(cfg, root, "retrain flow"),
+        stages.params_restored_on_failure(root),
+        tracking.flow_runs_failed_on_error(cfg, root),
+    ):
         pipeline.check_servers(cfg, root)  # before anything is written: an unreachable server changes nothing
         pipeline.record_run_config(cfg, root)
         pipeline.prepare_base_model(cfg, root)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from prefect import flow
 
+from loraops import tracking
 from loraops.config import LoraopsConfig
 from loraops.results import TrainResult
 from tasks import pipeline, run_context
@@ -24,6 +25,7 @@ def train_adapter(config: LoraopsConfig, data_dvc: str, train_key: str, project_
     pipeline.receive_training_inputs(root, data_dvc)
     pipeline.prepare_base_model(config, root)
     pipeline.check_memory(config, root)  # against this worker's GPU
-    trained = pipeline.train_adapter(config, root)
-    pipeline.publish_training(config, root, trained, train_key)
+    with tracking.flow_runs_failed_on_error(config, root):  # its MLflow run ends FAILED, not RUNNING
+        trained = pipeline.train_adapter(config, root)
+        pipeline.publish_training(config, root, trained, train_key)
     return trained

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from loraops import integrity, registry, stages, versioning
+from loraops import integrity, registry, stages, tracking, versioning
 from loraops.config import LoraopsConfig
 from loraops.results import TrainResult
 
@@ -84,16 +84,19 @@ def publish_training(cfg: LoraopsConfig, root: Path, trained: TrainResult, train
         client, cfg.registry.experiment, registry.artifact_root_for(client.tracking_uri)
     )
     tags = {TRAIN_KEY_TAG: train_key, STAGE_TAG: "train-adapter", **integrity.digest_tags(trained.adapter_dir)}
-    run = client.create_run(experiment_id, run_name="train-adapter", tags=tags)
-    run_id = run.info.run_id
-    with tempfile.TemporaryDirectory() as scratch:
+    if trained.mlflow_run_id:  # the live run training opened: the retrain run carries on in it
+        run_id = trained.mlflow_run_id
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
+    else:
+        run_id = client.create_run(experiment_id, run_name="train-adapter", tags=tags).info.run_id
+    with tracking.ended(client, run_id), tempfile.TemporaryDirectory() as scratch:
         training_dir = Path(scratch) / TRAINING_ARTIFACTS
         training_dir.mkdir()
         trained.write_json(training_dir / TRAIN_RESULT_FILE)
         shutil.copy(trained.history_path, training_dir / stages.TRAIN_HISTORY)
         client.log_artifacts(run_id, str(training_dir), TRAINING_ARTIFACTS)
-    client.log_artifacts(run_id, trained.adapter_dir, ADAPTER_ARTIFACTS)
-    client.set_terminated(run_id)
+        client.log_artifacts(run_id, trained.adapter_dir, ADAPTER_ARTIFACTS)
     log.info("adapter published to MLflow run %s (train key %s)", run_id, train_key)
     return run_id
 

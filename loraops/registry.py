@@ -22,10 +22,12 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, Run, RunStatus
+from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from loraops import tracking
+from loraops.adapter_hash import adapter_key
 from loraops.config import LoraopsConfig, RegistryConfig
 from loraops.integrity import digest_tags
 from loraops.results import ChampionRef, EvalMetrics, GateDecision, Lineage, Registration, TrainResult
@@ -66,6 +68,7 @@ class RunRecord:
     decision: GateDecision
     lineage: Lineage
     samples: tuple[SampleAnswer, ...] = ()  # greedy answers of base and adapter for the model card
+    adapter_key: str = ""  # loraops.adapter_hash: what a version is keyed on
 
 
 # --- where runs and models live -------------------------------------------------------------
@@ -242,10 +245,21 @@ def log_and_register(
     record = _with_paths_under(record, Path(root))
     extra = _artifact_folders([_under(root, path) for path in extra_files])
     _check_inputs(record, extra)
+    record = replace(record, adapter_key=adapter_key(record.train.adapter_dir))
     tracking_uri = resolve_tracking_uri(cfg.registry, root)
     client = client or make_client(tracking_uri)
     experiment_id = ensure_experiment(client, cfg.registry.experiment, artifact_root_for(tracking_uri))
+    live = _live_run(client, trained.mlflow_run_id)
+    if live is not None:  # the run training opened: fill it, register, and end it (FAILED if anything raises)
+        with tracking.ended(client, live.info.run_id):
+            run = fill_live_run(client, cfg, record, live, extra)
+            return _register_and_publish(client, cfg, record, run)
     run = log_training_run(client, experiment_id, cfg, record, run_key or derive_run_key(record), extra)
+    return _register_and_publish(client, cfg, record, run)
+
+
+def _register_and_publish(client: MlflowClient, cfg: LoraopsConfig, record: RunRecord, run: Run) -> Registration:
+    decision = record.decision
     if decision.passed:
         registration = register_adapter(client, cfg.registry.model_name, run, record, cfg.registry.auto_promote)
     else:
@@ -276,6 +290,52 @@ def _with_paths_under(record: RunRecord, root: Path) -> RunRecord:
         }
     )
     return replace(record, train=train)
+
+
+def _live_run(client: MlflowClient, run_id: str | None) -> Run | None:
+    """The run training opened, when it is still in the store (not deleted)."""
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        run = None
+    if run is None or run.info.lifecycle_stage != "active":
+        logger.warning("MLflow run %s of the training is gone: logging a new run", run_id)
+        return None
+    return run
+
+
+def fill_live_run(
+    client: MlflowClient, cfg: LoraopsConfig, record: RunRecord, run: Run, extra_files: Mapping[str, list[Path]]
+) -> Run:
+    """Add evaluation, gate, lineage and artifacts to the run training opened (its step metrics are there)."""
+    run_id = run.info.run_id
+    if run.info.status != RunStatus.to_string(RunStatus.RUNNING):
+        client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+    tags = {key: value for key, value in _run_tags(record, "").items() if key != RUN_KEY_TAG}
+    client.log_batch(
+        run_id, tags=[RunTag(key, value) for key, value in {**tags, **tracking.link_tags(run.data.tags)}.items()]
+    )
+    log_new_params(client, run_id, cfg)
+    metrics = _summary_metrics(record)
+    if "loss" not in run.data.metrics:  # trained without the live callback: the history holds the steps
+        metrics = history_metrics(Path(record.train.history_path)) + metrics
+    for start in range(0, len(metrics), _BATCH * 10):
+        client.log_batch(run_id, metrics=metrics[start : start + _BATCH * 10])
+    _log_files(client, run_id, record, extra_files)
+    return client.get_run(run_id)
+
+
+def log_new_params(client: MlflowClient, run_id: str, cfg: LoraopsConfig) -> None:
+    """The config as params, except keys the run already holds (MLflow refuses to change a param)."""
+    existing = client.get_run(run_id).data.params
+    flat = flatten_params(cfg.model_dump(mode="json"))
+    params = [Param(key, value) for key, value in flat.items() if key not in existing]
+    for start in range(0, len(params), _BATCH):
+        client.log_batch(run_id, params=params[start : start + _BATCH])
 
 
 def derive_run_key(record: RunRecord) -> str:
@@ -351,6 +411,7 @@ def _run_tags(record: RunRecord, run_key: str) -> dict[str, str]:
     return {
         **record.lineage.as_tags(),
         RUN_KEY_TAG: run_key,
+        tracking.ADAPTER_KEY_TAG: record.adapter_key,
         GATE_TAG: "passed" if record.decision.passed else "failed",
         GATE_REASONS_TAG: "; ".join(record.decision.reasons),
         "mlflow.note.content": summarize(record),
@@ -424,11 +485,11 @@ def history_metrics(path: Path) -> list[Metric]:
         Metric(key, float(value), now, int(entry.get("step", 0)))
         for entry in history
         for key, value in entry.items()
-        if key != "step" and _is_number(value)
+        if key != "step" and is_number(value)
     ]
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -446,7 +507,7 @@ def _summary_metrics(record: RunRecord) -> list[Metric]:
     if record.decision.champion_loss is not None:
         values["champion_val_loss"] = record.decision.champion_loss
     now = int(time.time() * 1000)
-    return [Metric(key, float(value), now, record.train.steps) for key, value in values.items() if _is_number(value)]
+    return [Metric(key, float(value), now, record.train.steps) for key, value in values.items() if is_number(value)]
 
 
 def _log_files(
@@ -487,7 +548,7 @@ def loss_curves_png(history_path: Path, target: Path) -> Path | None:
     history = json.loads(history_path.read_text())
     axes = Figure(figsize=(6, 4)).subplots()
     for key, label in (("loss", "training loss"), ("eval_loss", "validation loss")):
-        points = [(row["step"], row[key]) for row in history if _is_number(row.get(key)) and "step" in row]
+        points = [(row["step"], row[key]) for row in history if is_number(row.get(key)) and "step" in row]
         if points:
             axes.plot(*zip(*points), marker="o", label=label)
     if not axes.lines:
@@ -505,12 +566,42 @@ def loss_curves_png(history_path: Path, target: Path) -> Path | None:
 def register_adapter(
     client: MlflowClient, model_name: str, run: Run, record: RunRecord, auto_promote: bool
 ) -> Registration:
-    """Register the run's adapter (once per run) and point ``challenger`` (and maybe ``champion``) at it."""
-    version = _version_of_run(client, model_name, run.info.run_id) or _create_version(client, model_name, run, record)
+    """Register the run's adapter (once per adapter) and point ``challenger`` (and maybe ``champion``) at it.
+
+    A version holding the same adapter (an earlier attempt killed before its aliases and card) is
+    finished instead of registering the adapter again; runs that attempt left RUNNING end FAILED.
+    """
+    if record.adapter_key:
+        experiment_id, run_id = run.info.experiment_id, run.info.run_id
+        tracking.fail_orphans(client, experiment_id, tracking.ADAPTER_KEY_TAG, record.adapter_key, keep=run_id)
+    version = _version_of_adapter(client, model_name, record.adapter_key) or _version_of_run(
+        client, model_name, run.info.run_id
+    )
+    if version is None:
+        version = _create_version(client, model_name, run, record)
+    else:  # finish it: tags (and below the aliases and card) describe this, the latest, evaluation
+        for key, value in version_tags(record).items():
+            client.set_model_version_tag(model_name, str(version.version), key, value)
     aliases = [CHALLENGER, CHAMPION] if auto_promote else [CHALLENGER]
     for alias in aliases:
         promote_version(client, model_name, str(version.version), alias)
     return Registration(run_id=run.info.run_id, model_name=model_name, version=str(version.version), aliases=aliases)
+
+
+def _version_of_adapter(client: MlflowClient, model_name: str, key: str) -> ModelVersion | None:
+    """The version registered from this adapter (``loraops.adapter_key``), oldest first if several."""
+    if not key:
+        return None
+    try:
+        versions = client.search_model_versions(f"name = '{model_name}'")
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    same = sorted((v for v in versions if v.tags.get(tracking.ADAPTER_KEY_TAG) == key), key=lambda v: int(v.version))
+    if same:
+        logger.info("adapter %s is already %s version %s: finishing that version", key[:12], model_name, same[0].version)
+    return same[0] if same else None
 
 
 def _version_of_run(client: MlflowClient, model_name: str, run_id: str) -> ModelVersion | None:
@@ -538,6 +629,7 @@ def version_tags(record: RunRecord) -> dict[str, str]:
     return {
         **record.lineage.as_tags(),
         GATE_TAG: "passed" if record.decision.passed else "failed",
+        tracking.ADAPTER_KEY_TAG: record.adapter_key,
         VAL_LOSS_TAG: repr(record.candidate.loss),
         BASELINE_LOSS_TAG: repr(record.baseline.loss),
         "loraops.val_tokens": str(record.candidate.tokens),
@@ -703,7 +795,7 @@ def _card_training(train: TrainResult) -> str:
     best = f"{train.best_eval_loss:.4f} at step {train.best_step}" if train.best_eval_loss is not None else "n/a"
     return (
         "## Training\n\n"
-        f"- steps: {train.steps}{' (stopped early)' if train.stopped_early else ''}; best validation loss {best}\n"
+        f"- steps: {train.steps}{' (stopped early)' if train.stopped_early else ''}; best validation loss {best} (per completion token, as in Evaluation)\n"
         f"- trainable parameters: {train.trainable_params:,} of {train.total_params:,} ({fraction:.2%})\n"
         f"- loss curves: `{LOSS_PLOT_ARTIFACT}`; trainer history: `training/`\n"
     )

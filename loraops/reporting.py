@@ -63,7 +63,7 @@ def training_markdown(trained: TrainResult, where: str | None = None) -> str:
     best = f"{trained.best_eval_loss:.4f} at step {trained.best_step}" if trained.best_eval_loss is not None else "n/a"
     lines = [
         "# Training",
-        "| steps | stopped early | best eval loss (restored) | trainable / total params | run |",
+        "| steps | stopped early | best validation loss (restored; the gate's per-token measure) | trainable / total params | run |",
         "|---|---|---|---|---|",
         f"| {trained.steps} | {'yes' if trained.stopped_early else 'no'} | {best} | "
         f"{trained.trainable_params:,} / {trained.total_params:,} | {resumed} |",

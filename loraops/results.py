@@ -100,10 +100,11 @@ class TrainResult(_Result):
     stopped_early: bool
     history_path: str  # JSON list of {"step", "loss"|"eval_loss", ...} from the trainer
     resumed_from_step: int | None = None  # the checkpoint an interrupted run continued from
+    mlflow_run_id: str | None = None  # the MLflow run opened as training started; later stages log into it
 
     def metrics(self) -> dict[str, float | int | None]:
-        """What ``metrics/train.json`` holds: the numbers, not the paths (they'd differ between clones)."""
-        return self.model_dump(exclude={"adapter_dir", "history_path"})
+        """What ``metrics/train.json`` holds: the numbers, not the paths (they'd differ between clones) nor the run id."""
+        return self.model_dump(exclude={"adapter_dir", "history_path", "mlflow_run_id"})
 
     @classmethod
     def from_metrics(cls, path: str | Path, adapter_dir: str | Path, history_path: str | Path) -> TrainResult:

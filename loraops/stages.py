@@ -193,8 +193,12 @@ def check_memory(cfg: LoraopsConfig, root: Path, available: int | None = None) -
     return memory.check_memory(shape, cfg, device, budget)
 
 
-def train_adapter(cfg: LoraopsConfig, root: Path) -> TrainResult:
-    from loraops import modeling, training
+def train_adapter(cfg: LoraopsConfig, root: Path, callbacks: tuple = ()) -> TrainResult:
+    """Train in a live MLflow run (opened now, step metrics as they happen); later stages log into it.
+
+    ``callbacks``: more TrainerCallbacks (e.g. a test watching the run while it trains).
+    """
+    from loraops import modeling, tracking, training
 
     base = modeling.read_base_model_ref(_path(root, cfg.paths.base_model_dir))
     train_dataset, validation_dataset = _tokenized_splits(cfg, root)
@@ -202,14 +206,21 @@ def train_adapter(cfg: LoraopsConfig, root: Path) -> TrainResult:
     local = cfg.model_copy(
         update={"train": cfg.train.model_copy(update={"output_dir": str(_path(root, cfg.train.output_dir))})}
     )
-    result = training.train_adapter(
-        local,
-        base,
-        train_dataset,
-        validation_dataset,
-        _path(root, cfg.paths.adapter_dir),
-        history_path=metrics_dir / TRAIN_HISTORY,
-    )
+    live = tracking.start_run(cfg, root)
+    with tracking.ended_failed_on_error(live):
+        result = training.train_adapter(
+            local,
+            base,
+            train_dataset,
+            validation_dataset,
+            _path(root, cfg.paths.adapter_dir),
+            history_path=metrics_dir / TRAIN_HISTORY,
+            extra_callbacks=((tracking.metrics_callback(live),) if live else ()) + tuple(callbacks),
+        )
+        if live:
+            tracking.tag_adapter(live, Path(result.adapter_dir))
+            result.mlflow_run_id = live.run_id
+            tracking.training_done(live)
     record_training(result, metrics_dir)
     return result
 
@@ -245,6 +256,7 @@ def evaluate_adapter(cfg: LoraopsConfig, root: Path) -> EvalMetrics:
     metrics = _evaluate_adapter_dir(cfg, root, _path(root, cfg.paths.adapter_dir))
     metrics.write_json(_path(root, cfg.paths.metrics_dir) / ADAPTER_METRICS)
     log.info("adapter validation loss %.4f (perplexity %.2f)", metrics.loss, metrics.perplexity)
+    _log_to_training_run(cfg, root, {"adapter_val_loss": metrics.loss, "adapter_val_perplexity": metrics.perplexity})
     return metrics
 
 
@@ -274,7 +286,20 @@ def gate_candidate(cfg: LoraopsConfig, root: Path, baseline: EvalMetrics, candid
     write_metrics(decision.metrics(), _path(root, cfg.paths.metrics_dir) / GATE_DECISION)
     for reason in decision.reasons:
         log.info("gate: %s", reason)
+    verdict = {
+        registry.GATE_TAG: "passed" if decision.passed else "failed",
+        registry.GATE_REASONS_TAG: "; ".join(decision.reasons),
+    }
+    _log_to_training_run(cfg, root, {"baseline_val_loss": baseline.loss, "champion_val_loss": champion_loss}, verdict)
     return decision
+
+
+def _log_to_training_run(cfg: LoraopsConfig, root: Path, metrics: dict, tags: dict | None = None) -> None:
+    from loraops import tracking
+
+    train_json = _path(root, cfg.paths.metrics_dir) / TRAIN_METRICS
+    steps = json.loads(train_json.read_text()).get("steps", 0) if train_json.is_file() else 0
+    tracking.log_to_training_run(cfg, root, _path(root, cfg.paths.adapter_dir), metrics, tags, step=steps)
 
 
 def _champion_loss_on_current_data(cfg: LoraopsConfig, root: Path, client, champion) -> float:

@@ -8,7 +8,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from loraops import handoff, reporting, stages
+from loraops import handoff, reporting, stages, tracking
 from loraops.config import LoraopsConfig
 from loraops.memory import MemoryCheck
 from loraops.results import (
@@ -96,6 +96,8 @@ def train_adapter(cfg: LoraopsConfig, root: Path) -> TrainResult:
     """A retry continues from the last checkpoint (optimizer, scheduler and RNG state restored)."""
     trained = stages.train_adapter(cfg, root)
     create_markdown_artifact(reporting.training_markdown(trained, trained.adapter_dir), key="training")
+    if trained.mlflow_run_id:
+        create_markdown_artifact(tracking.run_markdown(cfg, root, trained.mlflow_run_id), key="mlflow-run")
     return trained
 
 
@@ -193,4 +195,6 @@ def register_adapter(
         reporting.registration_markdown(registration, registry.version_url(cfg.registry, root, registration)),
         key="registration",
     )
+    markdown = tracking.run_markdown(cfg, root, registration.run_id, registration, decision)
+    create_markdown_artifact(markdown, key="mlflow-run")  # registered or refused: the run and the gate's reasons
     return registration

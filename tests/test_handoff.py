@@ -64,8 +64,12 @@ def test_the_worker_trains_on_the_pushed_dataset_and_the_adapter_comes_back(pare
 
     from mlflow import MlflowClient
 
-    run = MlflowClient(tracking_uri=outgoing.config.registry.tracking_uri).get_run(run_id)
+    client = MlflowClient(tracking_uri=outgoing.config.registry.tracking_uri)
+    run = client.get_run(run_id)
     assert run.data.tags[handoff.TRAIN_KEY_TAG] == outgoing.train_key and run.info.status == "FINISHED"
+    # the adapter travels in the run the worker trained in (step metrics live), which the retrain run continues
+    assert run_id == trained.mlflow_run_id == fetched.mlflow_run_id
+    assert [point.step for point in client.get_metric_history(run_id, "loss")] == list(range(1, trained.steps + 1))
 
 
 def test_a_dataset_missing_from_the_remote_is_named_and_nothing_is_trained(parent_and_worker):

@@ -202,6 +202,21 @@ def test_retry_after_a_crash_mid_logging_replaces_the_partial_run(cfg, project, 
     assert [run.info.run_id for run in client.search_runs([experiment_id])] == [registration.run_id]
 
 
+def test_the_same_adapter_is_one_version_whatever_the_timings_and_lineage_around_it(cfg, project, client):
+    first = log_and_register(cfg, root=project, **outcome(), client=client)
+    # A rerun with a new dvc.lock (train runtime differs) and another measured loss: same adapter bytes.
+    rerun = outcome(candidate=2.0)
+    rerun["lineage"] = rerun["lineage"].model_copy(update={"dvc_lock_md5": "9" * 32})
+    again = log_and_register(cfg, root=project, **rerun, client=client)
+
+    assert again.run_id != first.run_id and again.version == first.version == "1"
+    versions = client.search_model_versions(f"name = '{cfg.registry.model_name}'")
+    assert [str(v.version) for v in versions] == ["1"]
+    from loraops.adapter_hash import adapter_key
+
+    assert versions[0].tags["loraops.adapter_key"] == adapter_key(project / "adapters" / "candidate")
+
+
 def test_auto_promote_sets_champion_and_find_champion_reads_its_tags(cfg, project, client):
     cfg.registry.auto_promote = True
 
@@ -219,6 +234,7 @@ def test_a_second_version_becomes_challenger_until_promoted(cfg, project, client
     log_and_register(cfg, root=project, **outcome(), client=client)
     promote_version(client, cfg.registry.model_name, "1")
 
+    (project / "adapters" / "candidate" / "adapter_model.safetensors").write_bytes(os.urandom(2048))  # another adapter
     second = log_and_register(cfg, root=project, **outcome(candidate=1.9), client=client)
 
     aliases = client.get_registered_model(cfg.registry.model_name).aliases

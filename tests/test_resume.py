@@ -245,3 +245,14 @@ def test_rerunning_a_killed_train_stage_resumes_from_its_checkpoint(tmp_path, ti
     assert result.steps == 120 and Path(result.adapter_dir).name == "candidate"
     history = json.loads((project / "metrics" / "train_history.json").read_text())
     assert [row["step"] for row in history if "loss" in row] == list(range(1, 121))
+
+    # MLflow: the killed attempt's run (left RUNNING by SIGKILL) is marked FAILED; the rerun's run is FINISHED.
+    from loraops import registry
+    from loraops.config import load_config
+
+    cfg = load_config(project / "params.yaml")
+    client = registry.client_for(cfg.registry, project)
+    runs = client.search_runs([client.get_experiment_by_name(cfg.registry.experiment).experiment_id])
+    assert sorted(run.info.status for run in runs) == ["FAILED", "FINISHED"]
+    assert client.get_run(result.mlflow_run_id).info.status == "FINISHED"
+    assert [p.step for p in client.get_metric_history(result.mlflow_run_id, "loss")][-1] == 120

@@ -26,6 +26,29 @@ def _client(project: Path):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+def _prefect_artifacts(flow_run_id: str, key: str) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=[key])
+            )
+        )
+    return [artifact.data for artifact in found]
+
+
+def _linked_run(project: Path, run_id: str):
+    """The MLflow run, checked to point at its Prefect flow run, which points back at it."""
+    run = _client(project).get_run(run_id)
+    flow_run_id = run.data.tags["loraops.prefect_flow_run_id"]
+    assert run.data.tags["loraops.prefect_flow_run_url"].endswith(f"/runs/flow-run/{flow_run_id}")
+    links = _prefect_artifacts(flow_run_id, "mlflow-run")
+    assert links and all(run_id in markdown for markdown in links)
+    return run, links
+
+
 def test_retrain_registers_a_gated_adapter_with_lineage_and_versions_it(tiny_project, prefect_harness):
     from flows.retrain import retrain
 
@@ -56,6 +79,17 @@ def test_retrain_registers_a_gated_adapter_with_lineage_and_versions_it(tiny_pro
     assert "in sync" in _dvc(tiny_project, "status", "--cloud").lower()
     metrics = json.loads((tiny_project / "metrics" / "adapter.json").read_text())
     assert metrics["loss"] == pytest.approx(result.candidate.loss)
+
+    # One MLflow run, opened by training and finished by registration, linked both ways with Prefect.
+    run, _ = _linked_run(tiny_project, result.registration.run_id)
+    assert run.info.status == "FINISHED" and version.run_id == run.info.run_id
+    assert len(_client(tiny_project).search_runs([run.info.experiment_id])) == 1
+    # One validation loss: the best checkpoint's eval loss (train.json, history, MLflow) is the gate's.
+    train = json.loads((tiny_project / "metrics" / "train.json").read_text())
+    assert train["mlflow_run_id"] == run.info.run_id
+    assert train["best_eval_loss"] == pytest.approx(result.candidate.loss, rel=1e-5)
+    evals = {p.step: p.value for p in _client(tiny_project).get_metric_history(run.info.run_id, "eval_loss")}
+    assert evals[train["best_step"]] == pytest.approx(run.data.metrics["adapter_val_loss"], rel=1e-5)
 
 
 def test_retrain_with_no_gain_over_the_champion_registers_nothing(tiny_project, prefect_harness):
@@ -91,6 +125,10 @@ def test_retrain_with_no_gain_over_the_champion_registers_nothing(tiny_project, 
     client = _client(tiny_project)
     assert [str(v.version) for v in client.search_model_versions("name='tiny-adapter'")] == ["1"]
     assert client.get_run(second.registration.run_id).data.tags["loraops.gate"] == "failed"
+    # The refused run ends FINISHED (a refusal is no failure) and its Prefect run links to it and the reasons.
+    run, links = _linked_run(tiny_project, second.registration.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_id != first.registration.run_id
+    assert any(second.decision.reasons[0] in markdown for markdown in links)
 
 
 def _run_tags(state) -> list[str]:

@@ -184,6 +184,17 @@ def test_training_lowers_train_and_validation_loss(trained, tiny_model_dir, spli
     assert evaluate_loss(adapted, splits[1], 12).loss < evaluate_loss(base, splits[1], 12).loss - 0.1
 
 
+def test_the_best_eval_loss_is_the_gates_token_weighted_loss_of_the_saved_adapter(trained, tiny_model_dir, splits):
+    """One validation loss: what picks the best checkpoint is what the gate measures on the saved adapter."""
+    cfg, result, adapter_dir = trained
+    ref = _ref(tiny_model_dir)
+    adapted = modeling.load_adapter_model(ref, adapter_dir, cfg.model, cfg.quant, "cpu")
+    gate_loss = evaluate_loss(adapted, splits[1], 5)  # another batch size: token weighting makes it irrelevant
+    assert result.best_eval_loss == pytest.approx(gate_loss.loss, rel=1e-5)
+    history = json.loads(Path(result.history_path).read_text())
+    assert {row["eval_tokens"] for row in history if "eval_loss" in row} == {gate_loss.tokens}
+
+
 def test_lora_weights_change_and_base_weights_do_not(manual):
     trainer, before, _ = manual
     after = dict(trainer.model.named_parameters())
