@@ -3,6 +3,7 @@
 Columns (documented in the README's data-contract section):
 
 =============== ===================================================================================
+``file``        the data file (shown with ``line`` next to each unexpected value in Data Docs)
 ``line``        1-based line (JSONL/JSON) or data-row number (CSV/Parquet) of the example
 ``prompt``      the user turns, joined by a blank line (null for text rows and malformed rows)
 ``completion``  the trained answer: the last assistant turn (the whole text for text rows)
@@ -98,7 +99,8 @@ def example_frame(facts: SplitFacts, keep: np.ndarray) -> pd.DataFrame:
 
     rows = np.flatnonzero(keep)
     take = pa.array(rows)
-    frame = pd.DataFrame({"line": facts.column("line")[rows]})
+    frame = pd.DataFrame({"file": pd.Categorical.from_codes(np.zeros(len(rows), np.int8), [facts.path])})
+    frame["line"] = facts.column("line")[rows]
     for name in (*TEXT_COLUMNS, "shortest_turn"):
         frame[name] = facts.table_column(name).take(take).to_pandas()
     frame["shortest_turn"] = frame["shortest_turn"].astype("Int64")

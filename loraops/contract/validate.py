@@ -57,6 +57,7 @@ def validate_dataset(
         suite = str(gx_dir(data) / "expectations" / f"{fmt}.json")
         checks += to_checks(facts, entries, result, counts, int(keep.sum()), suite)
     checks += [_format_check(splits)] if validation is not None else _not_checked_without_validation()
+    context.build_data_docs()
     report = ContractReport(
         passed=all(check.passed for check in checks if check.severity == "fail" and check.checked),
         checks=checks,
