@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import make_project
 
 from loraops.config import DataConfig
 from loraops.contract import DataContractError, format_report, validate_dataset
@@ -202,3 +203,34 @@ def test_data_docs_show_observed_values_with_file_and_line(bad_report):
     assert re.search(rf"EMPTY 1 {re.escape(train)} 8|null 1 {re.escape(train)} 8", text)  # required_fields: no text
     assert "Tokens after the chat template: at most data.max_length" in text
     assert (docs / "index.html").is_file()
+
+
+def test_the_pipeline_stage_enforces_the_projects_suite_and_dvc_sees_the_edit(tmp_path, tiny_model_dir):
+    """A project's own gx/ (not the working directory's) drives the stage; a suite edit makes validate_dataset stale."""
+    import subprocess
+    import sys
+
+
+    from loraops import stages
+    from loraops.config import load_config
+    from loraops.versioning import record_pipeline_state
+
+    root = make_project(tmp_path / "project", tiny_model_dir)
+    cfg = load_config(root / "params.yaml")
+    stages.prepare_base_model(cfg, root)
+    stages.validate_dataset(cfg, root)
+    record_pipeline_state(root, ["prepare_base_model", "validate_dataset"])
+    dvc = [sys.executable, "-m", "dvc", "status", "--json", "validate_dataset"]
+    assert json.loads(subprocess.run(dvc, cwd=root, capture_output=True, text=True, check=True).stdout) == {}
+
+    add_expectations(
+        root / "gx", "chat",
+        {"type": "expect_column_value_lengths_to_be_between", "kwargs": {"column": "completion", "max_value": 10},
+         "meta": {"name": "short_answers"}},
+    )  # fmt: skip
+    with pytest.raises(DataContractError, match="FAIL train      short_answers") as caught:
+        stages.validate_dataset(cfg, root)
+
+    assert f"{root / 'data' / 'train.jsonl'}:1: completion = " in str(caught.value)
+    status = json.loads(subprocess.run(dvc, cwd=root, capture_output=True, text=True, check=True).stdout)
+    assert {"changed deps": {"gx/expectations": "modified"}} in status["validate_dataset"]

@@ -13,6 +13,7 @@ Rows of the rules listed in ``data.contract.quarantine`` are written to
 the same lines before tokenising (``quarantined_lines``).
 """
 
+from loraops.contract.context import for_project
 from loraops.contract.facts import SplitFacts, Turns
 from loraops.contract.keys import TrainIndex, keys_of as _keys, mark_duplicates, normalized_hashes
 from loraops.contract.patterns import SECRET_PATTERNS, unusual_turns as _unusual_turns
@@ -23,6 +24,6 @@ from loraops.contract.validate import DOCS_DIR, validate_dataset
 
 __all__ = [
     "DOCS_DIR", "QUARANTINE_DIR", "SECRET_PATTERNS", "SUMMARY_FILE", "DataContractError", "SplitFacts", "TrainIndex",
-    "Turns", "_keys", "_unusual_turns", "format_report", "mark_duplicates", "normalized_hashes", "quarantine",
+    "Turns", "_keys", "for_project", "_unusual_turns", "format_report", "mark_duplicates", "normalized_hashes", "quarantine",
     "quarantined_lines", "role_problem", "scan_split", "validate_dataset",
 ]  # fmt: skip

@@ -46,6 +46,15 @@ class SuiteEntry:
     threshold: str
 
 
+def for_project(data: DataConfig, root: Path) -> DataConfig:
+    """``data`` with a relative ``data.contract.gx_dir`` resolved against the project root, when it is there."""
+    configured = Path(data.contract.gx_dir)
+    if configured.is_absolute() or not (root / configured / "great_expectations.yml").is_file():
+        return data
+    contract = data.contract.model_copy(update={"gx_dir": str(root / configured)})
+    return data.model_copy(update={"contract": contract})
+
+
 def gx_dir(data: DataConfig) -> Path:
     """``data.contract.gx_dir`` (relative to the working directory), else the suites shipped with loraops."""
     configured = Path(data.contract.gx_dir)
