@@ -234,11 +234,17 @@ def _show_lines_in_docs(suite_result: Any) -> None:
     enough to read, so they are shown under that name, values cut to DOCS_VALUE_CHARS.
     """
     for item in suite_result.results:
-        partial = (item.result or {}).get("partial_unexpected_index_list")
-        if partial:
-            item.result["unexpected_index_list"] = [
-                {key: _cut(value) for key, value in row.items()} if isinstance(row, dict) else row for row in partial
-            ]
+        result = item.result or {}
+        partial = result.get("partial_unexpected_index_list")
+        if not partial:
+            continue
+        # GX matches listed rows to counted values: cut both the same way
+        result.setdefault("unexpected_index_column_names", RESULT_FORMAT["unexpected_index_column_names"])
+        result["unexpected_index_list"] = [{key: _cut(value) for key, value in row.items()} for row in partial]
+        result["partial_unexpected_list"] = [_cut(value) for value in result.get("partial_unexpected_list", [])]
+        result["partial_unexpected_counts"] = [
+            {**count, "value": _cut(count.get("value"))} for count in result.get("partial_unexpected_counts", [])
+        ]
 
 
 def _cut(value: Any) -> Any:

@@ -92,18 +92,20 @@ def _last_answer(turns: Turns, malformed: pa.Array, rows: int) -> pa.Array:
 
 
 def example_frame(facts: SplitFacts, keep: np.ndarray) -> pd.DataFrame:
-    """The table of the kept rows as a pandas frame (strings as Python objects: GX hashes the frame)."""
+    """The table of the kept rows as a pandas frame."""
     import numpy as np
     import pandas as pd
     import pyarrow as pa
 
     rows = np.flatnonzero(keep)
-    take = pa.array(rows)
+    take = None if len(rows) == len(keep) else pa.array(rows)
     frame = pd.DataFrame({"file": pd.Categorical.from_codes(np.zeros(len(rows), np.int8), [facts.path])})
     frame["line"] = facts.column("line")[rows]
-    for name in (*TEXT_COLUMNS, "shortest_turn"):
-        frame[name] = facts.table_column(name).take(take).to_pandas()
-    frame["shortest_turn"] = frame["shortest_turn"].astype("Int64")
+    for name in TEXT_COLUMNS:  # Arrow-backed: no copy, and pandas runs the suites' regexes with RE2
+        column = facts.table_column(name)
+        frame[name] = pd.arrays.ArrowExtensionArray(column if take is None else column.take(take))
+    shortest = facts.table_column("shortest_turn")
+    frame["shortest_turn"] = (shortest if take is None else shortest.take(take)).to_pandas().astype("Int64")
     tokens = facts.column("token_length")[rows] if "token_length" in facts.columns else np.full(len(rows), np.nan)
     frame["n_tokens"] = pd.array(tokens).astype("Int64")  # null: not tokenised
     frame["template_error"] = frame["line"].map(facts.template_errors).astype(object)
