@@ -15,31 +15,33 @@ if TYPE_CHECKING:
 # All but tab, newline and CR, plus U+FFFD (what invalid UTF-8 decodes to). RE2 spelling; the GX suites'
 # ``encoding`` regex is the same set in Python's (a literal U+FFFD keeps pandas on pyarrow's RE2 path).
 CONTROL_CHARS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\x{80}-\x{9f}\x{fffd}]"
-# Word boundaries spelled in ASCII (``\b`` is Unicode-aware in Python, ASCII in RE2, and makes pandas
-# fall back to Python's re on non-ASCII text): the same matches in both engines. ``\Z`` is Python's
-# end of text; ``re2`` turns it into RE2's ``\z`` (pandas does the same).
 GX_CONTROL_CHARS = "[\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f\\x7f-\\x9f\ufffd]"  # Python's re; U+FFFD as itself
-WORD_START = r"(?:^|[^A-Za-z0-9_])"
-WORD_END = r"(?:[^A-Za-z0-9_]|\Z)"
 SECRET_PATTERNS = {
-    "OpenAI-style API key ('sk-...')": WORD_START + r"sk-[A-Za-z0-9_\-]{20,}",
-    "AWS access key id ('AKIA...')": WORD_START + r"(?:AKIA|ASIA)[0-9A-Z]{16}" + WORD_END,
-    "GitHub token ('ghp_...')": WORD_START + r"(?:gh[pousr]_[A-Za-z0-9]{36}|github_pat_[A-Za-z0-9_]{22,})",
-    "Slack token ('xox.-...')": WORD_START + r"xox[abposr]-[A-Za-z0-9-]{10,}",
-    "Google API key ('AIza...')": WORD_START + r"AIza[0-9A-Za-z_\-]{35}",
+    "OpenAI-style API key ('sk-...')": r"\bsk-[A-Za-z0-9_\-]{20,}",
+    "AWS access key id ('AKIA...')": r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b",
+    "GitHub token ('ghp_...')": r"\b(?:gh[pousr]_[A-Za-z0-9]{36}|github_pat_[A-Za-z0-9_]{22,})",
+    "Slack token ('xox.-...')": r"\bxox[abposr]-[A-Za-z0-9-]{10,}",
+    "Google API key ('AIza...')": r"\bAIza[0-9A-Za-z_\-]{35}",
     "private key block": r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----",
 }
 EMAIL_PATTERN = r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}"
 ASCII_WHITESPACE_RUN = r"[\t\n\x0b\x0c\r\x1c-\x1f ]+"  # what ``str.split()`` splits ASCII text on
+def ascii_boundaries(pattern: str) -> str:
+    """``pattern`` with ``\\b`` spelled in ASCII, as RE2 (pyarrow) reads it.
+
+    Python's ``\\b`` is Unicode-aware and makes pandas run a regex with Python's ``re`` on non-ASCII
+    text, ~10x slower than pyarrow's RE2; the GX suites' ``secrets`` regex is this spelling
+    (``GX_SECRETS``), so the suite, the scan and pandas agree on every row.
+    """
+    start, end = r"(?:^|[^A-Za-z0-9_])", r"(?:[^A-Za-z0-9_]|\Z)"
+    return re.sub(r"\\b(.*)\\b$", lambda m: rf"\b{m.group(1)}{end}", pattern).replace(r"\b", start)
+
+
 # One pass finds the few ASCII turns any rule or the normalisation must look at closely: control
 # and whitespace characters other than a single inner space (``str.split`` would change them),
 # and anything a secret or e-mail pattern could match. Non-ASCII turns are always looked at.
-def re2(pattern: str) -> str:
-    """A pattern of this module in RE2's spelling (pyarrow)."""
-    return pattern.replace(r"\Z", r"\z")
-
-
-UNUSUAL = re2("|".join([r"[\x00-\x1f\x7f]|^ | $|  ", *SECRET_PATTERNS.values(), EMAIL_PATTERN]))
+UNUSUAL = "|".join([r"[\x00-\x1f\x7f]|^ | $|  ", *SECRET_PATTERNS.values(), EMAIL_PATTERN])
+GX_SECRETS = "|".join(f"(?:{ascii_boundaries(pattern)})" for pattern in SECRET_PATTERNS.values())
 
 
 def unusual_turns(content: pa.Array) -> np.ndarray:
@@ -72,7 +74,7 @@ def content_patterns(
     facts.add("encoding", encoding)
     facts.explain("encoding", lines, encoding, lambda row: batch.encoding.get(row) or _control_reason(batch, row))
 
-    secrets = per_row(re2("|".join(f"(?:{pattern})" for pattern in SECRET_PATTERNS.values())))
+    secrets = per_row("|".join(f"(?:{pattern})" for pattern in SECRET_PATTERNS.values()))
     facts.add("secrets", secrets)
     facts.explain("secrets", lines, secrets, lambda row: _secret_reason(batch, row))
     emails = per_row(EMAIL_PATTERN)
@@ -114,10 +116,7 @@ def _secret_reason(batch: RowBatch, row: int) -> str:
         for kind, pattern in SECRET_PATTERNS.items():
             found = re.search(pattern, turn["content"] or "")
             if found:
-                key = found.group()
-                if pattern.startswith(WORD_START) and re.match(r"[^A-Za-z0-9_]", key):
-                    key = key[1:]  # the boundary character before the key
-                shown = key[:6] + "…"
+                shown = found.group()[:6] + "…"
                 return f"{kind} {shown!r} in {turn_name(index, turn['role'], batch.format)}"
     return "credential pattern"
 
