@@ -104,13 +104,28 @@ def example_frame(facts: SplitFacts, keep: np.ndarray) -> pd.DataFrame:
     for name in TEXT_COLUMNS:  # Arrow-backed: no copy, and pandas runs the suites' regexes with RE2
         column = facts.table_column(name)
         frame[name] = pd.arrays.ArrowExtensionArray(column if take is None else column.take(take))
+    # Numbers as float64 with NaN for null: GX compares numpy columns vectorised, nullable Int64 row by row.
     shortest = facts.table_column("shortest_turn")
-    frame["shortest_turn"] = (shortest if take is None else shortest.take(take)).to_pandas().astype("Int64")
+    frame["shortest_turn"] = (shortest if take is None else shortest.take(take)).to_numpy(zero_copy_only=False).astype(float)
     tokens = facts.column("token_length")[rows] if "token_length" in facts.columns else np.full(len(rows), np.nan)
-    frame["n_tokens"] = pd.array(tokens).astype("Int64")  # null: not tokenised
-    frame["template_error"] = frame["line"].map(facts.template_errors).astype(object)
+    frame["n_tokens"] = tokens  # NaN: not tokenised
+    frame["template_error"] = _by_line(frame["line"].to_numpy(), facts.template_errors)
     duplicate_of = facts.column("duplicate_of")[rows] if "duplicate_of" in facts.columns else np.zeros(len(rows), np.int64)
     frame["duplicate_of"] = pd.array(duplicate_of, dtype="Int64")
     frame.loc[duplicate_of == 0, "duplicate_of"] = pd.NA
     frame["train_line"] = facts.column("train_line")[rows] if "train_line" in facts.columns else np.zeros(len(rows), np.int64)
     return frame
+
+
+def _by_line(lines: np.ndarray, values: dict[int, str]) -> np.ndarray:
+    """``values`` (line -> text) as an object column over ``lines`` (ascending), None elsewhere."""
+    import numpy as np
+
+    column = np.full(len(lines), None, dtype=object)
+    if values:
+        wanted = np.array(sorted(values), dtype=np.int64)
+        where = np.searchsorted(lines, wanted)
+        found = (where < len(lines)) & (lines[np.minimum(where, len(lines) - 1)] == wanted)
+        for position, line in zip(where[found], wanted[found]):
+            column[position] = values[int(line)]
+    return column
