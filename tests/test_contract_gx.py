@@ -113,9 +113,9 @@ def test_each_rule_fails_through_the_real_gx_suite(train, validation, split, rul
     report = validate_dataset(BAD / train, validation_path, tiny_tokenizer, DataConfig(max_length=100), tmp_path)
 
     item = gx_result(report, split, rule)
-    found = [row["line"] for row in item["result"].get("partial_unexpected_index_list", [])]
-    assert item["success"] is False and found == lines
-    assert all(row["file"] == str(BAD / (train if split == "train" else validation)) for row in item["result"].get("partial_unexpected_index_list", []))
+    listed = item["result"].get("partial_unexpected_index_list", [])
+    assert item["success"] is False and [row["line"] for row in listed] == lines
+    assert {row["file"] for row in listed} <= {str(BAD / (train if split == "train" else validation))}
     assert not check(report, split, rule).passed
 
 
@@ -158,7 +158,8 @@ def test_a_user_added_expectation_is_enforced_and_named(tmp_path, tiny_tokenizer
     params.write_text(yaml.safe_dump({"model": {"base": str(tiny_model_dir)}, "data": {"contract": {"gx_dir": str(gx_dir)}}}))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    result = CliRunner().invoke(app, ["validate", str(train), "--validation", str(GOOD / "validation.jsonl"), "--params", str(params)])
+    command = ["validate", str(train), "--validation", str(GOOD / "validation.jsonl"), "--params", str(params)]
+    result = CliRunner().invoke(app, command)
     assert result.exit_code == 1 and "FAIL train      no_as_an_ai" in result.output
     assert f"{train}:2: completion = 'As an AI, I cannot laugh.'" in result.output
 
@@ -166,12 +167,15 @@ def test_a_user_added_expectation_is_enforced_and_named(tmp_path, tiny_tokenizer
 @pytest.mark.parametrize(
     ("entry", "message"),
     [
-        ({"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "text", "mostly": 0.9}, "meta": {"rule": "required_fields"}},
+        ({"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "text", "mostly": 0.9},
+          "meta": {"rule": "required_fields"}},
          "set data.contract.required_fields.max_share and .severity in params.yaml"),
         ({"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "text"}, "meta": {"rule": "no_nulls"}},
          "meta.rule 'no_nulls' is not a loraops rule"),
-        ({"type": "expect_column_values_to_be_shiny", "kwargs": {"column": "text"}}, "expectation 13 (expect_column_values_to_be_shiny): GX cannot load it"),
-        ({"type": "expect_column_values_to_be_between", "kwargs": {"min_value": 1}}, "expectation 13 (expect_column_values_to_be_between)"),
+        ({"type": "expect_column_values_to_be_shiny", "kwargs": {"column": "text"}},
+         "expectation 13 (expect_column_values_to_be_shiny): GX cannot load it"),
+        ({"type": "expect_column_values_to_be_between", "kwargs": {"min_value": 1}},
+         "expectation 13 (expect_column_values_to_be_between)"),
     ],
 )  # fmt: skip
 def test_a_broken_suite_file_is_refused_naming_the_file(entry, message, tmp_path):

@@ -136,7 +136,8 @@ def _check_file(path: Path) -> list[dict[str, Any]]:
 
 def _entry(expectation: Any, rule: str | None, data: DataConfig, split: str) -> SuiteEntry:
     if rule is None:
-        severity = "fail" if str(expectation.severity.value if hasattr(expectation.severity, "value") else expectation.severity) == "critical" else "warn"
+        level = getattr(expectation.severity, "value", expectation.severity)  # GX: critical | warning | info
+        severity = "fail" if str(level) == "critical" else "warn"
         return SuiteEntry(expectation, None, severity, expectation.description or _signature(expectation))
     contract = data.contract
     if rule == "min_rows":

@@ -52,7 +52,8 @@ def batch_columns(facts: SplitFacts, turns: Turns, well_formed: np.ndarray, text
 
     def joined(values: pa.Array, mask: np.ndarray, separator: str) -> pa.Array:
         counts = np.bincount(turns.parent[mask], minlength=rows) if len(mask) else np.zeros(rows, np.int64)
-        lists = pa.ListArray.from_arrays(np.concatenate(([0], np.cumsum(counts))).astype(np.int32), values.filter(pa.array(mask)))
+        starts = np.concatenate(([0], np.cumsum(counts))).astype(np.int32)
+        lists = pa.ListArray.from_arrays(starts, values.filter(pa.array(mask)))
         return pc.if_else(malformed, nulls, pc.binary_join(lists, separator))
 
     every = np.ones(len(turns.parent), dtype=bool)
@@ -87,7 +88,9 @@ def _last_answer(turns: Turns, malformed: pa.Array, rows: int) -> pa.Array:
     last[:-1] = owners[1:] != owners[:-1]
     index = np.full(rows, -1, dtype=np.int64)
     index[owners[last]] = hits[last]
-    taken = turns.content.take(pa.array(np.maximum(index, 0), mask=index < 0)) if len(turns.content) else pa.nulls(rows, pa.string())
+    if not len(turns.content):
+        return pa.nulls(rows, pa.string())
+    taken = turns.content.take(pa.array(np.maximum(index, 0), mask=index < 0))
     return pc.if_else(malformed, pa.nulls(rows, pa.string()), taken)
 
 
