@@ -14,9 +14,7 @@ if TYPE_CHECKING:
 
 MAX_EXAMPLES = 5
 SNIPPET_CHARS = 60
-TOKENIZE_BATCH = 256
 ALPACA_FIELDS = {"user": "instruction", "assistant": "output"}
-CHAT_ONLY = ("roles", "ends_with_assistant")
 
 
 @dataclass

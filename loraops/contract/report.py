@@ -122,7 +122,7 @@ def _hint(entry: SuiteEntry, split: str, suite: str) -> str:
     return hint + ("" if entry.rule == "min_rows" else QUARANTINE_HINT.format(rule=entry.rule))
 
 
-def _format_check(splits: list[SplitFacts]) -> ContractCheck:
+def format_check(splits: list[SplitFacts]) -> ContractCheck:
     """Train and validation must both be chat-like or both plain text: one loss, one tokenisation."""
     kinds = {facts.name: _kind(facts.format) for facts in splits if facts.format != EMPTY_FORMAT}
     passed = len(set(kinds.values())) <= 1
@@ -137,7 +137,7 @@ def _format_check(splits: list[SplitFacts]) -> ContractCheck:
     )
 
 
-def _not_checked_without_validation() -> list[ContractCheck]:
+def not_checked_without_validation() -> list[ContractCheck]:
     """The rules that compare train with validation, listed as not checked when there is no validation file."""
     rules = {
         "train_overlap": "no validation question or answer in train",

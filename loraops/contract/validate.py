@@ -11,7 +11,7 @@ from loraops.config import DataConfig
 from loraops.contract.context import gx_dir, load_suite, run_checkpoint, run_context
 from loraops.contract.keys import TrainIndex, mark_duplicates
 from loraops.contract.quarantine import SUMMARY_FILE, quarantine
-from loraops.contract.report import _format_check, _kind, _not_checked_without_validation, to_checks
+from loraops.contract.report import format_check, not_checked_without_validation, to_checks
 from loraops.contract.scan import scan_split
 from loraops.contract.table import example_frame
 from loraops.data import EMPTY_FORMAT
@@ -56,7 +56,7 @@ def validate_dataset(
         counts = {"min_rows": record.rows if record else 0, **(record.by_rule if record else {})}
         suite = str(gx_dir(data) / "expectations" / f"{fmt}.json")
         checks += to_checks(facts, entries, result, counts, int(keep.sum()), suite)
-    checks += [_format_check(splits)] if validation is not None else _not_checked_without_validation()
+    checks += [format_check(splits)] if validation is not None else not_checked_without_validation()
     context.build_data_docs()
     report = ContractReport(
         passed=all(check.passed for check in checks if check.severity == "fail" and check.checked),
