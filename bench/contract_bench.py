@@ -6,7 +6,8 @@
 Generates ``--rows`` train rows (plus 2% as many validation rows) of ChatML-style conversations
 with realistic text: capitalised sentences, multi-turn rows, system prompts, multi-line and
 non-ASCII turns, and a few duplicates, e-mail addresses and over-long rows. Then it runs
-``contract.validate_dataset`` (GX suite and Data Docs included) in a fresh process per
+``contract.validate_dataset`` (the GX suites of ``gx/`` through a checkpoint per split, Data Docs
+included) in a fresh process per
 measurement, so each peak RSS is that run's own:
 
 * without tokenisation (``tokenizer=None``) over all rows;
@@ -183,7 +184,8 @@ def section(results: list[dict], rows: int, size_mb: float) -> str:
         SECTION,
         "",
         f"`bench/contract_bench.py`: {rows:,} synthetic chat train rows (+2% validation rows; {size_mb:.0f} MB of "
-        "JSONL), the whole contract (`contract.validate_dataset`: streaming read, every rule, GX suite, Data Docs). "
+        "JSONL), the whole contract (`contract.validate_dataset`: streaming read, the per-example table, the GX suite "
+        "`gx/expectations/chat.json` through a checkpoint per split, Data Docs). "
         f"Machine: {machine()}; shared with other jobs, so the load average at each start is given.",
         "",
         "| run | rows | best wall s (of n) | median wall s | rows/s (best) | CPU s | rows/CPU-s | peak RSS MB | load avg |",
@@ -212,8 +214,9 @@ def section(results: list[dict], rows: int, size_mb: float) -> str:
         "template (Jinja, per row) and encodes in batches of 256, so its cost scales with rows.",
         f"- Peak RSS is the process's maximum resident set; {results[0]['rss_before_mb']} MB of it is already "
         f"taken after the imports. The file is read in {chunk_mb:g} MB chunks (`data.contract.chunk_mb`), the "
-        "next one parsed on a second thread; per row the contract keeps ~15 booleans, the token length and "
-        "a few 64-bit keys.",
+        "next one parsed on a second thread; per row the contract keeps ~15 booleans, the token length, "
+        "a few 64-bit keys and the table's text columns (`prompt`, `completion`, `text`, `roles`: Arrow, handed to "
+        "GX as Arrow-backed pandas columns without a copy).",
         "- CPU s counts both threads. The load average is the machine's at the start of the best run: other "
         "jobs shared the two cores and the memory bandwidth, so an idle machine is faster.",
         "",

@@ -108,7 +108,7 @@ def validate_files(
 ) -> ContractReport:
     """Run the data contract (the same function as the pipeline's stage) with its reports in ``report_dir``."""
     from loraops import modeling
-    from loraops.contract import validate_dataset
+    from loraops.contract import for_project, validate_dataset
 
     tokenizer = modeling.load_tokenizer(inspection_base(cfg, root), cfg.model)
-    return validate_dataset(train, validation, tokenizer, cfg.data, report_dir)
+    return validate_dataset(train, validation, tokenizer, for_project(cfg.data, root), report_dir)

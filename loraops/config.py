@@ -100,6 +100,11 @@ class ContractConfig(_Section):
         [], description="Rules whose failing rows are set aside (reports_dir/quarantine/) instead of failing"
     )
     chunk_mb: float = Field(32.0, gt=0, description="Files above this size are validated in chunks of this size")
+    gx_dir: str = Field(
+        "gx",
+        description="The GX file context holding the suites (expectations/chat.json, alpaca.json, text.json); "
+        "thresholds and severities of the built-in rules stay here in data.contract",
+    )
 
     @model_validator(mode="after")
     def _check_quarantine(self) -> ContractConfig:

@@ -133,13 +133,13 @@ def _tokenizer(cfg: LoraopsConfig, root: Path):
 
 def validate_dataset(cfg: LoraopsConfig, root: Path) -> ContractReport:
     """Run the data contract; raise DataContractError (after writing the report) if it fails."""
-    from loraops.contract import DataContractError, validate_dataset as run_contract
+    from loraops.contract import DataContractError, for_project, validate_dataset as run_contract
 
     report = run_contract(
         _path(root, cfg.data.train_file),
         _path(root, cfg.data.validation_file),
         _tokenizer(cfg, root),
-        cfg.data,
+        for_project(cfg.data, root),
         _path(root, cfg.paths.reports_dir),
     )
     if not report.passed:

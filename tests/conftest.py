@@ -161,6 +161,7 @@ def make_project(directory: Path, base_model: Path, **sections) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     shutil.copytree(REPO_ROOT / "loraops", directory / "loraops", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO_ROOT / "dvc.yaml", directory / "dvc.yaml")
+    shutil.copytree(REPO_ROOT / "gx", directory / "gx", ignore=shutil.ignore_patterns("uncommitted"))
     shutil.copy(REPO_ROOT / ".gitignore", directory / ".gitignore")
     shutil.copytree(TINY_DATA, directory / "data")
     (directory / "params.yaml").write_text(yaml.safe_dump(tiny_params(base_model, **sections), sort_keys=False))

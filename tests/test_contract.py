@@ -83,8 +83,9 @@ def test_reports_and_data_docs_are_written(good_report):
     assert summary == good_report
     assert docs == full.parent / "data_docs" / "index.html" and docs.is_file()
     pages = {path.parent.parent.parent.name for path in (docs.parent / "validations").rglob("*.html")}
-    assert pages == {"loraops_train", "loraops_validation"}
-    assert "empty_content" in next((docs.parent / "validations" / "loraops_train").rglob("*.html")).read_text()
+    assert pages == {"chat_train", "chat_validation"}  # suite gx/expectations/chat.json, run per split
+    page = next((docs.parent / "validations" / "chat_train").rglob("*.html")).read_text()
+    assert "shortest_turn" in page and "roles" in page and "n_tokens" in page
 
 
 @pytest.mark.parametrize(
@@ -115,7 +116,7 @@ def test_observed_and_threshold_say_what_was_measured(bad_report):
     empty = check(bad_report, "train", "empty_content")
 
     assert lengths.observed == "1 of 4 tokenised rows (25.0%)"  # only well-formed rows are tokenised
-    assert lengths.threshold == f"token_length <= {MAX_LENGTH}; truncated: no rows"
+    assert lengths.threshold == f"n_tokens <= {MAX_LENGTH}; truncated: no rows"
     assert (empty.observed, empty.threshold) == ("3 of 10 rows (30.0%)", "no rows")
     assert check(bad_report, "train", "min_rows").observed == "10 rows"
 
@@ -369,7 +370,7 @@ def test_contract_markdown_shows_every_check_and_the_quarantine(bad_report):
     text = contract_markdown(bad_report)
 
     assert "| expectation | split | severity | result | observed | threshold |" in text
-    assert "| over_length | train | fail | **fail** | 1 of 4 tokenised rows (25.0%) | token_length <= 100; " in text
+    assert "| over_length | train | fail | **fail** | 1 of 4 tokenised rows (25.0%) | n_tokens <= 100; " in text
     assert "| emails | train | warn | pass |" in text
     assert f"  - `{BAD / 'train.jsonl'}:5: roles human, assistant" in text
     assert text.endswith(f"Great Expectations Data Docs: `{bad_report.data_docs}`")

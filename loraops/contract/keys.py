@@ -1,0 +1,233 @@
+"""64-bit keys per example, question and answer: duplicates within a split and train/validation leakage.
+
+Keys are Python string hashes (per process, 64-bit): two different examples share one with a
+probability of about n²/2⁶⁵, a false duplicate in ~10⁻⁸ of million-row runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from loraops.contract.facts import SplitFacts, Turns, snippet
+from loraops.contract.patterns import ASCII_WHITESPACE_RUN
+from loraops.data import RowBatch, normalize_text
+
+if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
+
+_TAGS = {"question": 0x9E3779B97F4A7C15, "answer": 0xC2B2AE3D27D4EB4F, "whole": 0x165667B19E3779F9}
+
+
+def _mix(values: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: spreads every input bit over the whole 64-bit key."""
+    import numpy as np
+
+    values = values ^ (values >> np.uint64(30))
+    values = values * np.uint64(0xBF58476D1CE4E5B9)
+    values = values ^ (values >> np.uint64(27))
+    values = values * np.uint64(0x94D049BB133111EB)
+    return values ^ (values >> np.uint64(31))
+
+
+def _hash_strings(array: pa.Array) -> np.ndarray:
+    import numpy as np
+
+    values = array.to_numpy(zero_copy_only=False)
+    return np.fromiter(map(hash, values), dtype=np.int64, count=len(values)).view(np.uint64)
+
+
+def normalized_hashes(content: pa.Array, unusual: np.ndarray) -> np.ndarray:
+    """``hash(normalize_text(s))`` of every turn, computed by Arrow except for non-ASCII turns.
+
+    For plain ASCII text ``normalize_text`` (casefold, split on whitespace, join with one space)
+    is lower-casing; unusual ASCII turns also get their whitespace runs collapsed by Arrow, and
+    only non-ASCII turns (Unicode case folding and spaces) go through Python.
+    """
+    import numpy as np
+    import pyarrow.compute as pc
+
+    hashes = _hash_strings(pc.ascii_lower(content))
+    if not len(unusual):
+        return hashes
+    odd = content.take(unusual)
+    spaced = pc.replace_substring_regex(pc.ascii_lower(odd), ASCII_WHITESPACE_RUN, " ")
+    hashes[unusual] = _hash_strings(pc.utf8_trim(spaced, " "))
+    foreign = np.flatnonzero(~pc.fill_null(pc.string_is_ascii(odd), True).to_numpy(zero_copy_only=False))
+    if len(foreign):
+        texts = odd.take(foreign).to_pylist()
+        hashes[unusual[foreign]] = np.fromiter(
+            (hash(normalize_text(text)) for text in texts), np.int64, len(texts)
+        ).view(np.uint64)
+    return hashes
+
+
+@dataclass
+class BatchKeys:
+    """Per-row keys of a batch: normalised and exact whole-example keys, question and answer keys."""
+
+    whole: np.ndarray  # uint64 per row (0 for a malformed row)
+    exact: np.ndarray
+    question: np.ndarray  # uint64 per row; 0 where the row has no user turn with text
+    answers: np.ndarray  # uint64 per assistant turn with text
+    answer_rows: np.ndarray  # row of each answer
+    answer_turns: np.ndarray  # turn index (in the batch) of each answer
+    well_formed: np.ndarray
+
+    def rows(self) -> list[np.ndarray]:
+        import numpy as np
+
+        has_question = np.flatnonzero(self.question != 0)
+        return [has_question, self.answer_rows, np.flatnonzero(self.well_formed)]
+
+    def tagged(self) -> np.ndarray:
+        """Keys as one array, each kind tagged so a question never matches a whole example."""
+        import numpy as np
+
+        question, answer, whole = (np.uint64(_TAGS[kind]) for kind in ("question", "answer", "whole"))
+        rows = self.rows()
+        return np.concatenate(
+            [_mix(self.question[rows[0]] ^ question), _mix(self.answers ^ answer), _mix(self.whole[rows[2]] ^ whole)]
+        )
+
+
+def keys_of(facts: SplitFacts, turns: Turns, well_formed: np.ndarray, unusual: np.ndarray) -> BatchKeys:
+    """Hash each turn (normalised and exact), combine per row with role and position."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    normalised = normalized_hashes(turns.content, unusual)
+    encoded = pc.dictionary_encode(turns.role)
+    role_hash = _hash_strings(encoded.dictionary)[encoded.indices.to_numpy()] if len(turns.role) else np.zeros(0, np.uint64)
+    salt = _mix(role_hash ^ turns.position.astype(np.uint64))
+    whole = _per_row_sum(turns, _mix(normalised ^ salt))
+    exact_whole = _per_row_sum(turns, _mix(_hash_strings(turns.content) ^ salt))
+    whole[~well_formed] = 0
+    exact_whole[~well_formed] = 0
+    facts.add("key", whole)
+    facts.add("exact_key", exact_whole)
+
+    codes = turns.codes
+    has_text = ~turns.empty & well_formed[turns.parent]
+    first_user = turns.first_per_row((codes == 1) & well_formed[turns.parent])
+    question = np.zeros(len(turns.lengths), dtype=np.uint64)
+    asks = first_user >= 0
+    asks[asks] &= has_text[first_user[asks]]
+    question[asks] = normalised[first_user[asks]]
+    answer_turns = np.flatnonzero((codes == 2) & has_text)
+    return BatchKeys(
+        whole, exact_whole, question, normalised[answer_turns], turns.parent[answer_turns], answer_turns, well_formed
+    )
+
+
+def _per_row_sum(turns: Turns, values: np.ndarray) -> np.ndarray:
+    import numpy as np
+
+    out = np.zeros(len(turns.lengths), dtype=np.uint64)
+    rows = np.flatnonzero(turns.lengths > 0)
+    if len(rows):
+        out[rows] = np.add.reduceat(values, turns.starts[rows])
+    return out
+
+
+@dataclass
+class TrainIndex:
+    """Sorted tagged train keys and the first train line holding each, for leakage lookups."""
+
+    path: str
+    keys: np.ndarray
+    lines: np.ndarray
+
+    @classmethod
+    def of(cls, facts: SplitFacts) -> TrainIndex:
+        import numpy as np
+
+        # Keys are appended in line order, so a key's first occurrence holds its first line.
+        keys, first = np.unique(facts.column("train_keys").astype(np.uint64), return_index=True)
+        return cls(facts.path, keys, facts.column("train_key_lines")[first])
+
+    def find(self, keys: np.ndarray) -> np.ndarray:
+        """Train line of each key, 0 where train does not have it."""
+        import numpy as np
+
+        if not len(self.keys):
+            return np.zeros(len(keys), dtype=np.int64)
+        where = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        return np.where(self.keys[where] == keys, self.lines[where], 0)
+
+
+def leakage(
+    facts: SplitFacts, batch: RowBatch, turns: Turns, keys: BatchKeys, well_formed: np.ndarray, index: TrainIndex
+) -> None:
+    """Validation rows sharing an answer, the question or the whole example with a train row."""
+    import numpy as np
+
+    rows = len(batch)
+    found = index.find(keys.tagged())
+    question_rows, answer_rows, whole_rows = keys.rows()
+    cut = np.cumsum([len(question_rows), len(answer_rows)])
+    question_line, answer_line, whole_line = np.split(found, cut)
+    train_line = np.zeros(rows, dtype=np.int64)  # a train line sharing the whole example, question or answer
+    for hit_rows, hit_lines in ((whole_rows, whole_line), (question_rows, question_line), (answer_rows, answer_line)):
+        train_line[hit_rows[hit_lines > 0]] = hit_lines[hit_lines > 0]
+    leaks = train_line > 0
+    facts.add("train_line", train_line)
+    facts.add("train_overlap", leaks)
+    if not leaks.any():
+        return
+    first_answer = np.full(rows, -1, dtype=np.int64)  # per row: its first answer found in train
+    hits = np.flatnonzero(answer_line > 0)
+    hit_rows, first_hit = np.unique(answer_rows[hits], return_index=True)
+    first_answer[hit_rows] = hits[first_hit]
+    per_row = {kind: np.zeros(rows, dtype=np.int64) for kind in ("question", "whole")}
+    per_row["question"][question_rows] = question_line
+    per_row["whole"][whole_rows] = whole_line
+
+    def why(row: int) -> str:
+        if first_answer[row] >= 0:
+            turn = int(keys.answer_turns[first_answer[row]]) - int(turns.starts[row])
+            text = batch.messages[row].as_py()[turn]["content"]
+            return f"answer {snippet(normalize_text(text))} also in {index.path}:{answer_line[first_answer[row]]}"
+        if per_row["question"][row]:
+            text = next(turn["content"] for turn in batch.messages[row].as_py() if turn["role"] == "user")
+            return f"question {snippet(normalize_text(text))} also in {index.path}:{per_row['question'][row]}"
+        return f"whole example also in {index.path}:{per_row['whole'][row]}"
+
+    facts.explain("train_overlap", batch.lines, leaks, why)
+
+
+def mark_duplicates(facts: SplitFacts, normalized: bool) -> None:
+    """Rows repeating an earlier row of the split (exactly, or after normalising case and spacing)."""
+    import numpy as np
+
+    line, well_formed = facts.column("line"), facts.column("well_formed")
+    first = _first_occurrence(facts.column("key" if normalized else "exact_key"), well_formed)
+    repeats = well_formed & (first != np.arange(len(line)))
+    grouped = repeats.copy()
+    grouped[first[repeats]] = True  # exact copies can only be among rows with a normalised twin
+    exact_first = _first_occurrence(facts.column("exact_key"), grouped)
+    exact = exact_first != np.arange(len(line))
+    facts.columns["duplicates"] = [repeats]
+    facts.columns["duplicate_of"] = [np.where(repeats, line[first], 0)]
+    facts.reasons.pop("duplicates", None)
+
+    def why(row: int) -> str:
+        if exact[row]:
+            return f"same example as line {line[exact_first[row]]}"
+        return f"same example as line {line[first[row]]} after normalising case and whitespace"
+
+    facts.explain("duplicates", line, repeats, why)
+
+
+def _first_occurrence(keys: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Index of the first row with the same key (the row itself when it is the first or not valid)."""
+    import numpy as np
+
+    first = np.arange(len(keys))
+    rows = np.flatnonzero(valid)
+    if len(rows):
+        _, start, inverse = np.unique(keys[rows], return_index=True, return_inverse=True)
+        first[rows] = rows[start[inverse]]
+    return first
+
