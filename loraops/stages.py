@@ -13,11 +13,16 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loraops.config import LoraopsConfig, write_params
 from loraops.memory import MemoryCheck
 from loraops.project_lock import project_lock
 from loraops.tracking_limits import bounded_requests, reports_lost_server
+
+if TYPE_CHECKING:  # imported by the stages that use them
+    from loraops.data_registry import DataVersion
+    from loraops.freshness import Freshness
 from loraops.results import (
     BaseModelRef,
     ContractReport,
@@ -100,6 +105,21 @@ def import_data(cfg: LoraopsConfig, root: Path) -> dict:
 
     settings = cfg.data_import.model_copy(update={"output_dir": str(_path(root, cfg.data_import.output_dir))})
     return import_chatterbot(settings)
+
+
+def refresh_data(cfg: LoraopsConfig, root: Path, data_rev: str | None = None) -> DataVersion:
+    """``dvc update data.dvc`` when the data comes from a data registry (``dvc import``/``import-url``)."""
+    from loraops.data_registry import refresh_data as refresh
+
+    return refresh(root, data_rev, lock_wait_s=cfg.version.dvc_lock_wait_s)
+
+
+def check_freshness(cfg: LoraopsConfig, root: Path, force: bool = False) -> Freshness:
+    """Whether an earlier run (the champion, the last finished run) already trained on these inputs."""
+    from loraops.freshness import check_freshness as check
+    from loraops.registry import client_for
+
+    return check(cfg, root, client_for(cfg.registry, root), force)
 
 
 def prepare_base_model(cfg: LoraopsConfig, root: Path) -> BaseModelRef:
