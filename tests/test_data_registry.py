@@ -1,0 +1,153 @@
+"""Data from a DVC data registry (a real git + DVC repo with a local remote in a temp dir): import,
+refresh, revisions, and retrain ending early when nothing changed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import GIT, TINY_DATA
+from loraops.config import load_config
+from loraops.data_registry import DataRegistryError, read_data_version, refresh_data
+
+DVC = str(Path(sys.executable).parent / "dvc")
+DATASET = "datasets/chat"
+
+
+def _run(cwd: Path, *args: str) -> str:
+    return subprocess.run(args, cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def make_registry(directory: Path) -> Path:
+    """A data registry: git + DVC repo holding the tiny dataset under datasets/chat, pushed to its remote."""
+    directory.mkdir(parents=True)
+    shutil.copytree(TINY_DATA, directory / DATASET)
+    _run(directory, "git", "init", "-q", "-b", "main")
+    _run(directory, DVC, "init", "-q")
+    _run(directory, DVC, "remote", "add", "-d", "store", str(directory.parent / f"{directory.name}-store"))
+    _run(directory, DVC, "add", "-q", DATASET)
+    _run(directory, "git", "add", "-A")
+    _run(directory, *GIT, "commit", "-q", "-m", "chat dataset")
+    _run(directory, DVC, "push", "-q")
+    return directory
+
+
+def add_rows(registry: Path, *questions: str) -> str:
+    """Append training rows in the registry, commit and push them; returns the new commit."""
+    with (registry / DATASET / "train.jsonl").open("a") as handle:
+        for question in questions:
+            row = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": f"Answer: {question}"}]}
+            handle.write(json.dumps(row) + "\n")
+    _run(registry, DVC, "add", "-q", DATASET)
+    _run(registry, "git", "add", "-A")
+    _run(registry, *GIT, "commit", "-q", "-m", f"{len(questions)} rows")
+    _run(registry, DVC, "push", "-q")
+    return _run(registry, "git", "rev-parse", "HEAD")
+
+
+def import_from(project: Path, registry: Path) -> None:
+    """Replace the project's `dvc add` data by `dvc import REGISTRY datasets/chat -o data`, committed."""
+    _run(project, "git", "rm", "-q", "data.dvc")
+    shutil.rmtree(project / "data")
+    _run(project, DVC, "import", "-q", str(registry), DATASET, "-o", "data")
+    _run(project, "git", "add", "-A")
+    _run(project, *GIT, "commit", "-q", "-m", "data from the registry")
+
+
+@pytest.fixture
+def registry(tmp_path) -> Path:
+    return make_registry(tmp_path / "registry")
+
+
+@pytest.fixture
+def imported_project(tiny_project, registry) -> Path:
+    import_from(tiny_project, registry)
+    return tiny_project
+
+
+def test_an_import_is_refreshed_to_the_registrys_latest_rows_or_a_given_revision(imported_project, registry):
+    first_rev = _run(registry, "git", "rev-parse", "HEAD")
+    imported = read_data_version(imported_project)
+    assert (imported.kind, imported.rev) == ("registry", first_rev)
+    assert imported.source == f"{registry}:{DATASET}"
+
+    unchanged = refresh_data(imported_project)
+    assert not unchanged.updated and unchanged.md5 == imported.md5
+
+    new_rev = add_rows(registry, "What is the tallest mountain?")
+    fresh = refresh_data(imported_project)
+    assert fresh.updated and fresh.rev == new_rev and fresh.md5 != imported.md5
+    assert "tallest mountain" in (imported_project / "data" / "train.jsonl").read_text()
+
+    pinned = refresh_data(imported_project, rev=first_rev)  # back to the first revision
+    assert pinned.updated and (pinned.rev, pinned.md5) == (first_rev, imported.md5)
+    assert "tallest mountain" not in (imported_project / "data" / "train.jsonl").read_text()
+
+
+def test_a_revision_for_data_that_is_no_import_is_refused_with_what_to_do(tiny_project):
+    with pytest.raises(DataRegistryError, match=r"data_rev.*made by `dvc add data`.*leave data_rev empty"):
+        refresh_data(tiny_project, rev="v2")
+    assert read_data_version(tiny_project).kind == "local"
+
+
+def test_a_revision_the_registry_lacks_is_named(imported_project):
+    with pytest.raises(DataRegistryError, match=r"could not refresh .*data\.dvc from .*datasets/chat.*data_rev"):
+        refresh_data(imported_project, rev="no-such-branch")
+
+
+def _task_names(state) -> set[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    return {run.name.rsplit("-", 1)[0] for run in runs}
+
+
+def _client(project: Path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{project}/mlflow/mlflow.db"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def test_retrain_skips_unchanged_inputs_trains_when_forced_or_given_new_rows(imported_project, registry, prefect_harness):
+    from flows.retrain import retrain
+
+    project = imported_project
+    cfg = load_config(project / "params.yaml", {"registry.auto_promote": True})
+    first = retrain(config=cfg, project_dir=str(project), return_state=True)
+    assert first.result().registration.version == "1"
+    client = _client(project)
+    champion = client.get_model_version_by_alias("tiny-adapter", "champion")
+    first_rev = read_data_version(project).rev
+    assert champion.tags["loraops.data_source"] == f"{registry}:{DATASET}@{first_rev}"
+
+    # Nothing new: ends early, Completed, no model loaded (no base-model, baseline or training task ran).
+    skipped = retrain(config=cfg, project_dir=str(project), return_state=True)
+    assert skipped.is_completed() and skipped.message.startswith("nothing changed since version 1")
+    assert skipped.result().unchanged and skipped.result().version == "1"
+    assert _task_names(skipped) == {"check-servers", "refresh-data", "check-freshness"}
+    experiment_id = client.get_run(champion.run_id).info.experiment_id
+    assert len(client.search_runs([experiment_id])) == 1  # no MLflow run either
+
+    # --force trains on the same inputs (and the gate refuses the same adapter again).
+    forced = retrain(config=cfg, project_dir=str(project), return_state=True, force=True)
+    assert forced.name == "Refused" and "prepare-base-model" in _task_names(forced)
+
+    # New rows in the registry: the next run refreshes data.dvc and trains on the new md5.
+    new_rev = add_rows(registry, *(f"What is {n} times three?" for n in range(2, 6)))
+    fresh = retrain(config=cfg, project_dir=str(project), return_state=True)
+    data = read_data_version(project)
+    assert data.rev == new_rev and data.md5 != champion.tags["loraops.data_md5"]
+    assert "train-adapter" in _task_names(fresh)
+    run = client.get_run(fresh.result().registration.run_id)
+    assert run.data.tags["loraops.data_md5"] == data.md5
+    assert run.data.tags["loraops.data_source"] == f"{registry}:{DATASET}@{new_rev}"
+    assert yaml.safe_load((project / "data.dvc").read_text())["deps"][0]["repo"]["rev_lock"] == new_rev
