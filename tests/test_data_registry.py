@@ -117,6 +117,7 @@ def _client(project: Path):
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+@pytest.mark.slow  # three tiny trainings (~2 min on the shared 2 cores)
 def test_retrain_skips_unchanged_inputs_trains_when_forced_or_given_new_rows(imported_project, registry, prefect_harness):
     from flows.retrain import retrain
 
@@ -142,7 +143,7 @@ def test_retrain_skips_unchanged_inputs_trains_when_forced_or_given_new_rows(imp
     assert forced.name == "Refused" and "prepare-base-model" in _task_names(forced)
 
     # New rows in the registry: the next run refreshes data.dvc and trains on the new md5.
-    new_rev = add_rows(registry, *(f"What is {n} times three?" for n in range(2, 6)))
+    new_rev = add_rows(registry, *(f"Count {n}" for n in range(2, 6)))
     fresh = retrain(config=cfg, project_dir=str(project), return_state=True)
     data = read_data_version(project)
     assert data.rev == new_rev and data.md5 != champion.tags["loraops.data_md5"]
