@@ -54,6 +54,7 @@ def retrain(
         freshness = pipeline.check_freshness(cfg, root, force)
         if freshness.unchanged:
             return run_context.unchanged_state(freshness)  # nothing new: no model loaded, nothing registered
+        pipeline.diff_data(cfg, root)  # rows added, removed, changed since the champion's data
         pipeline.record_run_config(cfg, root)
         pipeline.prepare_base_model(cfg, root)
         pipeline.validate_dataset(cfg, root)

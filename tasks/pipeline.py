@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from loraops import handoff, reporting, stages, tracking
 from loraops.config import LoraopsConfig
+from loraops.data_diff import DataDiff
 from loraops.data_registry import DataVersion
 from loraops.freshness import Freshness
 from loraops.memory import MemoryCheck
@@ -68,6 +69,13 @@ def check_freshness(cfg: LoraopsConfig, root: Path, force: bool = False) -> Fres
     freshness = stages.check_freshness(cfg, root, force)
     create_markdown_artifact(freshness.message, key="freshness")
     return freshness
+
+
+@task(name="diff-data", **_stage)
+def diff_data(cfg: LoraopsConfig, root: Path) -> DataDiff:
+    diff = stages.diff_data(cfg, root)
+    create_markdown_artifact(diff.markdown(), key="data-diff")
+    return diff
 
 
 @task(name="prepare-base-model", retries=1, **_stage)

@@ -101,6 +101,31 @@ def test_a_revision_the_registry_lacks_is_named(imported_project):
         refresh_data(imported_project, rev="no-such-branch")
 
 
+def test_the_data_diff_counts_rows_added_removed_and_changed_since_the_earlier_version(imported_project, registry):
+    from loraops.data_diff import diff_against
+
+    old_md5 = read_data_version(imported_project).md5
+    train = registry / DATASET / "train.jsonl"
+    lines = train.read_text().splitlines()
+    changed = json.loads(lines[0])
+    changed["messages"][1]["content"] = "Six, of course."  # same question, new answer
+    train.write_text("\n".join([json.dumps(changed), *lines[2:]]) + "\n")  # and line 2 removed
+    add_rows(registry, "Count 7", "Count 8")
+    refresh_data(imported_project)
+
+    diff = diff_against(load_config(imported_project / "params.yaml"), imported_project, old_md5, "champion v1")
+    train_diff, validation_diff = diff.splits
+    assert (train_diff.added, train_diff.removed, train_diff.changed) == (2, 1, 1)
+    assert train_diff.examples == {
+        "added": ["count 7", "count 8"], "removed": ["what is two plus five?"], "changed": ["what is three plus three?"]
+    }
+    assert (validation_diff.added, validation_diff.removed, validation_diff.changed) == (0, 0, 0)
+    assert "| train | 2 | 1 | 1 |" in diff.markdown()
+
+    unknown = diff_against(load_config(imported_project / "params.yaml"), imported_project, "0" * 32 + ".dir", "v9")
+    assert not unknown.splits and "not in the local DVC cache" in unknown.note
+
+
 def _task_names(state) -> set[str]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -152,3 +177,6 @@ def test_retrain_skips_unchanged_inputs_trains_when_forced_or_given_new_rows(imp
     assert run.data.tags["loraops.data_md5"] == data.md5
     assert run.data.tags["loraops.data_source"] == f"{registry}:{DATASET}@{new_rev}"
     assert yaml.safe_load((project / "data.dvc").read_text())["deps"][0]["repo"]["rev_lock"] == new_rev
+    # The diff against the champion's data is on the MLflow run (and a Prefect artifact): four rows added.
+    logged = json.loads(Path(client.download_artifacts(run.info.run_id, "reports/data_diff.json")).read_text())
+    assert logged["against"] == "champion v1" and logged["splits"][0]["added"] == 4
