@@ -180,3 +180,33 @@ def test_retrain_skips_unchanged_inputs_trains_when_forced_or_given_new_rows(imp
     # The diff against the champion's data is on the MLflow run (and a Prefect artifact): four rows added.
     logged = json.loads(Path(client.download_artifacts(run.info.run_id, "reports/data_diff.json")).read_text())
     assert logged["against"] == "champion v1" and logged["splits"][0]["added"] == 4
+
+
+def test_freshness_matches_all_four_inputs_of_the_last_finished_run_and_never_uncommitted_ones(tiny_project):
+    from loraops.freshness import check_freshness, current_inputs
+    from loraops.registry import client_for
+
+    cfg = load_config(tiny_project / "params.yaml")
+    client = client_for(cfg.registry, tiny_project)
+    assert not check_freshness(cfg, tiny_project, client).unchanged  # no earlier run at all
+    inputs = current_inputs(cfg, tiny_project)
+    assert inputs is not None and inputs["loraops.params_hash"] == cfg.params_hash()
+    experiment = client.create_experiment(cfg.registry.experiment)
+    run = client.create_run(experiment, tags={**inputs, "loraops.git_dirty": "False"})
+    assert not check_freshness(cfg, tiny_project, client).unchanged  # still RUNNING: not a finished run
+    client.set_terminated(run.info.run_id, "FINISHED")
+
+    same = check_freshness(cfg, tiny_project, client)
+    assert same.unchanged and same.run_id == run.info.run_id and same.version is None
+    assert same.message.startswith(f"nothing changed since MLflow run {run.info.run_id}")
+    assert not check_freshness(cfg, tiny_project, client, force=True).unchanged
+    other = load_config(tiny_project / "params.yaml", {"lora.r": 8})
+    assert not check_freshness(other, tiny_project, client).unchanged  # other params
+
+    train = tiny_project / "data" / "train.jsonl"
+    original = train.read_bytes()
+    train.write_bytes(original + original.splitlines(keepends=True)[0])  # edited, not `dvc add`ed
+    assert current_inputs(cfg, tiny_project) is None and not check_freshness(cfg, tiny_project, client).unchanged
+    train.write_bytes(original)
+    (tiny_project / "loraops" / "gate.py").write_text("# an uncommitted edit\n", encoding="utf-8")
+    assert current_inputs(cfg, tiny_project) is None and not check_freshness(cfg, tiny_project, client).unchanged
