@@ -9,6 +9,7 @@ from pydantic import BaseModel
 
 from loraops import stages, tracking
 from loraops.config import LoraopsConfig
+from loraops.freshness import Freshness
 from loraops.results import EvalMetrics, GateDecision, Registration
 from tasks import pipeline, run_context
 
@@ -22,13 +23,23 @@ class RetrainResult(BaseModel):
 
 @flow(name="retrain")  # loraops logs through logging; captured prints would include dill's dis output
 @run_context.with_loraops_logs  # stage, training and gate lines in the run's logs
-def retrain(config: LoraopsConfig | None = None, project_dir: str = ".") -> RetrainResult:
+def retrain(
+    config: LoraopsConfig | None = None, project_dir: str = ".", force: bool = False, data_rev: str | None = None
+) -> RetrainResult | Freshness:
     """Specialise the base model on the dataset and register the adapter if it beats base and champion.
 
     ``config`` empty runs the project's params.yaml as it is. Otherwise the fields it changes (the
     Prefect form: those that differ from what the form pre-filled; ``loraops retrain -S``) are applied to
     params.yaml and recorded there, so dvc.lock and lineage describe this run. The final state says
     whether a version was registered ("Completed") or the gate refused it ("Refused"), and so does a tag.
+    A run whose data, params, code and base model equal an earlier run's ends early, Completed with
+    "nothing changed since version N" and tagged "unchanged": no model loaded, nothing registered.
+
+    Args:
+        config: settings that differ from params.yaml for this run.
+        project_dir: the project checkout the run works in.
+        force: train even when nothing changed since the champion or the last finished run.
+        data_rev: the data registry revision (branch, tag, commit) to train on, for data.dvc made by `dvc import`; empty: its latest.
     """
     root = Path(project_dir).resolve()
     cfg = run_context.run_config(config, root)  # params.yaml with the values this run chose
@@ -39,6 +50,11 @@ def retrain(config: LoraopsConfig | None = None, project_dir: str = ".") -> Retr
         tracking.flow_runs_failed_on_error(cfg, root),
     ):
         pipeline.check_servers(cfg, root)  # before anything is written: an unreachable server changes nothing
+        pipeline.refresh_data(cfg, root, data_rev)  # `dvc update data.dvc` for a data-registry import
+        freshness = pipeline.check_freshness(cfg, root, force)
+        if freshness.unchanged:
+            return run_context.unchanged_state(freshness)  # nothing new: no model loaded, nothing registered
+        pipeline.diff_data(cfg, root)  # rows added, removed, changed since the champion's data
         pipeline.record_run_config(cfg, root)
         pipeline.prepare_base_model(cfg, root)
         pipeline.validate_dataset(cfg, root)

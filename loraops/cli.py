@@ -138,8 +138,12 @@ def retrain(
     params: ParamsOption = Path("params.yaml"),
     overrides: SetOption = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's tracebacks too")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Train even when nothing changed since the last run")] = False,
+    data_rev: Annotated[
+        str | None, typer.Option("--data-rev", help="Data registry revision to train on (data.dvc from `dvc import`)")
+    ] = None,
 ) -> None:
-    """Run the Prefect retrain flow: contract, baseline, train, evaluate, gate, version, register."""
+    """Run the Prefect retrain flow: refresh data, contract, baseline, train, evaluate, gate, version, register."""
     _exit_cleanly_on_termination()
     with _exit_cleanly_on_user_error():
         cfg = _config(params, overrides)
@@ -155,8 +159,11 @@ def retrain(
             _quiet_prefect_tracebacks()
 
         started = time.monotonic()
-        result = retrain_flow(config=cfg, project_dir=str(params.resolve().parent))
+        result = retrain_flow(config=cfg, project_dir=str(params.resolve().parent), force=force, data_rev=data_rev)
         typer.echo(f"retrain finished in {time.monotonic() - started:.0f} s")
+        if getattr(result, "unchanged", False):  # ended early: nothing new to train on
+            typer.echo(result.message)
+            return
         for line in closing_lines(result.baseline, result.candidate, result.decision, result.registration):
             typer.echo(line)
 

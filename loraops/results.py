@@ -149,6 +149,7 @@ class Lineage(_Result):
     params_hash: str
     base_model: str
     base_revision: str | None = None
+    data_source: str | None = None  # the data registry (URL:path@commit) or URL data.dvc imports; None: `dvc add`
     dvc_experiment: str | None = None  # the run's DVC experiment: `dvc exp apply NAME` restores it
     dvc_experiment_rev: str | None = None  # that experiment's git commit
 

@@ -13,11 +13,17 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from loraops.config import LoraopsConfig, write_params
 from loraops.memory import MemoryCheck
 from loraops.project_lock import project_lock
 from loraops.tracking_limits import bounded_requests, reports_lost_server
+
+if TYPE_CHECKING:  # imported by the stages that use them
+    from loraops.data_diff import DataDiff
+    from loraops.data_registry import DataVersion
+    from loraops.freshness import Freshness
 from loraops.results import (
     BaseModelRef,
     ContractReport,
@@ -100,6 +106,33 @@ def import_data(cfg: LoraopsConfig, root: Path) -> dict:
 
     settings = cfg.data_import.model_copy(update={"output_dir": str(_path(root, cfg.data_import.output_dir))})
     return import_chatterbot(settings)
+
+
+def refresh_data(cfg: LoraopsConfig, root: Path, data_rev: str | None = None) -> DataVersion:
+    """``dvc update data.dvc`` when the data comes from a data registry (``dvc import``/``import-url``)."""
+    from loraops.data_registry import refresh_data as refresh
+
+    return refresh(root, data_rev, lock_wait_s=cfg.version.dvc_lock_wait_s)
+
+
+def check_freshness(cfg: LoraopsConfig, root: Path, force: bool = False) -> Freshness:
+    """Whether an earlier run (the champion, the last finished run) already trained on these inputs."""
+    from loraops.freshness import check_freshness as check
+    from loraops.registry import client_for
+
+    return check(cfg, root, client_for(cfg.registry, root), force)
+
+
+def diff_data(cfg: LoraopsConfig, root: Path) -> DataDiff:
+    """Rows added, removed and changed since the champion's data; written to reports/data_diff.json."""
+    from loraops.data_diff import DIFF_FILE, diff_against, write_diff
+    from loraops.registry import client_for, find_champion
+
+    champion = find_champion(client_for(cfg.registry, root), cfg.registry.model_name)
+    against = f"champion v{champion.version}" if champion else "no champion"
+    diff = diff_against(cfg, root, champion.data_md5 if champion else None, against)
+    write_diff(diff, _path(root, cfg.paths.reports_dir) / DIFF_FILE)
+    return diff
 
 
 def prepare_base_model(cfg: LoraopsConfig, root: Path) -> BaseModelRef:
@@ -360,6 +393,10 @@ def register_adapter(
         _path(root, cfg.paths.reports_dir) / QUARANTINE_DIR,  # rows the contract set aside (line, reasons)
         _path(root, cfg.paths.metrics_dir) / TRAIN_HISTORY,
     ]
+    from loraops.data_diff import DIFF_FILE
+
+    diff = _path(root, cfg.paths.reports_dir) / DIFF_FILE  # written by the flow's diff-data task
+    extra_files += [diff] if diff.is_file() else []
     return registry.log_and_register(
         cfg,
         client=registry.client_for(cfg.registry, root),

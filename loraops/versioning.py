@@ -220,7 +220,10 @@ def collect_lineage(
     lock = Path(repo_root) / "dvc.lock"
     if not lock.exists():
         raise VersioningError(f"{lock} not found: call record_pipeline_state (dvc commit) before collecting lineage")
+    from loraops.data_registry import read_data_version
+
     commit, dirty = git_state(repo_root, ignore=(*LINEAGE_FILES, dvc_file))
+    data = read_data_version(Path(repo_root), dvc_file)
     return Lineage(
         git_commit=commit,
         git_dirty=dirty,
@@ -229,6 +232,7 @@ def collect_lineage(
         params_hash=cfg.params_hash(),
         base_model=base_model,
         base_revision=base_revision,
+        data_source=f"{data.source}@{data.rev}" if data.rev else data.source,
     )
 
 

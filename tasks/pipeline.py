@@ -10,6 +10,9 @@ from prefect.cache_policies import NO_CACHE
 
 from loraops import handoff, reporting, stages, tracking
 from loraops.config import LoraopsConfig
+from loraops.data_diff import DataDiff
+from loraops.data_registry import DataVersion
+from loraops.freshness import Freshness
 from loraops.memory import MemoryCheck
 from loraops.results import (
     BaseModelRef,
@@ -51,6 +54,28 @@ def record_run_config(cfg: LoraopsConfig, root: Path) -> bool:
 @task(name="check-servers", retries=2, retry_delay_seconds=[5, 30], **_stage)
 def check_servers(cfg: LoraopsConfig, root: Path) -> str:
     return stages.check_servers(cfg, root)
+
+
+@task(name="refresh-data", retries=0, **_stage)
+def refresh_data(cfg: LoraopsConfig, root: Path, data_rev: str | None = None) -> DataVersion:
+    """Never retried: a revision that does not exist will not exist on a retry."""
+    data = stages.refresh_data(cfg, root, data_rev)
+    create_markdown_artifact(f"Training data: {data.describe()}{' (updated)' if data.updated else ''}", key="data-version")
+    return data
+
+
+@task(name="check-freshness", **_stage)
+def check_freshness(cfg: LoraopsConfig, root: Path, force: bool = False) -> Freshness:
+    freshness = stages.check_freshness(cfg, root, force)
+    create_markdown_artifact(freshness.message, key="freshness")
+    return freshness
+
+
+@task(name="diff-data", **_stage)
+def diff_data(cfg: LoraopsConfig, root: Path) -> DataDiff:
+    diff = stages.diff_data(cfg, root)
+    create_markdown_artifact(diff.markdown(), key="data-diff")
+    return diff
 
 
 @task(name="prepare-base-model", retries=1, **_stage)

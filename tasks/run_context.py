@@ -19,7 +19,7 @@ from loraops.config import LoraopsConfig
 from loraops.results import GateDecision, Registration
 from loraops.run_config import resolve_run_config
 
-REGISTERED_TAG, REFUSED_TAG = "registered", "refused"
+REGISTERED_TAG, REFUSED_TAG, UNCHANGED_TAG = "registered", "refused", "unchanged"
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -111,3 +111,10 @@ def _tag_run(tag: str) -> None:
                 client.update_flow_run(context.flow_run.id, tags=[*tags, tag])
     except Exception as error:  # the outcome is already recorded in MLflow: a missing tag must not fail the run
         logging.getLogger("loraops.outcome").warning("could not tag the flow run '%s': %s", tag, error)
+
+
+def unchanged_state(freshness: Any) -> State:
+    """An early end: Completed, 'nothing changed since version N', tagged ``unchanged``; nothing trained."""
+    _tag_run(UNCHANGED_TAG)
+    logging.getLogger("loraops.outcome").info(freshness.message)
+    return Completed(message=freshness.message, data=freshness)
