@@ -10,11 +10,19 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 from loraops.results import EvalMetrics, ExampleLosses
 from loraops.tokenization import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
+
+EXAMPLE_LOSSES_DIR = "example_losses"
+
+
+def example_losses_path(reports_dir: Path, name: str) -> Path:
+    """``reports/example_losses/{baseline,adapter}.json``: each validation example's NLL and target tokens."""
+    return Path(reports_dir) / EXAMPLE_LOSSES_DIR / f"{name}.json"
 
 
 def evaluate_loss(model, dataset, batch_size: int) -> EvalMetrics:

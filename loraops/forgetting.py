@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from loraops.config import ConfigError, EvalConfig
+
 CHITCHAT = "pypi:chitchat-dataset"
 CHITCHAT_FILE = "chitchat_dataset/dataset.json"
 
 
-class GeneralTextError(ValueError):
+class GeneralTextError(ConfigError):
     """The general-text set named in eval.general_file cannot be read; the message says what to do."""
 
 
@@ -69,3 +71,13 @@ def general_dataset(tokenizer, texts: list[str], max_length: int):
     from loraops.tokenization import build_dataset
 
     return build_dataset(tokenizer, [{"text": text} for text in texts], max_length)
+
+
+def general_loss(cfg: EvalConfig, root: Path, model, tokenizer) -> float | None:
+    """Plain-text loss on the general set (same tokens for base and adapter); None when switched off."""
+    from loraops.evaluation import evaluate_loss
+
+    if cfg.general_examples == 0:
+        return None
+    texts = general_texts(cfg.general_file, cfg.general_examples, root)
+    return evaluate_loss(model, general_dataset(tokenizer, texts, cfg.general_max_length), cfg.batch_size).loss

@@ -11,29 +11,11 @@ from pathlib import Path
 
 from loraops.bootstrap import Interval, paired_improvement_interval
 from loraops.config import LoraopsConfig
+from loraops.evaluation import example_losses_path
 from loraops.gate import GateEvidence
 from loraops.results import EvalMetrics, ExampleLosses
 
 log = logging.getLogger(__name__)
-
-EXAMPLE_LOSSES_DIR = "example_losses"
-
-
-def example_losses_path(cfg: LoraopsConfig, root: Path, name: str) -> Path:
-    """``reports/example_losses/{baseline,adapter}.json``: each validation example's NLL and target tokens."""
-    return Path(root) / cfg.paths.reports_dir / EXAMPLE_LOSSES_DIR / f"{name}.json"
-
-
-def general_loss(cfg: LoraopsConfig, root: Path, model, tokenizer) -> float | None:
-    """Plain-text loss on the general set (same tokens for base and adapter); None when switched off."""
-    from loraops.evaluation import evaluate_loss
-    from loraops.forgetting import general_dataset, general_texts
-
-    if cfg.eval.general_examples == 0:
-        return None
-    texts = general_texts(cfg.eval.general_file, cfg.eval.general_examples, root)
-    return evaluate_loss(model, general_dataset(tokenizer, texts, cfg.eval.general_max_length), cfg.eval.batch_size).loss
-
 
 def interval(cfg: LoraopsConfig, reference: ExampleLosses | None, candidate: ExampleLosses | None) -> Interval | None:
     if reference is None or candidate is None:
@@ -43,7 +25,7 @@ def interval(cfg: LoraopsConfig, reference: ExampleLosses | None, candidate: Exa
 
 
 def read_example_losses(cfg: LoraopsConfig, root: Path, name: str) -> ExampleLosses | None:
-    path = example_losses_path(cfg, root, name)
+    path = example_losses_path(Path(root) / cfg.paths.reports_dir, name)
     return ExampleLosses.read_json(path) if path.is_file() else None
 
 

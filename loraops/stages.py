@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from loraops import gate_evidence
 from loraops.config import LoraopsConfig, write_params
 from loraops.memory import MemoryCheck
 from loraops.project_lock import project_lock
@@ -170,13 +169,14 @@ def _validation_dataset(cfg: LoraopsConfig, root: Path):
 def evaluate_baseline(cfg: LoraopsConfig, root: Path) -> EvalMetrics:
     """Validation loss of the base model (quantised as training will see it) on the target tokens."""
     from loraops import modeling
+    from loraops.evaluation import example_losses_path
 
     base = modeling.read_base_model_ref(_path(root, cfg.paths.base_model_dir))
     device = modeling.resolve_device(cfg.train)
     model = modeling.load_base_model(base, cfg.model, cfg.quant, device)
     metrics, examples = _evaluate_model(cfg, root, model)
     metrics.write_json(_path(root, cfg.paths.metrics_dir) / BASELINE_METRICS)
-    examples.write_json(gate_evidence.example_losses_path(cfg, root, "baseline"))
+    examples.write_json(example_losses_path(_path(root, cfg.paths.reports_dir), "baseline"))
     log.info("baseline validation loss %.4f (perplexity %.2f) over %d tokens", metrics.loss, metrics.perplexity, metrics.tokens)
     return metrics
 
@@ -255,9 +255,11 @@ def write_loss_plots(history_path: Path, plots_dir: Path) -> None:
 
 def evaluate_adapter(cfg: LoraopsConfig, root: Path) -> EvalMetrics:
     """The candidate's validation loss, computed exactly as the baseline's."""
+    from loraops.evaluation import example_losses_path
+
     metrics, examples = _evaluate_adapter_dir(cfg, root, _path(root, cfg.paths.adapter_dir))
     metrics.write_json(_path(root, cfg.paths.metrics_dir) / ADAPTER_METRICS)
-    examples.write_json(gate_evidence.example_losses_path(cfg, root, "adapter"))
+    examples.write_json(example_losses_path(_path(root, cfg.paths.reports_dir), "adapter"))
     log.info("adapter validation loss %.4f (perplexity %.2f)", metrics.loss, metrics.perplexity)
     general = {"adapter_general_loss": metrics.general_loss}
     _log_to_training_run(cfg, root, {"adapter_val_loss": metrics.loss, "adapter_val_perplexity": metrics.perplexity, **general})
@@ -276,16 +278,17 @@ def _evaluate_adapter_dir(cfg: LoraopsConfig, root: Path, adapter_dir: Path) -> 
 def _evaluate_model(cfg: LoraopsConfig, root: Path, model) -> tuple[EvalMetrics, ExampleLosses]:
     """Validation loss (with each example's share, for the bootstrap) and the general-text loss."""
     from loraops.evaluation import evaluate_example_losses
+    from loraops.forgetting import general_loss
 
     metrics, examples = evaluate_example_losses(model, _validation_dataset(cfg, root), cfg.eval.batch_size)
-    metrics.general_loss = gate_evidence.general_loss(cfg, root, model, _tokenizer(cfg, root))
+    metrics.general_loss = general_loss(cfg.eval, root, model, _tokenizer(cfg, root))
     return metrics, examples
 
 
 @reports_lost_server("gate-candidate")
 def gate_candidate(cfg: LoraopsConfig, root: Path, baseline: EvalMetrics, candidate: EvalMetrics) -> GateDecision:
     """Compare the candidate with the base model and with the current champion on today's data."""
-    from loraops import gate, registry
+    from loraops import gate, gate_evidence, registry
 
     client = registry.client_for(cfg.registry, root)
     champion = registry.find_champion(client, cfg.registry.model_name)

@@ -11,9 +11,9 @@ import torch
 
 from loraops.config import GateConfig, LoraopsConfig
 from loraops.evaluation import evaluate_example_losses
-from loraops.forgetting import GeneralTextError, general_texts
+from loraops.forgetting import GeneralTextError, general_loss, general_texts
 from loraops.gate import GateEvidence, gate_candidate
-from loraops.gate_evidence import general_loss, interval
+from loraops.gate_evidence import interval
 from loraops.tokenization import build_dataset
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
@@ -65,11 +65,11 @@ def test_a_destructive_adapter_improves_the_task_but_fails_the_forgetting_check(
     train = build_dataset(tiny_tokenizer, _rows("train.jsonl"), 64)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     base_metrics, base_examples = evaluate_example_losses(base, validation, 4)
-    base_metrics.general_loss = general_loss(cfg, Path("/"), base, tiny_tokenizer)
+    base_metrics.general_loss = general_loss(cfg.eval, Path("/"), base, tiny_tokenizer)
 
     adapter = _destructive_adapter(tiny_model_dir, train)
     adapter_metrics, adapter_examples = evaluate_example_losses(adapter, validation, 4)
-    adapter_metrics.general_loss = general_loss(cfg, Path("/"), adapter, tiny_tokenizer)
+    adapter_metrics.general_loss = general_loss(cfg.eval, Path("/"), adapter, tiny_tokenizer)
 
     assert adapter_metrics.loss < base_metrics.loss - 0.5  # the task loss improved a lot
     assert adapter_metrics.general_loss > base_metrics.general_loss * 1.05  # general text got worse
