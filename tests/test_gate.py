@@ -139,3 +139,23 @@ def test_rouge_rule_fails_without_enough_gain_or_without_scores():
     assert not decision.passed and "ROUGE-L gain +0.020 < required 0.050" in decision.reasons[-1]
     unscored = gate_candidate(metrics(2.5), metrics(2.0), None, None, cfg, GateEvidence())
     assert not unscored.passed and "gate.min_rouge_l_improvement requires it" in unscored.reasons[-1]
+
+
+def test_score_table_sets_base_and_adapter_side_by_side():
+    from loraops.reporting import evaluation_markdown
+    from loraops.score_table import score_table
+
+    evidence = GateEvidence(
+        over_base=Interval(estimate=0.5, low=0.3, high=0.7, confidence=0.95),
+        general_base_loss=3.0, general_candidate_loss=3.06, rouge_l_base=0.2, rouge_l_candidate=0.35,
+        exact_match_base=0.0, exact_match_candidate=0.25,
+    )
+    decision = gate_candidate(metrics(2.5), metrics(2.0), None, None, GateConfig(), evidence)
+
+    rows = score_table(decision)
+    assert "| general-text loss (forgetting) | 3.0000 | 3.0600 |" in rows
+    assert "| ROUGE-L F1 of greedy answers | 0.200 | 0.350 |" in rows
+    assert "| exact match of greedy answers | 0.000 | 0.250 |" in rows
+    assert "\nLoss improvement over base: bootstrap interval [0.3000, 0.7000]" in rows
+    artifact = evaluation_markdown(metrics(2.5), metrics(2.0), decision)
+    assert all(f"- {reason}" in artifact for reason in decision.reasons)
