@@ -235,11 +235,11 @@ class EvalConfig(_Section):
         "pypi:chitchat-dataset", min_length=1, description="General text for the forgetting check: "
         "pypi:chitchat-dataset (MIT, ships offline) or a JSONL file of {\"text\": ...} rows, relative to the project"
     )
-    general_examples: int = Field(32, ge=0, description="General texts scored for base and adapter (0: no forgetting check)")
+    general_examples: int = Field(16, ge=0, description="General texts scored for base and adapter (0: no forgetting check)")
     general_max_length: int = Field(128, gt=0, description="Tokens kept of each general text")
     generate: bool = Field(True, description="Greedy answers of base and adapter scored with ROUGE-L and exact match")
     generation_samples: int = Field(
-        16, ge=1, description="Validation examples answered (the first ones of the file); more costs generation time"
+        8, ge=1, description="Validation examples answered (the first ones of the file); more costs generation time"
     )
     max_new_tokens: int = Field(32, gt=0, description="Greedy tokens per scored answer")
 
