@@ -231,6 +231,17 @@ class TrainConfig(_Section):
 
 class EvalConfig(_Section):
     batch_size: int = Field(16, gt=0, description="Examples per forward pass when measuring validation loss")
+    general_file: str = Field(
+        "pypi:chitchat-dataset", min_length=1, description="General text for the forgetting check: "
+        "pypi:chitchat-dataset (MIT, ships offline) or a JSONL file of {\"text\": ...} rows, relative to the project"
+    )
+    general_examples: int = Field(16, ge=0, description="General texts scored for base and adapter (0: no forgetting check)")
+    general_max_length: int = Field(128, gt=0, description="Tokens kept of each general text")
+    generate: bool = Field(True, description="Greedy answers of base and adapter scored with ROUGE-L and exact match")
+    generation_samples: int = Field(
+        4, ge=1, description="Validation examples answered (the first ones of the file); each costs ~0.3 CPU s per token per model on SmolLM2"
+    )
+    max_new_tokens: int = Field(24, gt=0, description="Greedy tokens per scored answer")
 
 
 class GateConfig(_Section):
@@ -239,6 +250,22 @@ class GateConfig(_Section):
     )
     min_improvement_over_champion: float = Field(
         0.0, ge=0, description="Validation loss (nats) the adapter must gain over the current champion"
+    )
+    confidence: float = Field(
+        0.95, gt=0, lt=1, description="Level of the paired bootstrap interval reported for each loss improvement"
+    )
+    bootstrap_resamples: int = Field(1000, ge=100, description="Resamples of the validation examples per interval")
+    bootstrap_seed: int = Field(0, description="Seed of the bootstrap: the same data and losses give the same interval")
+    require_confident_improvement: bool = Field(
+        False, description="Also require the interval's lower bound to clear each margin (not just the point estimate)"
+    )
+    max_general_loss_increase: float | None = Field(
+        0.05, ge=0, description="Forgetting check: largest relative rise of the general-text loss over the base model "
+        "(0.05 = 5%); empty = report only"
+    )
+    min_rouge_l_improvement: float | None = Field(
+        None, description="Answer check: ROUGE-L F1 the adapter's greedy answers must gain over the base model's; "
+        "empty = report only"
     )
 
 

@@ -506,6 +506,7 @@ def _summary_metrics(record: RunRecord) -> list[Metric]:
     }
     if record.decision.champion_loss is not None:
         values["champion_val_loss"] = record.decision.champion_loss
+    values |= {f"gate_{key}": value for key, value in record.decision.evidence.items()}  # as the gate stage logs them
     now = int(time.time() * 1000)
     return [Metric(key, float(value), now, record.train.steps) for key, value in values.items() if is_number(value)]
 
@@ -634,6 +635,7 @@ def version_tags(record: RunRecord) -> dict[str, str]:
         BASELINE_LOSS_TAG: repr(record.baseline.loss),
         "loraops.val_tokens": str(record.candidate.tokens),
         GATE_REASONS_TAG: "; ".join(record.decision.reasons),
+        **{f"loraops.eval.{key}": repr(value) for key, value in record.decision.evidence.items()},
         **digest_tags(record.train.adapter_dir),  # loraops.adapter_sha256: every load path checks it
     }
 
@@ -748,8 +750,11 @@ def _card_evaluation(record: RunRecord) -> str:
 
 
 def _card_gate(decision: GateDecision) -> str:
+    from loraops.score_table import score_table
+
     reasons = "\n".join(f"- {reason}" for reason in decision.reasons)
-    return f"## Gate: {'passed' if decision.passed else 'FAILED'}\n\n{reasons}\n"
+    table = "\n".join(score_table(decision))
+    return f"## Gate: {'passed' if decision.passed else 'FAILED'}\n\n{table}\n\n{reasons}\n"
 
 
 def _card_base_and_data(lineage: Lineage) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from loraops.results import ContractReport, EvalMetrics, GateDecision, Registration, TrainResult
+from loraops.score_table import score_table
 
 
 def contract_markdown(report: ContractReport) -> str:
@@ -49,6 +50,7 @@ def evaluation_markdown(baseline: EvalMetrics, candidate: EvalMetrics, decision:
     ]
     if decision.champion_loss is not None:
         lines.append(f"| champion v{decision.champion_version} | {decision.champion_loss:.4f} | | |")
+    lines += ["", *score_table(decision)]
     lines += ["", *[f"- {reason}" for reason in decision.reasons]]
     return "\n".join(lines)
 

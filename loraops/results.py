@@ -83,11 +83,23 @@ class EvalMetrics(_Result):
     perplexity: float
     tokens: int
     examples: int
+    general_loss: float | None = None  # plain-text loss on the general set (forgetting check); None: not measured
+
+    def write_json(self, path: str | Path) -> Path:
+        """A DVC metrics file: numbers only, an unmeasured general loss left out."""
+        return write_metrics(self.model_dump(), path)
 
     @classmethod
     def from_totals(cls, total_nll: float, tokens: int, examples: int) -> EvalMetrics:
         loss = total_nll / max(tokens, 1)
         return cls(loss=loss, perplexity=math.exp(min(loss, 50.0)), tokens=tokens, examples=examples)
+
+
+class ExampleLosses(_Result):
+    """Per-example summed NLL and target tokens, in validation-file order (not a DVC metric: lists)."""
+
+    nll: list[float]
+    tokens: list[int]
 
 
 class TrainResult(_Result):
@@ -128,6 +140,7 @@ class GateDecision(_Result):
     candidate_loss: float
     champion_loss: float | None = None
     champion_version: str | None = None
+    evidence: dict[str, float] = {}  # loraops.gate.GateEvidence.numbers(): intervals, general-text losses, answer scores
 
     def metrics(self) -> dict[str, float | int | None]:
         """What ``metrics/gate.json`` holds (``passed`` 0/1); the reasons stay in the MLflow run and Prefect."""
@@ -138,6 +151,7 @@ class GateDecision(_Result):
             "candidate_loss": self.candidate_loss,
             "champion_loss": self.champion_loss,
             "champion_version": int(version) if version and version.isdigit() else None,
+            **self.evidence,
         }
 
 

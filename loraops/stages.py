@@ -28,6 +28,7 @@ from loraops.results import (
     BaseModelRef,
     ContractReport,
     EvalMetrics,
+    ExampleLosses,
     GateDecision,
     Lineage,
     Registration,
@@ -201,13 +202,14 @@ def _validation_dataset(cfg: LoraopsConfig, root: Path):
 def evaluate_baseline(cfg: LoraopsConfig, root: Path) -> EvalMetrics:
     """Validation loss of the base model (quantised as training will see it) on the target tokens."""
     from loraops import modeling
-    from loraops.evaluation import evaluate_loss
+    from loraops.evaluation import example_losses_path
 
     base = modeling.read_base_model_ref(_path(root, cfg.paths.base_model_dir))
     device = modeling.resolve_device(cfg.train)
     model = modeling.load_base_model(base, cfg.model, cfg.quant, device)
-    metrics = evaluate_loss(model, _validation_dataset(cfg, root), cfg.eval.batch_size)
+    metrics, examples = _evaluate_model(cfg, root, model)
     metrics.write_json(_path(root, cfg.paths.metrics_dir) / BASELINE_METRICS)
+    examples.write_json(example_losses_path(_path(root, cfg.paths.reports_dir), "baseline"))
     log.info("baseline validation loss %.4f (perplexity %.2f) over %d tokens", metrics.loss, metrics.perplexity, metrics.tokens)
     return metrics
 
@@ -286,35 +288,49 @@ def write_loss_plots(history_path: Path, plots_dir: Path) -> None:
 
 def evaluate_adapter(cfg: LoraopsConfig, root: Path) -> EvalMetrics:
     """The candidate's validation loss, computed exactly as the baseline's."""
-    metrics = _evaluate_adapter_dir(cfg, root, _path(root, cfg.paths.adapter_dir))
+    from loraops.evaluation import example_losses_path
+
+    metrics, examples = _evaluate_adapter_dir(cfg, root, _path(root, cfg.paths.adapter_dir))
     metrics.write_json(_path(root, cfg.paths.metrics_dir) / ADAPTER_METRICS)
+    examples.write_json(example_losses_path(_path(root, cfg.paths.reports_dir), "adapter"))
     log.info("adapter validation loss %.4f (perplexity %.2f)", metrics.loss, metrics.perplexity)
-    _log_to_training_run(cfg, root, {"adapter_val_loss": metrics.loss, "adapter_val_perplexity": metrics.perplexity})
+    general = {"adapter_general_loss": metrics.general_loss}
+    _log_to_training_run(cfg, root, {"adapter_val_loss": metrics.loss, "adapter_val_perplexity": metrics.perplexity, **general})
     return metrics
 
 
-def _evaluate_adapter_dir(cfg: LoraopsConfig, root: Path, adapter_dir: Path) -> EvalMetrics:
+def _evaluate_adapter_dir(cfg: LoraopsConfig, root: Path, adapter_dir: Path) -> tuple[EvalMetrics, ExampleLosses]:
     from loraops import modeling
-    from loraops.evaluation import evaluate_loss
 
     base = modeling.read_base_model_ref(_path(root, cfg.paths.base_model_dir))
     device = modeling.resolve_device(cfg.train)
     model = modeling.load_adapter_model(base, adapter_dir, cfg.model, cfg.quant, device)
-    return evaluate_loss(model, _validation_dataset(cfg, root), cfg.eval.batch_size)
+    return _evaluate_model(cfg, root, model)
+
+
+def _evaluate_model(cfg: LoraopsConfig, root: Path, model) -> tuple[EvalMetrics, ExampleLosses]:
+    """Validation loss (with each example's share, for the bootstrap) and the general-text loss."""
+    from loraops.evaluation import evaluate_example_losses
+    from loraops.forgetting import general_loss
+
+    metrics, examples = evaluate_example_losses(model, _validation_dataset(cfg, root), cfg.eval.batch_size)
+    metrics.general_loss = general_loss(cfg.eval, root, model, _tokenizer(cfg, root))
+    return metrics, examples
 
 
 @reports_lost_server("gate-candidate")
 def gate_candidate(cfg: LoraopsConfig, root: Path, baseline: EvalMetrics, candidate: EvalMetrics) -> GateDecision:
     """Compare the candidate with the base model and with the current champion on today's data."""
-    from loraops import gate, registry
+    from loraops import gate, gate_evidence, registry
 
     client = registry.client_for(cfg.registry, root)
     champion = registry.find_champion(client, cfg.registry.model_name)
-    champion_loss = None
+    champion_loss, champion_examples = None, None
     if champion is not None:
-        champion_loss = _champion_loss_on_current_data(cfg, root, client, champion)
+        champion_loss, champion_examples = _champion_loss_on_current_data(cfg, root, client, champion)
+    evidence = gate_evidence.collect_evidence(cfg, root, baseline, candidate, champion_examples)
     decision = gate.gate_candidate(
-        baseline, candidate, champion_loss, champion.version if champion else None, cfg.gate
+        baseline, candidate, champion_loss, champion.version if champion else None, cfg.gate, evidence
     )
     write_metrics(decision.metrics(), _path(root, cfg.paths.metrics_dir) / GATE_DECISION)
     for reason in decision.reasons:
@@ -323,7 +339,8 @@ def gate_candidate(cfg: LoraopsConfig, root: Path, baseline: EvalMetrics, candid
         registry.GATE_TAG: "passed" if decision.passed else "failed",
         registry.GATE_REASONS_TAG: "; ".join(decision.reasons),
     }
-    _log_to_training_run(cfg, root, {"baseline_val_loss": baseline.loss, "champion_val_loss": champion_loss}, verdict)
+    numbers = {"baseline_val_loss": baseline.loss, "champion_val_loss": champion_loss, "baseline_general_loss": baseline.general_loss}
+    _log_to_training_run(cfg, root, {**numbers, **{f"gate_{key}": value for key, value in decision.evidence.items()}}, verdict)
     return decision
 
 
@@ -335,18 +352,23 @@ def _log_to_training_run(cfg: LoraopsConfig, root: Path, metrics: dict, tags: di
     tracking.log_to_training_run(cfg, root, _path(root, cfg.paths.adapter_dir), metrics, tags, step=steps)
 
 
-def _champion_loss_on_current_data(cfg: LoraopsConfig, root: Path, client, champion) -> float:
-    """Reuse the champion's recorded loss when it was measured on this data and base; else re-measure."""
+def _champion_loss_on_current_data(cfg: LoraopsConfig, root: Path, client, champion) -> tuple[float, ExampleLosses | None]:
+    """Reuse the champion's recorded loss when it was measured on this data and base; else re-measure.
+
+    Only a re-measured champion has per-example losses for the bootstrap interval (gate.require_confident_improvement
+    therefore re-measures it).
+    """
     from loraops import registry, versioning
 
     same_data = champion.data_md5 == versioning.data_md5(root)
     same_base = champion.base_model == cfg.model.base
-    if same_data and same_base and champion.loss is not None:
-        return champion.loss
-    log.info("champion v%s was measured on other data or base: re-evaluating it on the current split", champion.version)
+    if same_data and same_base and champion.loss is not None and not cfg.gate.require_confident_improvement:
+        return champion.loss, None
+    log.info("champion v%s: re-evaluating it on the current split", champion.version)
     with tempfile.TemporaryDirectory() as scratch:
         adapter_dir = registry.download_adapter(client, cfg.registry.model_name, champion, Path(scratch))
-        return _evaluate_adapter_dir(cfg, root, adapter_dir).loss
+        metrics, examples = _evaluate_adapter_dir(cfg, root, adapter_dir)
+        return metrics.loss, examples
 
 
 def version_outputs(cfg: LoraopsConfig, root: Path) -> Lineage:

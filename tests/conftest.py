@@ -144,7 +144,7 @@ def tiny_params(base_model: Path, **sections) -> dict:
     params["model"]["base"] = str(base_model)
     params["data"]["max_length"] = 64
     params["train"].update(learning_rate=0.01, max_steps=8, batch_size=8, eval_steps=4, early_stopping_patience=0)
-    params["eval"]["batch_size"] = 8
+    params["eval"].update(batch_size=8, general_examples=8, generation_samples=4, max_new_tokens=8)
     params["registry"]["model_name"] = "tiny-adapter"
     for section, values in sections.items():
         params[section].update(values)

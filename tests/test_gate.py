@@ -7,7 +7,8 @@ import math
 import pytest
 
 from loraops.config import GateConfig
-from loraops.gate import gate_candidate
+from loraops.bootstrap import Interval
+from loraops.gate import GateEvidence, gate_candidate
 from loraops.results import EvalMetrics
 
 
@@ -55,8 +56,10 @@ def test_reasons_explain_both_comparisons_with_numbers():
     decision = gate_candidate(metrics(2.802), metrics(2.013), 2.2, "3", GateConfig())
 
     assert decision.reasons == [
-        "validation loss 2.013 vs base 2.802: improved by 0.789 ≥ required 0.010",
-        "validation loss 2.013 vs champion v3 2.200: improved by 0.187 ≥ required 0.000",
+        "validation loss 2.013 vs base 2.802: improved by 0.789 ≥ required 0.010 (no per-example losses: interval not computed)",
+        "validation loss 2.013 vs champion v3 2.200: improved by 0.187 ≥ required 0.000 (no per-example losses: interval not computed)",
+        "general-text loss not measured (eval.general_examples is 0): forgetting not checked",
+        "answers not scored (eval.generate is off)",
     ]
     assert (decision.baseline_loss, decision.candidate_loss) == (2.802, 2.013)
 
@@ -81,3 +84,78 @@ def test_decision_round_trips_through_json(tmp_path):
     path = decision.write_json(tmp_path / "gate.json")
 
     assert type(decision).read_json(path) == decision
+
+
+def test_reasons_list_every_check_with_its_numbers():
+    evidence = GateEvidence(
+        over_base=Interval(estimate=0.5, low=0.3, high=0.7, confidence=0.95),
+        over_champion=Interval(estimate=0.1, low=-0.02, high=0.2, confidence=0.95),
+        general_base_loss=3.0,
+        general_candidate_loss=3.06,
+        rouge_l_base=0.2,
+        rouge_l_candidate=0.35,
+        exact_match_base=0.0,
+        exact_match_candidate=0.25,
+    )
+    decision = gate_candidate(metrics(2.5), metrics(2.0), 2.1, "3", GateConfig(min_rouge_l_improvement=0.1), evidence)
+
+    assert decision.passed
+    assert decision.reasons == [
+        "validation loss 2.000 vs base 2.500: improved by 0.500 ≥ required 0.010; improvement 95% CI [0.300, 0.700]",
+        "validation loss 2.000 vs champion v3 2.100: improved by 0.100 ≥ required 0.000; improvement 95% CI [-0.020, 0.200]",
+        "general-text loss 3.060 vs base 3.000 (+2.0%): within the allowed 5.0% rise",
+        "ROUGE-L 0.350 vs base 0.200, exact match 0.250 vs 0.000: ROUGE-L gain +0.150 ≥ required 0.100",
+    ]
+    numbers = decision.metrics()
+    assert numbers["improvement_over_champion_low"] == -0.02 and numbers["general_candidate_loss"] == 3.06
+    assert all(isinstance(value, int | float) for value in numbers.values())
+
+
+def test_forgetting_fails_an_adapter_whose_task_loss_improved():
+    evidence = GateEvidence(general_base_loss=3.0, general_candidate_loss=3.3)
+    decision = gate_candidate(metrics(2.5), metrics(2.0), None, None, GateConfig(), evidence)
+
+    assert not decision.passed
+    assert decision.reasons[0].startswith("validation loss 2.000 vs base 2.500: improved by 0.500")
+    assert "general-text loss 3.300 vs base 3.000 (+10.0%): rises more than the allowed 5.0%" in decision.reasons[2]
+    assert "forgot" in decision.reasons[2]
+
+
+def test_required_interval_fails_a_gain_that_may_be_noise():
+    noisy = GateEvidence(over_base=Interval(estimate=0.05, low=-0.01, high=0.11, confidence=0.9))
+    strict = GateConfig(require_confident_improvement=True)
+
+    assert gate_candidate(metrics(2.5), metrics(2.45), None, None, GateConfig(), noisy).passed
+    decision = gate_candidate(metrics(2.5), metrics(2.45), None, None, strict, noisy)
+    assert not decision.passed
+    assert "90% CI [-0.010, 0.110]: lower bound -0.010 does not clear the margin 0.010" in decision.reasons[0]
+    assert not gate_candidate(metrics(2.5), metrics(2.45), None, None, strict, GateEvidence()).passed
+
+
+def test_rouge_rule_fails_without_enough_gain_or_without_scores():
+    cfg = GateConfig(min_rouge_l_improvement=0.05)
+    small = GateEvidence(rouge_l_base=0.30, rouge_l_candidate=0.32)
+    decision = gate_candidate(metrics(2.5), metrics(2.0), None, None, cfg, small)
+    assert not decision.passed and "ROUGE-L gain +0.020 < required 0.050" in decision.reasons[-1]
+    unscored = gate_candidate(metrics(2.5), metrics(2.0), None, None, cfg, GateEvidence())
+    assert not unscored.passed and "gate.min_rouge_l_improvement requires it" in unscored.reasons[-1]
+
+
+def test_score_table_sets_base_and_adapter_side_by_side():
+    from loraops.reporting import evaluation_markdown
+    from loraops.score_table import score_table
+
+    evidence = GateEvidence(
+        over_base=Interval(estimate=0.5, low=0.3, high=0.7, confidence=0.95),
+        general_base_loss=3.0, general_candidate_loss=3.06, rouge_l_base=0.2, rouge_l_candidate=0.35,
+        exact_match_base=0.0, exact_match_candidate=0.25,
+    )
+    decision = gate_candidate(metrics(2.5), metrics(2.0), None, None, GateConfig(), evidence)
+
+    rows = score_table(decision)
+    assert "| general-text loss (forgetting) | 3.0000 | 3.0600 |" in rows
+    assert "| ROUGE-L F1 of greedy answers | 0.200 | 0.350 |" in rows
+    assert "| exact match of greedy answers | 0.000 | 0.250 |" in rows
+    assert "\nLoss improvement over base: bootstrap interval [0.3000, 0.7000]" in rows
+    artifact = evaluation_markdown(metrics(2.5), metrics(2.0), decision)
+    assert all(f"- {reason}" in artifact for reason in decision.reasons)
