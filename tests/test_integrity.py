@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from loraops import integrity, promotion, stages
 from loraops.integrity import ADAPTER_SHA256_TAG, AdapterIntegrityError
+from loraops.mlflow_model import adapter_folder
 from loraops.registry import CHAMPION, make_client, promote_version
 from loraops.reproduce import RecordedVersion, ReproduceError, download_registered_adapter
 from loraops.results import EvalMetrics, GateDecision, Lineage, TrainResult
@@ -62,8 +63,12 @@ def project(store_uri, adapters, tiny_model_dir, tmp_path):
 
 def stored_file(client, name: str, version: str, file: str = WEIGHTS) -> Path:
     """The file as the artifact store holds it on disk (what a swap or a bad disk changes)."""
-    source = client.get_model_version(name, version).source
-    return Path(unquote(urlparse(source).path)) / file
+    registered = client.get_model_version(name, version)
+    if registered.source.startswith("models:/"):  # an MLflow model: the adapter is under its artifacts/
+        location = client.get_logged_model(registered.source.removeprefix("models:/")).artifact_location
+        model_dir = Path(unquote(urlparse(location).path))
+        return adapter_folder(model_dir) / file
+    return Path(unquote(urlparse(registered.source).path)) / file
 
 
 def swap_in_version_2(client, name: str) -> str:
