@@ -205,7 +205,8 @@ def test_a_version_without_hashes_loads_with_a_warning_and_unreadable_weights_ar
     name = cfg.registry.model_name
     original = client.get_model_version(name, "1")
     old_tags = {key: value for key, value in original.tags.items() if key != ADAPTER_SHA256_TAG}
-    old = str(client.create_model_version(name, original.source, run_id=original.run_id, tags=old_tags).version)
+    plain_folder = f"{client.get_run(original.run_id).info.artifact_uri}/adapter"  # as versions were registered before
+    old = str(client.create_model_version(name, plain_folder, run_id=original.run_id, tags=old_tags).version)
 
     with caplog.at_level("WARNING", logger="loraops.integrity"):
         source = fetch_adapter(cfg, tmp_path, f"models:/{name}/{old}", tmp_path / "downloads")
@@ -219,7 +220,8 @@ def test_a_version_without_hashes_loads_with_a_warning_and_unreadable_weights_ar
     local = AdapterSource("local", adapters[0], BaseModelRef(source="tiny", path=str(tiny_model_dir)), cfg.quant)
     assert answer == generate_text(*load_adapter(local, cfg.model, "cpu"), PROMPT, 8)
 
-    random_bytes(client, name)  # version 1 and the old version share the stored files
+    target = stored_file(client, name, old)
+    target.write_bytes(os.urandom(target.stat().st_size))
     output = " ".join(_cli("generate", "-p", str(params), "-m", f"models:/{name}/{old}", PROMPT).split())
     assert f"{name} version {old}: adapter_model.safetensors is not a readable safetensors file" in output
 
