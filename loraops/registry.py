@@ -717,14 +717,26 @@ def _card_how_to_load(registration: Registration, lineage: Lineage) -> str:
 ```bash
 loraops generate --model {uri} "Hello, who are you?"
 loraops generate --model models:/{registration.model_name}@champion "Hello"   # once promoted
+mlflow models serve -m {uri} --env-manager local   # POST /invocations {{"inputs": [{{"messages": [...]}}]}}
 ```
 
 ```python
-import mlflow  # MLFLOW_TRACKING_URI must point at this registry
+import mlflow  # MLFLOW_TRACKING_URI must point at this registry; no loraops needed
+model = mlflow.pyfunc.load_model("{uri}")
+print(model.predict([{{"messages": [{{"role": "user", "content": "Hello"}}]}}], params={{"max_new_tokens": 64}}))
+```
+
+Or by hand with peft (the adapter folder is inside the MLflow model, under `artifacts/`):
+
+```python
+from pathlib import Path
+
+import mlflow
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-adapter_dir = mlflow.artifacts.download_artifacts("{uri}")
+model_dir = mlflow.artifacts.download_artifacts("{uri}")
+adapter_dir = next(path for path in Path(model_dir, "artifacts").iterdir() if path.is_dir())
 base_path = "{base_path}"  # {where}
 tokenizer = AutoTokenizer.from_pretrained(base_path{revision})
 base = AutoModelForCausalLM.from_pretrained(base_path{revision}, use_safetensors=True)
