@@ -131,3 +131,27 @@ def test_the_model_config_names_base_quantisation_and_generation_defaults():
     pinned = {line.partition("==")[0] for line in requirements}
     assert {"mlflow", "torch", "transformers", "peft", "bitsandbytes", "gguf"} <= pinned
     assert all("==" in line for line in requirements)
+
+
+@pytest.mark.slow
+def test_a_qlora_version_loads_its_base_in_4_bit_on_cpu(tiny_model_dir, tmp_path_factory, tmp_path, monkeypatch):
+    import bitsandbytes as bnb
+    import mlflow
+
+    from registry_helpers import shared_store_uri
+
+    store = shared_store_uri(tmp_path_factory)
+    cfg = registry_config(store, tmp_path, quant={"mode": "nf4", "compute_dtype": "float32"})
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter", seed=4)
+    registration = register(cfg, tmp_path, adapter, str(tiny_model_dir))
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+
+    loaded = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}/{registration.version}")
+    peft_model = loaded.unwrap_python_model().model
+    layers = [module for module in peft_model.modules() if isinstance(module, bnb.nn.Linear4bit)]
+    assert layers, "the base is 4-bit, as the adapter was trained"
+    assert all(layer.support_avx512bf16_for_cpu is False for layer in layers), "bitsandbytes' CPU fix is applied"
+    answer = loaded.predict([{"messages": MESSAGES}], params={"max_new_tokens": NEW_TOKENS})
+    assert len(answer) == 1 and isinstance(answer[0], str)
+    assert loaded.predict([{"messages": MESSAGES}], params={"max_new_tokens": NEW_TOKENS}) == answer, "greedy"
