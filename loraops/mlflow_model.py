@@ -45,7 +45,7 @@ def model_config(cfg: LoraopsConfig, lineage: Lineage) -> dict[str, Any]:
 
 
 def pip_requirements(cfg: LoraopsConfig, base_model: str) -> list[str]:
-    """The installed versions of what loading needs, pinned; bitsandbytes for QLoRA, gguf + the package of a pypi: base."""
+    """Installed versions of what loading needs, pinned: + bitsandbytes for QLoRA, gguf and the pypi: base's package."""
     names = list(_ALWAYS)
     if cfg.quant.enabled:
         names.append("bitsandbytes")
@@ -69,7 +69,9 @@ def signature(cfg: LoraopsConfig) -> ModelSignature:
 
     message = Object([Property("role", "string"), Property("content", "string")])
     return ModelSignature(
-        inputs=Schema([ColSpec(Array(message), "messages", required=False), ColSpec("string", "prompt", required=False)]),
+        inputs=Schema(
+            [ColSpec(Array(message), "messages", required=False), ColSpec("string", "prompt", required=False)]
+        ),
         outputs=Schema([ColSpec("string")]),
         params=ParamSchema(
             [

@@ -114,7 +114,9 @@ def load_peft_model(adapter_dir: Path, config: dict[str, Any]):
             if isinstance(module, bnb.nn.Linear4bit):
                 module.support_avx512bf16_for_cpu = False
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
-    tokenizer = AutoTokenizer.from_pretrained(adapter_dir if has_tokenizer else base_path, revision=None if has_tokenizer else revision)
+    tokenizer = (  # training saves its tokenizer (and chat template) with the adapter
+        AutoTokenizer.from_pretrained(adapter_dir) if has_tokenizer else AutoTokenizer.from_pretrained(base_path, revision=revision)
+    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return PeftModel.from_pretrained(base, adapter_dir, is_trainable=False).eval(), tokenizer
