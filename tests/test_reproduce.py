@@ -289,8 +289,12 @@ def test_reproduce_refuses_when_the_remote_lacks_a_recorded_object(untouched, tm
 def test_reproduce_refuses_a_registered_adapter_whose_weights_changed(untouched, tmp_path):
     from urllib.parse import unquote, urlparse
 
-    source = _client(untouched).get_model_version(MODEL, "1").source
-    weights = Path(unquote(urlparse(source).path)) / "adapter_model.safetensors"
+    from loraops.mlflow_model import adapter_folder
+
+    client = _client(untouched)
+    source = client.get_model_version(MODEL, "1").source  # models:/m-…: the adapter is inside the MLflow model
+    location = client.get_logged_model(source.removeprefix("models:/")).artifact_location
+    weights = adapter_folder(Path(unquote(urlparse(location).path))) / "adapter_model.safetensors"
     shutil.copy(weights, tmp_path / "original")
     weights.write_bytes(os.urandom(weights.stat().st_size))
     try:
