@@ -71,15 +71,15 @@ def download_verified(client: MlflowClient, version: ModelVersion, destination: 
     """Download ``version``'s adapter into ``destination`` and verify it; returns the adapter folder."""
     import mlflow.artifacts
 
+    from loraops.mlflow_model import adapter_folder, tracking_uri_set
+
     destination.mkdir(parents=True, exist_ok=True)
-    local = Path(
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=version.source, dst_path=str(destination), tracking_uri=client.tracking_uri
-        )
-    )
+    with tracking_uri_set(client):  # a models:/m-… source resolves through the global URIs
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=version.source, dst_path=str(destination)))
+    adapter = adapter_folder(local)  # an MLflow model holds it under artifacts/adapter/; an old version is the folder
     label = f"{version.name} version {version.version}"
-    verify_adapter(local, version.tags, label, _RESTORE.format(source=version.source))
-    return local
+    verify_adapter(adapter, version.tags, label, _RESTORE.format(source=version.source))
+    return adapter
 
 
 def verify_version(client: MlflowClient, version: ModelVersion) -> None:

@@ -261,7 +261,7 @@ def log_and_register(
 def _register_and_publish(client: MlflowClient, cfg: LoraopsConfig, record: RunRecord, run: Run) -> Registration:
     decision = record.decision
     if decision.passed:
-        registration = register_adapter(client, cfg.registry.model_name, run, record, cfg.registry.auto_promote)
+        registration = register_adapter(client, cfg.registry.model_name, run, record, cfg.registry.auto_promote, cfg=cfg)
     else:
         logger.info("gate failed: run %s logged, nothing registered", run.info.run_id)
         registration = Registration(run_id=run.info.run_id, model_name=cfg.registry.model_name, version=None)
@@ -565,7 +565,7 @@ def loss_curves_png(history_path: Path, target: Path) -> Path | None:
 
 
 def register_adapter(
-    client: MlflowClient, model_name: str, run: Run, record: RunRecord, auto_promote: bool
+    client: MlflowClient, model_name: str, run: Run, record: RunRecord, auto_promote: bool, *, cfg: LoraopsConfig
 ) -> Registration:
     """Register the run's adapter (once per adapter) and point ``challenger`` (and maybe ``champion``) at it.
 
@@ -579,7 +579,7 @@ def register_adapter(
         client, model_name, run.info.run_id
     )
     if version is None:
-        version = _create_version(client, model_name, run, record)
+        version = _create_version(client, cfg, model_name, run, record)
     else:  # finish it: tags (and below the aliases and card) describe this, the latest, evaluation
         for key, value in version_tags(record).items():
             client.set_model_version_tag(model_name, str(version.version), key, value)
@@ -612,13 +612,18 @@ def _version_of_run(client: MlflowClient, model_name: str, run_id: str) -> Model
     return versions[0] if versions else None
 
 
-def _create_version(client: MlflowClient, model_name: str, run: Run, record: RunRecord) -> ModelVersion:
+def _create_version(
+    client: MlflowClient, cfg: LoraopsConfig, model_name: str, run: Run, record: RunRecord
+) -> ModelVersion:
+    from loraops import mlflow_model
+
     _ensure_registered_model(client, model_name)
-    version = client.create_model_version(
-        model_name,
-        source=f"{run.info.artifact_uri}/{ADAPTER_ARTIFACT_PATH}",
-        run_id=run.info.run_id,
-        tags=version_tags(record),
+    # An MLflow Model (LoggedModel models:/m-…): mlflow.pyfunc.load_model and `mlflow models serve` load it
+    info = mlflow_model.log_adapter_model(
+        client, run.info.run_id, cfg, record.train.adapter_dir, record.lineage, step=record.train.steps
+    )
+    version = mlflow_model.register_model_version(
+        client, model_name, info, run.info.run_id, version_tags(record),
         description=summarize(record),  # replaced by the model card once the version number is known
     )
     logger.info("registered %s version %s from run %s", model_name, version.version, run.info.run_id)
@@ -714,14 +719,26 @@ def _card_how_to_load(registration: Registration, lineage: Lineage) -> str:
 ```bash
 loraops generate --model {uri} "Hello, who are you?"
 loraops generate --model models:/{registration.model_name}@champion "Hello"   # once promoted
+mlflow models serve -m {uri} --env-manager local   # POST /invocations {{"inputs": [{{"messages": [...]}}]}}
 ```
 
 ```python
-import mlflow  # MLFLOW_TRACKING_URI must point at this registry
+import mlflow  # MLFLOW_TRACKING_URI must point at this registry; no loraops needed
+model = mlflow.pyfunc.load_model("{uri}")
+print(model.predict([{{"messages": [{{"role": "user", "content": "Hello"}}]}}], params={{"max_new_tokens": 64}}))
+```
+
+Or by hand with peft (the adapter folder is inside the MLflow model, under `artifacts/`):
+
+```python
+from pathlib import Path
+
+import mlflow
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-adapter_dir = mlflow.artifacts.download_artifacts("{uri}")
+model_dir = mlflow.artifacts.download_artifacts("{uri}")
+adapter_dir = next(path for path in Path(model_dir, "artifacts").iterdir() if path.is_dir())
 base_path = "{base_path}"  # {where}
 tokenizer = AutoTokenizer.from_pretrained(base_path{revision})
 base = AutoModelForCausalLM.from_pretrained(base_path{revision}, use_safetensors=True)

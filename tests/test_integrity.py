@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from loraops import integrity, promotion, stages
 from loraops.integrity import ADAPTER_SHA256_TAG, AdapterIntegrityError
+from loraops.mlflow_model import adapter_folder
 from loraops.registry import CHAMPION, make_client, promote_version
 from loraops.reproduce import RecordedVersion, ReproduceError, download_registered_adapter
 from loraops.results import EvalMetrics, GateDecision, Lineage, TrainResult
@@ -62,8 +63,12 @@ def project(store_uri, adapters, tiny_model_dir, tmp_path):
 
 def stored_file(client, name: str, version: str, file: str = WEIGHTS) -> Path:
     """The file as the artifact store holds it on disk (what a swap or a bad disk changes)."""
-    source = client.get_model_version(name, version).source
-    return Path(unquote(urlparse(source).path)) / file
+    registered = client.get_model_version(name, version)
+    if registered.source.startswith("models:/"):  # an MLflow model: the adapter is under its artifacts/
+        location = client.get_logged_model(registered.source.removeprefix("models:/")).artifact_location
+        model_dir = Path(unquote(urlparse(location).path))
+        return adapter_folder(model_dir) / file
+    return Path(unquote(urlparse(registered.source).path)) / file
 
 
 def swap_in_version_2(client, name: str) -> str:
@@ -200,7 +205,8 @@ def test_a_version_without_hashes_loads_with_a_warning_and_unreadable_weights_ar
     name = cfg.registry.model_name
     original = client.get_model_version(name, "1")
     old_tags = {key: value for key, value in original.tags.items() if key != ADAPTER_SHA256_TAG}
-    old = str(client.create_model_version(name, original.source, run_id=original.run_id, tags=old_tags).version)
+    plain_folder = f"{client.get_run(original.run_id).info.artifact_uri}/adapter"  # as versions were registered before
+    old = str(client.create_model_version(name, plain_folder, run_id=original.run_id, tags=old_tags).version)
 
     with caplog.at_level("WARNING", logger="loraops.integrity"):
         source = fetch_adapter(cfg, tmp_path, f"models:/{name}/{old}", tmp_path / "downloads")
@@ -214,7 +220,8 @@ def test_a_version_without_hashes_loads_with_a_warning_and_unreadable_weights_ar
     local = AdapterSource("local", adapters[0], BaseModelRef(source="tiny", path=str(tiny_model_dir)), cfg.quant)
     assert answer == generate_text(*load_adapter(local, cfg.model, "cpu"), PROMPT, 8)
 
-    random_bytes(client, name)  # version 1 and the old version share the stored files
+    target = stored_file(client, name, old)
+    target.write_bytes(os.urandom(target.stat().st_size))
     output = " ".join(_cli("generate", "-p", str(params), "-m", f"models:/{name}/{old}", PROMPT).split())
     assert f"{name} version {old}: adapter_model.safetensors is not a readable safetensors file" in output
 

@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from loraops import promotion, registry
+from loraops.mlflow_model import tracking_uri_set
 from loraops.promotion import PromotionRefused, alias_state, apply_promotion, check_promotion, rollback
 from loraops.registry import make_client
 from loraops.serving import SampleAnswer
@@ -53,7 +54,8 @@ def _unchecked_version(client, name: str, source_version: str, tags: dict[str, s
     """A version registered outside the pipeline (another tool, an older policy) with the given tags."""
     source = client.get_model_version(name, source_version)
     base_tags = {key: value for key, value in source.tags.items() if key.startswith("loraops.base")}
-    created = client.create_model_version(name, source.source, run_id=source.run_id, tags={**base_tags, **tags})
+    with tracking_uri_set(client):  # MLflow's SQL registry resolves a models:/m-… source through the global URI
+        created = client.create_model_version(name, source.source, run_id=source.run_id, tags={**base_tags, **tags})
     return str(created.version)
 
 

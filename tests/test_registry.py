@@ -7,6 +7,7 @@ test registers under its own model and experiment name so tests stay independent
 from __future__ import annotations
 
 import json
+import os
 import math
 import uuid
 from pathlib import Path
@@ -18,6 +19,7 @@ import safetensors.numpy
 from mlflow.exceptions import MlflowException
 
 from loraops.config import LoraopsConfig, RegistryConfig
+from loraops.mlflow_model import adapter_folder
 from loraops.registry import (
     artifact_root_for,
     client_for,
@@ -265,7 +267,8 @@ def test_champion_adapter_downloads_by_source_and_by_alias_uri(cfg, project, cli
         )
     )
 
-    for folder in (by_source, by_alias):
+    assert (by_alias / "MLmodel").is_file(), "the version is an MLflow model"
+    for folder in (by_source, adapter_folder(by_alias)):
         assert {path.name: path.read_bytes() for path in folder.iterdir()} == ADAPTER_FILES
 
 

@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from loraops.cli import app
 from loraops.config import load_config
+from loraops.mlflow_model import tracking_uri_set
 from loraops.reproduce import (
     Check,
     ReproduceError,
@@ -95,7 +96,8 @@ def _version_with(project: Path, **tags: str | None) -> str:
     original = client.get_model_version(MODEL, "1")
     changed = {key.replace("__", "."): value for key, value in tags.items()}
     merged = {key: value for key, value in {**original.tags, **changed}.items() if value is not None}
-    version = client.create_model_version(MODEL, source=original.source, run_id=original.run_id, tags=merged)
+    with tracking_uri_set(client):  # MLflow's SQL registry resolves a models:/m-… source through the global URI
+        version = client.create_model_version(MODEL, source=original.source, run_id=original.run_id, tags=merged)
     return str(version.version)
 
 
@@ -200,7 +202,8 @@ def test_reproduce_flow_fails_on_a_version_it_cannot_rebuild(untouched):
 def test_reproduce_refuses_a_version_without_lineage_tags(untouched):
     client = _client(untouched)
     original = client.get_model_version(MODEL, "1")
-    bare = client.create_model_version(MODEL, source=original.source, run_id=original.run_id)
+    with tracking_uri_set(client):
+        bare = client.create_model_version(MODEL, source=original.source, run_id=original.run_id)
 
     result = _reproduce(untouched, f"{MODEL}/{bare.version}")
     assert result.exit_code == 2
@@ -286,8 +289,12 @@ def test_reproduce_refuses_when_the_remote_lacks_a_recorded_object(untouched, tm
 def test_reproduce_refuses_a_registered_adapter_whose_weights_changed(untouched, tmp_path):
     from urllib.parse import unquote, urlparse
 
-    source = _client(untouched).get_model_version(MODEL, "1").source
-    weights = Path(unquote(urlparse(source).path)) / "adapter_model.safetensors"
+    from loraops.mlflow_model import adapter_folder
+
+    client = _client(untouched)
+    source = client.get_model_version(MODEL, "1").source  # models:/m-…: the adapter is inside the MLflow model
+    location = client.get_logged_model(source.removeprefix("models:/")).artifact_location
+    weights = adapter_folder(Path(unquote(urlparse(location).path))) / "adapter_model.safetensors"
     shutil.copy(weights, tmp_path / "original")
     weights.write_bytes(os.urandom(weights.stat().st_size))
     try:

