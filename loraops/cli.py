@@ -264,7 +264,7 @@ def _add_area_commands() -> None:
     """Commands of other areas live in their own modules (registry, reproduce, plan); they add themselves here."""
     import importlib
 
-    for module in ("loraops.cli_registry", "loraops.cli_reproduce", "loraops.cli_plan"):
+    for module in ("loraops.cli_registry", "loraops.cli_reproduce", "loraops.cli_plan", "loraops.cli_sanity"):
         try:
             importlib.import_module(module).add_commands(app, _exit_cleanly_on_user_error)
         except ModuleNotFoundError as error:

@@ -1,0 +1,80 @@
+"""The overfit check (`loraops sanity`, train.sanity_check) on the tiny model and the committed tiny data."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import TINY_DATA, tiny_params
+from loraops import stages
+from loraops.config import load_config
+
+
+@pytest.fixture
+def sanity_project(tmp_path, tiny_model_dir) -> Path:
+    """params.yaml, the tiny data and the prepared base: what `loraops sanity` reads (no git or DVC needed)."""
+    root = tmp_path / "project"
+    shutil.copytree(TINY_DATA, root / "data")
+    # One batch of 8 examples seen 20 times. A LoRA on a random 2-layer model memorises slowly (its loss falls
+    # to ~0.88 of the first step's, SmolLM2's far more), hence the tiny model's looser ratio.
+    params = tiny_params(tiny_model_dir, sanity={"examples": 8, "steps": 20, "max_final_ratio": 0.95})
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stages.prepare_base_model(load_config(root / "params.yaml"), root)
+    return root
+
+
+def _run(root: Path, **overrides):
+    return stages.sanity_check(load_config(root / "params.yaml", overrides), root)
+
+
+def test_sanity_passes_when_the_loss_falls_on_good_data(sanity_project):
+    result = _run(sanity_project)
+
+    assert result.passed, result.summary()
+    assert result.examples == 8 and result.steps == 20
+    assert result.trainable_parameters > 0 and result.target_tokens > 0
+    assert result.final_loss < result.max_final_ratio * result.first_loss
+    assert result.causes == []
+    assert not (sanity_project / "adapters").exists()  # the check trains nothing the pipeline keeps
+    assert not (sanity_project / "checkpoints").exists()
+
+
+def test_sanity_fails_naming_masked_targets_when_truncation_removes_every_answer(sanity_project):
+    result = _run(sanity_project, **{"data.max_length": 8})  # each prompt alone is longer than 8 tokens
+
+    assert not result.passed
+    assert result.target_tokens == 0 and result.steps == 0  # refused before any training
+    [cause] = result.causes
+    assert "no target tokens left after masking" in cause and "data.max_length (8)" in cause
+
+
+def test_sanity_fails_naming_a_zero_learning_rate(sanity_project):
+    cfg = load_config(sanity_project / "params.yaml")
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"learning_rate": 0.0})})
+
+    from loraops import sanity
+
+    result = stages.sanity_check(cfg, sanity_project)
+
+    assert not result.passed
+    assert result.steps == 20 and result.final_loss == pytest.approx(result.first_loss, rel=0.02)
+    assert any("learning rate was 0 at every step" in cause for cause in result.causes), result.causes
+    assert isinstance(result, sanity.SanityResult)
+
+
+def test_sanity_cli_prints_the_verdict_and_exits_1_with_the_diagnosis(sanity_project, monkeypatch):
+    from loraops.cli import app
+
+    monkeypatch.chdir(sanity_project)
+    runner = CliRunner()
+    failed = runner.invoke(app, ["sanity", "-S", "data.max_length=8"])
+    assert failed.exit_code == 1, failed.output
+    assert "sanity check FAILED" in failed.output and "no target tokens left after masking" in failed.output
+    assert "Traceback" not in failed.output
+
+    refused = runner.invoke(app, ["sanity", "-S", "train.learning_rate=0"])
+    assert refused.exit_code == 1 and "train.learning_rate" in refused.output and "Traceback" not in refused.output
