@@ -49,6 +49,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         from loraops.handoff import HandoffError
 
         errors.append(HandoffError)
+        from loraops.sanity import SanityCheckFailed
+
+        errors.append(SanityCheckFailed)
     except ImportError:  # the training extras are optional for data-only installs
         pass
     return tuple(errors)

@@ -78,3 +78,18 @@ def test_sanity_cli_prints_the_verdict_and_exits_1_with_the_diagnosis(sanity_pro
 
     refused = runner.invoke(app, ["sanity", "-S", "train.learning_rate=0"])
     assert refused.exit_code == 1 and "train.learning_rate" in refused.output and "Traceback" not in refused.output
+
+
+@pytest.mark.integration
+def test_retrain_with_sanity_check_stops_before_training_when_the_check_fails(tiny_project, prefect_harness):
+    """train.sanity_check runs the check as a stage of retrain; a failure trains and registers nothing."""
+    from flows.retrain import retrain
+    from loraops.sanity import SanityCheckFailed
+
+    overrides = {"train.sanity_check": True, "sanity.examples": 8, "sanity.steps": 4, "sanity.max_final_ratio": 0.01}
+    with pytest.raises(SanityCheckFailed, match="sanity check FAILED"):
+        retrain(config=load_config(tiny_project / "params.yaml", overrides), project_dir=str(tiny_project))
+
+    assert (tiny_project / "metrics" / "baseline.json").exists()  # the stages before it ran
+    assert not (tiny_project / "adapters" / "candidate").exists()
+    assert not (tiny_project / "metrics" / "train.json").exists()
