@@ -85,6 +85,8 @@ def sanity_settings(cfg: LoraopsConfig, output_dir: Path) -> LoraopsConfig:
 
 def check_overfit(cfg: LoraopsConfig, base: BaseModelRef, dataset, device: str | None = None) -> SanityResult:
     """Train a fresh adapter on ``dataset`` (the sanity examples) and judge whether its loss fell enough."""
+    from peft.utils.error import NoMatchingPeftModuleError
+
     from loraops import modeling, training
 
     limit = cfg.sanity.max_final_ratio
@@ -98,13 +100,17 @@ def check_overfit(cfg: LoraopsConfig, base: BaseModelRef, dataset, device: str |
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="loraops-sanity-") as scratch:
         local = sanity_settings(cfg, Path(scratch))
-        trainer = training.build_trainer(local, base, dataset, dataset, device)
-        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        try:
+            trainer = training.build_trainer(local, base, dataset, dataset, device)
+        except NoMatchingPeftModuleError as error:  # peft refuses a target list that matches no layer
+            trainer, why = None, str(error)
+        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad) if trainer else 0
         if trainable == 0:
             return SanityResult(
                 passed=False, examples=len(dataset), target_tokens=targets, max_final_ratio=limit,
-                causes=[f"no trainable parameters: lora.target_modules ({cfg.lora.target_modules!r}) matched no layer "
-                        "that gets an adapter; use all-linear or names of the model's linear layers"],
+                causes=[f"no trainable parameters: lora.target_modules ({cfg.lora.target_modules!r}) gave the model "
+                        f"no adapter weights to train ({why if trainer is None else 'all frozen'}); use all-linear "
+                        "or names of the model's linear layers (e.g. q_proj, v_proj)"],
             )
         trainer.train()
         history = trainer.state.log_history

@@ -66,6 +66,14 @@ def test_sanity_fails_naming_a_zero_learning_rate(sanity_project):
     assert isinstance(result, sanity.SanityResult)
 
 
+def test_sanity_fails_naming_no_trainable_parameters_when_no_layer_matches(sanity_project):
+    result = _run(sanity_project, **{"lora.target_modules": ["no_such_proj"]})
+
+    assert not result.passed and result.steps == 0 and result.trainable_parameters == 0
+    [cause] = result.causes
+    assert cause.startswith("no trainable parameters") and "no_such_proj" in cause
+
+
 def test_sanity_cli_prints_the_verdict_and_exits_1_with_the_diagnosis(sanity_project, monkeypatch):
     from loraops.cli import app
 
