@@ -98,6 +98,7 @@ def test_retrain_with_sanity_check_stops_before_training_when_the_check_fails(ti
     with pytest.raises(SanityCheckFailed, match="sanity check FAILED"):
         retrain(config=load_config(tiny_project / "params.yaml", overrides), project_dir=str(tiny_project))
 
-    assert (tiny_project / "metrics" / "baseline.json").exists()  # the stages before it ran
+    assert (tiny_project / "reports" / "data_contract_summary.json").exists()  # the contract ran before it
+    assert not (tiny_project / "metrics" / "baseline.json").exists()  # nothing after it did
     assert not (tiny_project / "adapters" / "candidate").exists()
     assert not (tiny_project / "metrics" / "train.json").exists()
