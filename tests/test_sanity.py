@@ -102,3 +102,18 @@ def test_retrain_with_sanity_check_stops_before_training_when_the_check_fails(ti
     assert not (tiny_project / "metrics" / "baseline.json").exists()  # nothing after it did
     assert not (tiny_project / "adapters" / "candidate").exists()
     assert not (tiny_project / "metrics" / "train.json").exists()
+
+
+def test_judge_names_zero_gradients_and_only_the_causes_that_hold():
+    """The diagnosis rules on trainer log rows (as Trainer.state.log_history holds them)."""
+    from loraops.config import LoraopsConfig
+    from loraops.sanity import judge
+
+    cfg = LoraopsConfig()
+    flat = [{"step": step, "loss": 2.0, "grad_norm": 0.0, "learning_rate": 1e-3} for step in range(1, 6)]
+    result = judge(flat, cfg, examples=8, targets=40, trainable=100)
+    assert not result.passed
+    assert len(result.causes) == 1 and result.causes[0].startswith("the gradients were zero at every step")
+
+    falling = [{"step": step, "loss": 2.0 / step, "grad_norm": 0.5, "learning_rate": 1e-3} for step in range(1, 6)]
+    assert judge(falling, cfg, examples=8, targets=40, trainable=100).passed  # mean of last 3: 0.52 < 0.7 x 2.0
