@@ -3,7 +3,8 @@
 A setup that cannot drive the training loss down on ``sanity.examples`` training examples in
 ``sanity.steps`` steps will not learn from the full split either: the check trains a fresh adapter
 on them through the same trainer as ``train_adapter`` (checkpoints in a temporary folder, nothing
-saved) and passes when the final training loss is below ``sanity.max_final_ratio`` of the first.
+saved) and passes when the loss over those examples after training is below ``sanity.max_final_ratio``
+of the loss before it.
 On failure it names the causes it can check: no target tokens left after masking, no trainable
 parameters, zero gradients, a learning rate of 0. Imports only the ML stack: no prefect, no mlflow.
 """
@@ -11,7 +12,6 @@ parameters, zero gradients, a learning rate of 0. Imports only the ML stack: no 
 from __future__ import annotations
 
 import logging
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -23,8 +23,6 @@ from loraops.results import BaseModelRef
 from loraops.tokenization import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
-
-FINAL_WINDOW = 3  # the final loss is the mean of the last few steps: one batch's loss is noisy
 
 
 class SanityCheckFailed(RuntimeError):
@@ -54,7 +52,7 @@ class SanityResult(BaseModel):
         lines = [f"sanity check {verdict}: {self.examples} training examples, {self.target_tokens} target tokens"]
         if self.ratio is not None:
             lines.append(
-                f"training loss {self.first_loss:.4f} -> {self.final_loss:.4f} in {self.steps} steps "
+                f"loss over the examples {self.first_loss:.4f} -> {self.final_loss:.4f} in {self.steps} steps "
                 f"(ratio {self.ratio:.3f}, needed below {self.max_final_ratio}); "
                 f"{self.trainable_parameters:,} trainable parameters; {self.seconds:.1f} s"
             )
@@ -112,23 +110,27 @@ def check_overfit(cfg: LoraopsConfig, base: BaseModelRef, dataset, device: str |
                         f"no adapter weights to train ({why if trainer is None else 'all frozen'}); use all-linear "
                         "or names of the model's linear layers (e.g. q_proj, v_proj)"],
             )
-        trainer.train()
-        history = trainer.state.log_history
+        before = trainer.evaluate()["eval_loss"]  # the loss over the sanity examples before any step
+        trainer.train()  # evaluates them again after the last step (eval_steps = steps); starts a new log
+        history = [{"step": 0, "eval_loss": before}, *trainer.state.log_history]
     return judge(history, cfg, examples=len(dataset), targets=targets, trainable=trainable,
                  seconds=time.monotonic() - started)
 
 
 def judge(history: list[dict], cfg: LoraopsConfig, *, examples: int, targets: int, trainable: int,
           seconds: float = 0.0) -> SanityResult:
-    """Pass when the mean of the last training losses is below sanity.max_final_ratio of the first one."""
+    """Pass when the loss over the sanity examples after training is below sanity.max_final_ratio of the loss before.
+
+    Both are the gate's token-weighted loss over all the examples (the first and last ``eval_loss`` rows), so
+    start and end cover the same tokens: per-step losses each cover another batch and would compare batches.
+    """
     rows = [row for row in history if "loss" in row]
-    losses = [float(row["loss"]) for row in rows]
+    evaluations = [float(row["eval_loss"]) for row in history if "eval_loss" in row]
     limit = cfg.sanity.max_final_ratio
-    first = losses[0] if losses else None
-    final = statistics.fmean(losses[-FINAL_WINDOW:]) if losses else None
+    first, final = (evaluations[0], evaluations[-1]) if len(evaluations) >= 2 else (None, None)
     passed = first is not None and final is not None and first > 0 and final < limit * first
     result = SanityResult(
-        passed=passed, examples=examples, target_tokens=targets, steps=len(losses), trainable_parameters=trainable,
+        passed=passed, examples=examples, target_tokens=targets, steps=len(rows), trainable_parameters=trainable,
         first_loss=first, final_loss=final, max_final_ratio=limit, seconds=round(seconds, 2),
     )
     if not passed:

@@ -110,10 +110,13 @@ def test_judge_names_zero_gradients_and_only_the_causes_that_hold():
     from loraops.sanity import judge
 
     cfg = LoraopsConfig()
-    flat = [{"step": step, "loss": 2.0, "grad_norm": 0.0, "learning_rate": 1e-3} for step in range(1, 6)]
+    steps = [{"step": step, "loss": 2.0, "grad_norm": 0.0, "learning_rate": 1e-3} for step in range(1, 6)]
+    flat = [{"step": 0, "eval_loss": 2.0}, *steps, {"step": 5, "eval_loss": 2.0}]
     result = judge(flat, cfg, examples=8, targets=40, trainable=100)
-    assert not result.passed
+    assert not result.passed and result.steps == 5
     assert len(result.causes) == 1 and result.causes[0].startswith("the gradients were zero at every step")
 
-    falling = [{"step": step, "loss": 2.0 / step, "grad_norm": 0.5, "learning_rate": 1e-3} for step in range(1, 6)]
-    assert judge(falling, cfg, examples=8, targets=40, trainable=100).passed  # mean of last 3: 0.52 < 0.7 x 2.0
+    # the verdict compares the losses over all the examples before and after, not single batches
+    noisy_batches = [{**row, "loss": 9.0, "grad_norm": 0.5} for row in steps]
+    fell = [{"step": 0, "eval_loss": 2.0}, *noisy_batches, {"step": 5, "eval_loss": 1.3}]
+    assert judge(fell, cfg, examples=8, targets=40, trainable=100).passed  # 1.3 < 0.7 x 2.0
