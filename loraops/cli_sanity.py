@@ -22,7 +22,8 @@ def add_commands(app: typer.Typer, exit_cleanly_on_user_error: Callable[[], Abst
     def sanity_command(params: ParamsOption = Path("params.yaml"), overrides: SetOption = None) -> None:
         """Train on sanity.examples training examples for sanity.steps; exit 0 when the loss falls enough, 1 otherwise.
 
-        Writes nothing the pipeline keeps (checkpoints go to a temporary folder); params.yaml is not changed.
+        Keeps nothing it trains (checkpoints go to a temporary folder) and leaves params.yaml as it is; a base
+        not yet prepared is prepared into paths.base_model_dir, as the pipeline would.
         """
         from loraops import stages
         from loraops.project_lock import project_lock

@@ -54,16 +54,14 @@ def test_sanity_fails_naming_masked_targets_when_truncation_removes_every_answer
 
 def test_sanity_fails_naming_a_zero_learning_rate(sanity_project):
     cfg = load_config(sanity_project / "params.yaml")
+    # params.yaml refuses 0 (see the CLI test); a config built in code skips that check and gets the diagnosis
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"learning_rate": 0.0})})
-
-    from loraops import sanity
 
     result = stages.sanity_check(cfg, sanity_project)
 
     assert not result.passed
-    assert result.steps == 20 and result.final_loss == pytest.approx(result.first_loss, rel=0.02)
+    assert result.steps == 20 and result.final_loss == pytest.approx(result.first_loss)  # the adapter never moved
     assert any("learning rate was 0 at every step" in cause for cause in result.causes), result.causes
-    assert isinstance(result, sanity.SanityResult)
 
 
 def test_sanity_fails_naming_no_trainable_parameters_when_no_layer_matches(sanity_project):
