@@ -238,7 +238,7 @@ class SanityConfig(_Section):
     examples: int = Field(100, gt=0, description="First N training examples the check trains on")
     steps: int = Field(20, gt=0, description="Optimizer steps of the check (train's batch size and learning rate)")
     max_final_ratio: float = Field(
-        0.7, gt=0, lt=1, description="Passes when the loss over the sanity examples after training is below this share of the loss before"
+        0.8, gt=0, lt=1, description="Passes when the loss over the sanity examples after training is below this share of the loss before"
     )
 
 

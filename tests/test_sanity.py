@@ -117,4 +117,4 @@ def test_judge_names_zero_gradients_and_only_the_causes_that_hold():
     # the verdict compares the losses over all the examples before and after, not single batches
     noisy_batches = [{**row, "loss": 9.0, "grad_norm": 0.5} for row in steps]
     fell = [{"step": 0, "eval_loss": 2.0}, *noisy_batches, {"step": 5, "eval_loss": 1.3}]
-    assert judge(fell, cfg, examples=8, targets=40, trainable=100).passed  # 1.3 < 0.7 x 2.0
+    assert judge(fell, cfg, examples=8, targets=40, trainable=100).passed  # 1.3 < 0.8 x 2.0
