@@ -59,6 +59,8 @@ def retrain(
         pipeline.prepare_base_model(cfg, root)
         pipeline.validate_dataset(cfg, root)
         pipeline.check_memory(cfg, root)
+        if cfg.train.sanity_check:  # a setup that cannot overfit a few examples stops here, before the full run
+            pipeline.sanity_check(cfg, root)
         baseline = pipeline.evaluate_baseline(cfg, root)
         if cfg.orchestration.train_deployment:  # its own run on the GPU pool; inputs and adapter travel via DVC and MLflow
             trained = pipeline.train_on_deployment(cfg, root)

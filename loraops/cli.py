@@ -49,6 +49,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         from loraops.handoff import HandoffError
 
         errors.append(HandoffError)
+        from loraops.sanity import SanityCheckFailed
+
+        errors.append(SanityCheckFailed)
     except ImportError:  # the training extras are optional for data-only installs
         pass
     return tuple(errors)
@@ -271,7 +274,7 @@ def _add_area_commands() -> None:
     """Commands of other areas live in their own modules (registry, reproduce, plan); they add themselves here."""
     import importlib
 
-    for module in ("loraops.cli_registry", "loraops.cli_reproduce", "loraops.cli_plan"):
+    for module in ("loraops.cli_registry", "loraops.cli_reproduce", "loraops.cli_plan", "loraops.cli_sanity"):
         try:
             importlib.import_module(module).add_commands(app, _exit_cleanly_on_user_error)
         except ModuleNotFoundError as error:

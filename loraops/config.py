@@ -200,6 +200,9 @@ class TrainConfig(_Section):
     )
     seed: int = Field(42, description="Seeds data order and adapter initialisation: same seed, same adapter")
     output_dir: str = Field("checkpoints", description="Checkpoints of the running training; put it on durable storage")
+    sanity_check: bool = Field(
+        False, description="Run the overfit check (sanity section) before training; a failure stops the run first"
+    )
 
     @model_validator(mode="after")
     def _check_eval_within_run(self) -> TrainConfig:
@@ -227,6 +230,16 @@ class TrainConfig(_Section):
     @property
     def checkpoint_steps(self) -> int:
         return self.save_steps or self.eval_steps
+
+
+class SanityConfig(_Section):
+    """The overfit check (``loraops sanity``): the pipeline must memorise a few examples before a real run."""
+
+    examples: int = Field(100, gt=0, description="First N training examples the check trains on")
+    steps: int = Field(20, gt=0, description="Optimizer steps of the check (train's batch size and learning rate)")
+    max_final_ratio: float = Field(
+        0.8, gt=0, lt=1, description="Passes when the loss over the sanity examples after training is below this share of the loss before"
+    )
 
 
 class EvalConfig(_Section):
@@ -344,6 +357,7 @@ class LoraopsConfig(_Section):
     lora: LoraConfig = LoraConfig()
     quant: QuantConfig = QuantConfig()
     train: TrainConfig = TrainConfig()
+    sanity: SanityConfig = SanityConfig()
     eval: EvalConfig = EvalConfig()
     gate: GateConfig = GateConfig()
     registry: RegistryConfig = RegistryConfig()

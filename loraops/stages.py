@@ -228,6 +228,20 @@ def check_memory(cfg: LoraopsConfig, root: Path, available: int | None = None) -
     return memory.check_memory(shape, cfg, device, budget)
 
 
+def sanity_check(cfg: LoraopsConfig, root: Path):
+    """The overfit check on the first sanity.examples training examples (loraops/sanity.py); returns SanityResult."""
+    from loraops import modeling, sanity
+    from loraops.tokenization import build_dataset
+
+    train, _ = _load_splits(cfg, root)
+    examples = train.examples[: cfg.sanity.examples]
+    dataset = build_dataset(_tokenizer(cfg, root), examples, cfg.data.max_length)
+    base = modeling.read_base_model_ref(_path(root, cfg.paths.base_model_dir))
+    result = sanity.check_overfit(cfg, base, dataset)
+    log.info("%s", result.summary())
+    return result
+
+
 def train_adapter(cfg: LoraopsConfig, root: Path, callbacks: tuple = ()) -> TrainResult:
     """Train in a live MLflow run (opened now, step metrics as they happen); later stages log into it.
 

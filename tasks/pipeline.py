@@ -108,6 +108,18 @@ def evaluate_baseline(cfg: LoraopsConfig, root: Path) -> EvalMetrics:
     return stages.evaluate_baseline(cfg, root)
 
 
+@task(name="sanity-check", retries=0, **_stage)
+def sanity_check(cfg: LoraopsConfig, root: Path):
+    """train.sanity_check: refuse to spend the full run on a setup that cannot overfit a few examples."""
+    from loraops.sanity import SanityCheckFailed
+
+    result = stages.sanity_check(cfg, root)
+    create_markdown_artifact("# Sanity check\n\n```\n" + result.summary() + "\n```", key="sanity-check")
+    if not result.passed:
+        raise SanityCheckFailed(result.summary())
+    return result
+
+
 def _worth_retrying(task, task_run, state) -> bool:
     """Retry a crashed or failed training (it resumes from its last checkpoint), not a bad config or a NaN."""
     from loraops.config import ConfigError
