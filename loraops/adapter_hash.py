@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from loraops.integrity import file_sha256
+
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 _CONFIG = "adapter_config.json"
 
@@ -32,13 +34,6 @@ def adapter_key(adapter_dir: str | Path) -> str:
         raise FileNotFoundError(f"{adapter_dir}: no adapter_config.json or weight files (*.safetensors, *.bin)")
     digest = hashlib.sha256()
     for path in files:
-        digest.update(path.name.encode() + b"\0" + _file_sha256(path).encode() + b"\n")
+        digest.update(path.name.encode() + b"\0" + file_sha256(path).encode() + b"\n")
     return digest.hexdigest()
 
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
