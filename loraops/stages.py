@@ -116,20 +116,31 @@ def refresh_data(cfg: LoraopsConfig, root: Path, data_rev: str | None = None) ->
     return refresh(root, data_rev, lock_wait_s=cfg.version.dvc_lock_wait_s)
 
 
+def _existing_registry(cfg: LoraopsConfig, root: Path):
+    """The registry's client, or None for a local SQLite store not created yet (no earlier run; not created here)."""
+    from loraops.registry import _sqlite_path, client_for, resolve_tracking_uri
+
+    database = _sqlite_path(resolve_tracking_uri(cfg.registry, root))
+    return None if database is not None and not database.exists() else client_for(cfg.registry, root)
+
+
 def check_freshness(cfg: LoraopsConfig, root: Path, force: bool = False) -> Freshness:
     """Whether an earlier run (the champion, the last finished run) already trained on these inputs."""
-    from loraops.freshness import check_freshness as check
-    from loraops.registry import client_for
+    from loraops.freshness import Freshness, check_freshness as check
 
-    return check(cfg, root, client_for(cfg.registry, root), force)
+    client = _existing_registry(cfg, root)
+    if client is None and not force:
+        return Freshness(unchanged=False, message="no earlier run in the registry: training")
+    return check(cfg, root, client, force)
 
 
 def diff_data(cfg: LoraopsConfig, root: Path) -> DataDiff:
     """Rows added, removed and changed since the champion's data; written to reports/data_diff.json."""
     from loraops.data_diff import DIFF_FILE, diff_against, write_diff
-    from loraops.registry import client_for, find_champion
+    from loraops.registry import find_champion
 
-    champion = find_champion(client_for(cfg.registry, root), cfg.registry.model_name)
+    client = _existing_registry(cfg, root)
+    champion = find_champion(client, cfg.registry.model_name) if client is not None else None
     against = f"champion v{champion.version}" if champion else "no champion"
     diff = diff_against(cfg, root, champion.data_md5 if champion else None, against)
     write_diff(diff, _path(root, cfg.paths.reports_dir) / DIFF_FILE)
