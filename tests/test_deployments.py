@@ -248,7 +248,11 @@ def test_scheduled_retrain_deploys_runs_on_a_worker_and_registers_through_the_se
     assert tags["loraops.data_md5"] and tags["loraops.dvc_lock_md5"]
     assert tags["loraops.git_commit"] == git_head.strip()
     assert tags["loraops.base_model"] == str(tiny_model_dir)
-    assert version["source"].startswith("mlflow-artifacts:")  # uploaded through the server, not a local path
+    assert version["source"].startswith("models:/m-")  # registered from an MLflow Model (a LoggedModel)
+    from mlflow import MlflowClient
+
+    logged = MlflowClient(tracking_uri=servers["mlflow"]).get_logged_model(version["source"].removeprefix("models:/"))
+    assert logged.artifact_location.startswith("mlflow-artifacts:")  # uploaded through the server, not a local path
 
 
 def _kill_processes_of_flow_run(flow_run_id) -> int:
