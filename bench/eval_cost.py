@@ -9,11 +9,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from loraops import modeling
+from loraops.train import base_model as modeling
 from loraops.config import load_config
-from loraops.data import load_split
-from loraops.forgetting import general_loss
-from loraops.serving import generate_text
+from loraops.data.reader import load_split
+from loraops.evaluate.forgetting import general_loss
+from loraops.serve.serving import generate_text
 
 
 def main() -> None:

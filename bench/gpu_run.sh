@@ -34,7 +34,7 @@ for name in ("torch", "transformers", "peft", "accelerate", "trl", "bitsandbytes
         print(name, md.version(name))
     except md.PackageNotFoundError:
         print(name, "MISSING")
-import datasets, trl, bitsandbytes, liger_kernel, loraops.training  # noqa: F401 - fail here, not mid-run
+import datasets, trl, bitsandbytes, liger_kernel, loraops.train.trainer  # noqa: F401 - fail here, not mid-run
 print("imports ok")
 PYEOF
 } > "$OUT/env.txt" 2>&1

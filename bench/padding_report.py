@@ -22,7 +22,7 @@ if str(REPO) not in sys.path:
 
 def main(argv: list[str] | None = None) -> int:
     from loraops.config import load_config
-    from loraops.packing import padding_report
+    from loraops.train.packing import padding_report
     from loraops.stages import _tokenized_splits
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

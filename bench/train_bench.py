@@ -8,7 +8,7 @@
 
 Model: a ``LlamaConfig`` shaped like Llama-3.1-8B with random bf16 weights made on the GPU (``gpu``),
 or a tiny fp32 Llama on the CPU (``smoke``), saved once and loaded for every configuration through
-``loraops.modeling.load_base_model`` (4-bit NF4 there for QLoRA, with loraops' CPU fix).
+``loraops.train.base_model.load_base_model`` (4-bit NF4 there for QLoRA, with loraops' CPU fix).
 Data: random token sequences with log-normal lengths (median ~350, at most 2048 tokens; smoke:
 median 24, at most 128), tokens drawn from a Zipf-like distribution, fixed seed, labels = input_ids.
 
@@ -16,7 +16,7 @@ Configurations (in this order):
 
 * ``seed-qlora``     plain PEFT + TRL SFTTrainer as in the seed article: NF4, double quant, bf16
   compute, ``prepare_model_for_kbit_training``, checkpointing, padded batches of 2;
-* ``loraops-qlora``  ``loraops.training.build_trainer_for_model``: NF4, lean preparation (embeddings,
+* ``loraops-qlora``  ``loraops.train.trainer.build_trainer_for_model``: NF4, lean preparation (embeddings,
   head and norms stay bf16: ``quant.upcast_non_quantized`` false), padding-free, checkpointing, Liger
   layer kernels when installed on CUDA, batches of 16;
 * ``loraops-lora``   the same path without quantisation and without checkpointing, batches of 12
@@ -194,7 +194,7 @@ def save_random_base(scale: Scale, directory: Path):
 def load_model(ref, scale: Scale, quant: bool, attn_implementation: str = "auto"):
     """The base through loraops' own loader: NF4 + double quant + bf16 compute for QLoRA (seed and loraops alike)."""
     from loraops.config import ModelConfig, QuantConfig
-    from loraops.modeling import load_base_model
+    from loraops.train.base_model import load_base_model
 
     quant_cfg = QuantConfig(mode="nf4" if quant else "none", double_quant=True, compute_dtype="bfloat16")
     model_cfg = ModelConfig(base=ref.path, dtype=scale.dtype, attn_implementation=attn_implementation)
@@ -275,7 +275,7 @@ def loraops_config(config: BenchConfig, scale: Scale, ref, output_dir: Path, lig
 
 
 def loraops_trainer(config: BenchConfig, model, tokenizer, dataset, scale: Scale, ref, output_dir: Path, liger: bool):
-    from loraops.training import build_trainer_for_model
+    from loraops.train.trainer import build_trainer_for_model
 
     cfg = loraops_config(config, scale, ref, output_dir, liger)
     eval_dataset = dataset.select(range(2))

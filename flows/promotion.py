@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import flow
 
 from loraops.config import LoraopsConfig, load_config
-from loraops.promotion import AliasState
+from loraops.registry.promotion import AliasState
 from tasks import promotion
 
 

@@ -7,9 +7,11 @@ from pathlib import Path
 from prefect import flow
 from pydantic import BaseModel
 
-from loraops import stages, tracking
+from loraops import stages
+
+from loraops.registry import tracking
 from loraops.config import LoraopsConfig
-from loraops.freshness import Freshness
+from loraops.inputs.freshness import Freshness
 from loraops.results import EvalMetrics, GateDecision, Registration
 from tasks import pipeline, run_context
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from loraops import tracking
+from loraops.registry import tracking
 from loraops.config import LoraopsConfig
 from loraops.results import TrainResult
 from tasks import pipeline, run_context

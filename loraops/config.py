@@ -457,7 +457,7 @@ def write_params(config: LoraopsConfig, path: str | Path = DEFAULT_PARAMS_FILE) 
     and the registered lineage describe what actually ran. Comments, key order and ``null`` stay, and a
     setting the file leaves to its default is not added: only values this run chose are written.
     """
-    from loraops.params_file import flatten, set_values
+    from loraops.project.params_file import flatten, set_values
 
     path = Path(path)
     wanted = flatten(config.model_dump(mode="json"))

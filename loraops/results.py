@@ -140,7 +140,7 @@ class GateDecision(_Result):
     candidate_loss: float
     champion_loss: float | None = None
     champion_version: str | None = None
-    evidence: dict[str, float] = {}  # loraops.gate.GateEvidence.numbers(): intervals, general-text losses, answer scores
+    evidence: dict[str, float] = {}  # loraops.evaluate.gate.GateEvidence.numbers(): intervals, general-text losses, answer scores
 
     def metrics(self) -> dict[str, float | int | None]:
         """What ``metrics/gate.json`` holds (``passed`` 0/1); the reasons stay in the MLflow run and Prefect."""

@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loraops.config import LoraopsConfig, write_params
-from loraops.memory import MemoryCheck
-from loraops.project_lock import project_lock
-from loraops.tracking_limits import bounded_requests, reports_lost_server
+from loraops.train.memory import MemoryCheck
+from loraops.project.lock import project_lock
+from loraops.registry.limits import bounded_requests, reports_lost_server
 
 if TYPE_CHECKING:  # imported by the stages that use them
-    from loraops.data_diff import DataDiff
-    from loraops.data_registry import DataVersion
-    from loraops.freshness import Freshness
+    from loraops.inputs.data_diff import DataDiff
+    from loraops.inputs.data_registry import DataVersion
+    from loraops.inputs.freshness import Freshness
 from loraops.results import (
     BaseModelRef,
     ContractReport,
@@ -93,8 +93,8 @@ def params_restored_on_failure(root: Path) -> Iterator[None]:
 
 def check_servers(cfg: LoraopsConfig, root: Path) -> str:
     """The MLflow tracking server must answer before any GPU time is spent; returns the tracking URI."""
-    from loraops.registry import resolve_tracking_uri
-    from loraops.servers import check_mlflow_server
+    from loraops.registry.runs import resolve_tracking_uri
+    from loraops.project.servers import check_mlflow_server
 
     tracking_uri = resolve_tracking_uri(cfg.registry, root)
     check_mlflow_server(tracking_uri)
@@ -103,7 +103,7 @@ def check_servers(cfg: LoraopsConfig, root: Path) -> str:
 
 def import_data(cfg: LoraopsConfig, root: Path) -> dict:
     """Rebuild the embedded default dataset (deterministic: same bytes as data.dvc records)."""
-    from loraops.data import import_chatterbot
+    from loraops.data.reader import import_chatterbot
 
     settings = cfg.data_import.model_copy(update={"output_dir": str(_path(root, cfg.data_import.output_dir))})
     return import_chatterbot(settings)
@@ -111,14 +111,14 @@ def import_data(cfg: LoraopsConfig, root: Path) -> dict:
 
 def refresh_data(cfg: LoraopsConfig, root: Path, data_rev: str | None = None) -> DataVersion:
     """``dvc update data.dvc`` when the data comes from a data registry (``dvc import``/``import-url``)."""
-    from loraops.data_registry import refresh_data as refresh
+    from loraops.inputs.data_registry import refresh_data as refresh
 
     return refresh(root, data_rev, lock_wait_s=cfg.version.dvc_lock_wait_s)
 
 
 def _existing_registry(cfg: LoraopsConfig, root: Path):
     """The registry's client, or None for a local SQLite store not created yet (no earlier run; not created here)."""
-    from loraops.registry import _sqlite_path, client_for, resolve_tracking_uri
+    from loraops.registry.runs import _sqlite_path, client_for, resolve_tracking_uri
 
     database = _sqlite_path(resolve_tracking_uri(cfg.registry, root))
     return None if database is not None and not database.exists() else client_for(cfg.registry, root)
@@ -126,7 +126,7 @@ def _existing_registry(cfg: LoraopsConfig, root: Path):
 
 def check_freshness(cfg: LoraopsConfig, root: Path, force: bool = False) -> Freshness:
     """Whether an earlier run (the champion, the last finished run) already trained on these inputs."""
-    from loraops.freshness import Freshness, check_freshness as check
+    from loraops.inputs.freshness import Freshness, check_freshness as check
 
     client = _existing_registry(cfg, root)
     if client is None and not force:
@@ -136,8 +136,8 @@ def check_freshness(cfg: LoraopsConfig, root: Path, force: bool = False) -> Fres
 
 def diff_data(cfg: LoraopsConfig, root: Path) -> DataDiff:
     """Rows added, removed and changed since the champion's data; written to reports/data_diff.json."""
-    from loraops.data_diff import DIFF_FILE, diff_against, write_diff
-    from loraops.registry import find_champion
+    from loraops.inputs.data_diff import DIFF_FILE, diff_against, write_diff
+    from loraops.registry.runs import find_champion
 
     client = _existing_registry(cfg, root)
     champion = find_champion(client, cfg.registry.model_name) if client is not None else None
@@ -148,7 +148,7 @@ def diff_data(cfg: LoraopsConfig, root: Path) -> DataDiff:
 
 
 def prepare_base_model(cfg: LoraopsConfig, root: Path) -> BaseModelRef:
-    from loraops import modeling
+    from loraops.train import base_model as modeling
 
     return modeling.prepare_base_model(cfg.model, _path(root, cfg.paths.base_model_dir))
 
@@ -156,7 +156,7 @@ def prepare_base_model(cfg: LoraopsConfig, root: Path) -> BaseModelRef:
 def _load_splits(cfg: LoraopsConfig, root: Path):
     """Both splits as training sees them: without the rows the data contract quarantined."""
     from loraops.contract import quarantined_lines
-    from loraops.data import load_split
+    from loraops.data.reader import load_split
 
     splits = []
     for name, relative in (("train", cfg.data.train_file), ("validation", cfg.data.validation_file)):
@@ -170,7 +170,7 @@ def _load_splits(cfg: LoraopsConfig, root: Path):
 
 
 def _tokenizer(cfg: LoraopsConfig, root: Path):
-    from loraops import modeling
+    from loraops.train import base_model as modeling
 
     base = modeling.read_base_model_ref(_path(root, cfg.paths.base_model_dir))
     return modeling.load_tokenizer(base, cfg.model)
@@ -193,7 +193,7 @@ def validate_dataset(cfg: LoraopsConfig, root: Path) -> ContractReport:
 
 
 def _tokenized_splits(cfg: LoraopsConfig, root: Path):
-    from loraops.tokenization import build_dataset
+    from loraops.data.tokenization import build_dataset
 
     train, validation = _load_splits(cfg, root)
     tokenizer = _tokenizer(cfg, root)
@@ -204,7 +204,7 @@ def _tokenized_splits(cfg: LoraopsConfig, root: Path):
 
 
 def _validation_dataset(cfg: LoraopsConfig, root: Path):
-    from loraops.tokenization import build_dataset
+    from loraops.data.tokenization import build_dataset
 
     _, validation = _load_splits(cfg, root)
     return build_dataset(_tokenizer(cfg, root), validation.examples, cfg.data.max_length)
@@ -212,8 +212,8 @@ def _validation_dataset(cfg: LoraopsConfig, root: Path):
 
 def evaluate_baseline(cfg: LoraopsConfig, root: Path) -> EvalMetrics:
     """Validation loss of the base model (quantised as training will see it) on the target tokens."""
-    from loraops import modeling
-    from loraops.evaluation import example_losses_path
+    from loraops.train import base_model as modeling
+    from loraops.evaluate.loss import example_losses_path
 
     base = modeling.read_base_model_ref(_path(root, cfg.paths.base_model_dir))
     device = modeling.resolve_device(cfg.train)
@@ -230,7 +230,8 @@ def check_memory(cfg: LoraopsConfig, root: Path, available: int | None = None) -
 
     ``available`` (bytes) defaults to the GPU's total memory on CUDA and to the system RAM on CPU.
     """
-    from loraops import memory, modeling
+    from loraops.train import memory
+    from loraops.train import base_model as modeling
 
     device = modeling.resolve_device(cfg.train)
     base = modeling.read_base_model_ref(_path(root, cfg.paths.base_model_dir))
@@ -240,9 +241,10 @@ def check_memory(cfg: LoraopsConfig, root: Path, available: int | None = None) -
 
 
 def sanity_check(cfg: LoraopsConfig, root: Path):
-    """The overfit check on the first sanity.examples training examples (loraops/sanity.py); returns SanityResult."""
-    from loraops import modeling, sanity
-    from loraops.tokenization import build_dataset
+    """The overfit check on the first sanity.examples training examples (loraops/train/sanity.py); returns SanityResult."""
+    from loraops.train import base_model as modeling
+    from loraops.train import sanity
+    from loraops.data.tokenization import build_dataset
 
     train, _ = _load_splits(cfg, root)
     examples = train.examples[: cfg.sanity.examples]
@@ -258,7 +260,9 @@ def train_adapter(cfg: LoraopsConfig, root: Path, callbacks: tuple = ()) -> Trai
 
     ``callbacks``: more TrainerCallbacks (e.g. a test watching the run while it trains).
     """
-    from loraops import modeling, tracking, training
+    from loraops.train import base_model as modeling
+    from loraops.registry import tracking
+    from loraops.train import trainer as training
 
     base = modeling.read_base_model_ref(_path(root, cfg.paths.base_model_dir))
     train_dataset, validation_dataset = _tokenized_splits(cfg, root)
@@ -313,7 +317,7 @@ def write_loss_plots(history_path: Path, plots_dir: Path) -> None:
 
 def evaluate_adapter(cfg: LoraopsConfig, root: Path) -> EvalMetrics:
     """The candidate's validation loss, computed exactly as the baseline's."""
-    from loraops.evaluation import example_losses_path
+    from loraops.evaluate.loss import example_losses_path
 
     metrics, examples = _evaluate_adapter_dir(cfg, root, _path(root, cfg.paths.adapter_dir))
     metrics.write_json(_path(root, cfg.paths.metrics_dir) / ADAPTER_METRICS)
@@ -325,7 +329,7 @@ def evaluate_adapter(cfg: LoraopsConfig, root: Path) -> EvalMetrics:
 
 
 def _evaluate_adapter_dir(cfg: LoraopsConfig, root: Path, adapter_dir: Path) -> tuple[EvalMetrics, ExampleLosses]:
-    from loraops import modeling
+    from loraops.train import base_model as modeling
 
     base = modeling.read_base_model_ref(_path(root, cfg.paths.base_model_dir))
     device = modeling.resolve_device(cfg.train)
@@ -335,8 +339,8 @@ def _evaluate_adapter_dir(cfg: LoraopsConfig, root: Path, adapter_dir: Path) -> 
 
 def _evaluate_model(cfg: LoraopsConfig, root: Path, model) -> tuple[EvalMetrics, ExampleLosses]:
     """Validation loss (with each example's share, for the bootstrap) and the general-text loss."""
-    from loraops.evaluation import evaluate_example_losses
-    from loraops.forgetting import general_loss
+    from loraops.evaluate.loss import evaluate_example_losses
+    from loraops.evaluate.forgetting import general_loss
 
     metrics, examples = evaluate_example_losses(model, _validation_dataset(cfg, root), cfg.eval.batch_size)
     metrics.general_loss = general_loss(cfg.eval, root, model, _tokenizer(cfg, root))
@@ -346,7 +350,9 @@ def _evaluate_model(cfg: LoraopsConfig, root: Path, model) -> tuple[EvalMetrics,
 @reports_lost_server("gate-candidate")
 def gate_candidate(cfg: LoraopsConfig, root: Path, baseline: EvalMetrics, candidate: EvalMetrics) -> GateDecision:
     """Compare the candidate with the base model and with the current champion on today's data."""
-    from loraops import gate, gate_evidence, registry
+    from loraops.evaluate import gate
+    from loraops.evaluate import evidence as gate_evidence
+    from loraops.registry import runs as registry
 
     client = registry.client_for(cfg.registry, root)
     champion = registry.find_champion(client, cfg.registry.model_name)
@@ -370,7 +376,7 @@ def gate_candidate(cfg: LoraopsConfig, root: Path, baseline: EvalMetrics, candid
 
 
 def _log_to_training_run(cfg: LoraopsConfig, root: Path, metrics: dict, tags: dict | None = None) -> None:
-    from loraops import tracking
+    from loraops.registry import tracking
 
     train_json = _path(root, cfg.paths.metrics_dir) / TRAIN_METRICS
     steps = json.loads(train_json.read_text()).get("steps", 0) if train_json.is_file() else 0
@@ -383,7 +389,8 @@ def _champion_loss_on_current_data(cfg: LoraopsConfig, root: Path, client, champ
     Only a re-measured champion has per-example losses for the bootstrap interval (gate.require_confident_improvement
     therefore re-measures it).
     """
-    from loraops import registry, versioning
+    from loraops.registry import runs as registry
+    from loraops.lineage import versioning
 
     same_data = champion.data_md5 == versioning.data_md5(root)
     same_base = champion.base_model == cfg.model.base
@@ -398,7 +405,8 @@ def _champion_loss_on_current_data(cfg: LoraopsConfig, root: Path, client, champ
 
 def version_outputs(cfg: LoraopsConfig, root: Path) -> Lineage:
     """Record what ran in dvc.lock, push data and outputs to the remote, and return the lineage."""
-    from loraops import modeling, versioning
+    from loraops.train import base_model as modeling
+    from loraops.lineage import versioning
 
     versioning.record_pipeline_state(root, lock_wait_s=cfg.version.dvc_lock_wait_s)
     if cfg.version.push:
@@ -409,7 +417,7 @@ def version_outputs(cfg: LoraopsConfig, root: Path) -> Lineage:
 
 def save_experiment(cfg: LoraopsConfig, root: Path, lineage: Lineage, name: str) -> Lineage:
     """Save the run as DVC experiment ``name`` (pushed with version.push); the lineage then names it."""
-    from loraops import experiments
+    from loraops.lineage import experiments
 
     saved = experiments.save_experiment(
         root, name, push=cfg.version.push, lock_wait_s=cfg.version.dvc_lock_wait_s
@@ -428,7 +436,9 @@ def register_adapter(
     lineage: Lineage,
 ) -> Registration:
     """Log the run to MLflow; register a version only when the gate passed (with its model card)."""
-    from loraops import integrity, registry, serving
+    from loraops.registry import integrity
+    from loraops.registry import runs as registry
+    from loraops.serve import serving
     from loraops.contract import DOCS_DIR, QUARANTINE_DIR
 
     integrity.check_workspace_adapter(root, cfg.paths.adapter_dir)  # still the adapter dvc.lock recorded
@@ -440,7 +450,7 @@ def register_adapter(
         _path(root, cfg.paths.reports_dir) / QUARANTINE_DIR,  # rows the contract set aside (line, reasons)
         _path(root, cfg.paths.metrics_dir) / TRAIN_HISTORY,
     ]
-    from loraops.data_diff import DIFF_FILE
+    from loraops.inputs.data_diff import DIFF_FILE
 
     diff = _path(root, cfg.paths.reports_dir) / DIFF_FILE  # written by the flow's diff-data task
     extra_files += [diff] if diff.is_file() else []

@@ -8,12 +8,18 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from loraops import handoff, reporting, stages, tracking
+from loraops import stages
+
+from loraops.registry import handoff
+
+from loraops.cli import reporting
+
+from loraops.registry import tracking
 from loraops.config import LoraopsConfig
-from loraops.data_diff import DataDiff
-from loraops.data_registry import DataVersion
-from loraops.freshness import Freshness
-from loraops.memory import MemoryCheck
+from loraops.inputs.data_diff import DataDiff
+from loraops.inputs.data_registry import DataVersion
+from loraops.inputs.freshness import Freshness
+from loraops.train.memory import MemoryCheck
 from loraops.results import (
     BaseModelRef,
     ContractReport,
@@ -34,8 +40,8 @@ _stage = dict(cache_policy=NO_CACHE, persist_result=False)
 
 
 def _worth_retrying_network(task, task_run, state) -> bool:
-    from loraops.integrity import AdapterIntegrityError
-    from loraops.tracking_limits import TrackingServerLostError
+    from loraops.registry.integrity import AdapterIntegrityError
+    from loraops.registry.limits import TrackingServerLostError
 
     error = state.data if isinstance(state.data, BaseException) else getattr(state.data, "result", None)
     return not isinstance(error, (TrackingServerLostError, AdapterIntegrityError))
@@ -111,7 +117,7 @@ def evaluate_baseline(cfg: LoraopsConfig, root: Path) -> EvalMetrics:
 @task(name="sanity-check", retries=0, **_stage)
 def sanity_check(cfg: LoraopsConfig, root: Path):
     """train.sanity_check: refuse to spend the full run on a setup that cannot overfit a few examples."""
-    from loraops.sanity import SanityCheckFailed
+    from loraops.train.sanity import SanityCheckFailed
 
     result = stages.sanity_check(cfg, root)
     create_markdown_artifact("# Sanity check\n\n```\n" + result.summary() + "\n```", key="sanity-check")
@@ -123,7 +129,7 @@ def sanity_check(cfg: LoraopsConfig, root: Path):
 def _worth_retrying(task, task_run, state) -> bool:
     """Retry a crashed or failed training (it resumes from its last checkpoint), not a bad config or a NaN."""
     from loraops.config import ConfigError
-    from loraops.training import TrainingDivergedError
+    from loraops.train.trainer import TrainingDivergedError
 
     return not isinstance(state.data, (ConfigError, TrainingDivergedError))
 
@@ -209,7 +215,7 @@ def save_experiment(cfg: LoraopsConfig, root: Path, lineage: Lineage) -> Lineage
     """Named after the flow run and its scheduled start, so a retry finds the experiment it saved."""
     from prefect.runtime import flow_run
 
-    from loraops.experiments import experiment_name
+    from loraops.lineage.experiments import experiment_name
 
     return stages.save_experiment(cfg, root, lineage, experiment_name(flow_run.name, flow_run.scheduled_start_time))
 
@@ -225,7 +231,7 @@ def register_adapter(
     lineage: Lineage,
 ) -> Registration:
     """Retry-safe: registration is keyed on the run, so a retry never adds a second version."""
-    from loraops import registry
+    from loraops.registry import runs as registry
 
     registration = stages.register_adapter(cfg, root, trained, baseline, candidate, decision, lineage)
     create_markdown_artifact(

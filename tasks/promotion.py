@@ -1,4 +1,4 @@
-"""Promotion tasks. The work lives in loraops.promotion; tasks add names, retries and artifacts."""
+"""Promotion tasks. The work lives in loraops.registry.promotion; tasks add names, retries and artifacts."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from loraops import promotion
+from loraops.registry import promotion
 from loraops.config import LoraopsConfig
-from loraops.promotion import AliasState, PromotionCheck, PromotionRefused
+from loraops.registry.promotion import AliasState, PromotionCheck, PromotionRefused
 
 # The registry is the state: caching a result would hide a changed alias.
 _registry_step = dict(cache_policy=NO_CACHE, persist_result=False)

@@ -1,4 +1,4 @@
-"""The reproduce task. The work lives in loraops.reproduce; the task adds a name and the comparison artifact."""
+"""The reproduce task. The work lives in loraops.reproduce.reproduce; the task adds a name and the comparison artifact."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from loraops import reproduce
+from loraops.reproduce import reproduce
 from loraops.config import RegistryConfig
-from loraops.reproduce import ReproductionMismatch, ReproductionReport
+from loraops.reproduce.reproduce import ReproductionMismatch, ReproductionReport
 
 
 @task(name="reproduce-version", cache_policy=NO_CACHE, persist_result=False)

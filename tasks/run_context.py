@@ -17,7 +17,7 @@ from prefect.states import Completed, State
 
 from loraops.config import LoraopsConfig
 from loraops.results import GateDecision, Registration
-from loraops.run_config import resolve_run_config
+from loraops.project.run_config import resolve_run_config
 
 REGISTERED_TAG, REFUSED_TAG, UNCHANGED_TAG = "registered", "refused", "unchanged"
 P = ParamSpec("P")
@@ -62,7 +62,7 @@ def with_loraops_logs(function: Callable[P, R]) -> Callable[P, R]:
 
 
 def run_config(config: LoraopsConfig | None, root: Path) -> LoraopsConfig:
-    """params.yaml with the values this run chose (see loraops.run_config): for a deployment run, a
+    """params.yaml with the values this run chose (see loraops.project.run_config): for a deployment run, a
     field counts as chosen when it differs from what the deployment's form pre-filled."""
     return resolve_run_config(config, root, _form_prefill())
 

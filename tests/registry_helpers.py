@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 from loraops.config import LoraopsConfig, ModelConfig
-from loraops.registry import log_and_register, make_client
+from loraops.registry.runs import log_and_register, make_client
 from loraops.results import BaseModelRef, EvalMetrics, GateDecision, Lineage, Registration, TrainResult
 
 PROMPT = "What is the capital of France?"
@@ -82,7 +82,7 @@ def register(
 
 
 def prepare_project_base(root: Path, tiny_model_dir: Path) -> BaseModelRef:
-    from loraops.modeling import prepare_base_model
+    from loraops.train.base_model import prepare_base_model
 
     return prepare_base_model(ModelConfig(base=str(tiny_model_dir)), root / "models" / "base")
 

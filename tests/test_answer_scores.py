@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loraops.answer_scores import score_answers
+from loraops.evaluate.answers import score_answers
 
 
 def test_scores_of_known_strings():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from loraops.packing import best_fit_bins, padded_slots, padding_report
+from loraops.train.packing import best_fit_bins, padded_slots, padding_report
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "train_bench.py"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from loraops.bootstrap import paired_improvement_interval, resample_indices
+from loraops.evaluate.bootstrap import paired_improvement_interval, resample_indices
 from loraops.results import ExampleLosses
 
 BASE = ExampleLosses(nll=[12.0, 9.0, 20.0, 4.0, 15.0], tokens=[4, 3, 8, 2, 5])

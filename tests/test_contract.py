@@ -22,7 +22,7 @@ from loraops.contract import (
     scan_split,
     validate_dataset,
 )
-from loraops.data import DataError
+from loraops.data.reader import DataError
 from loraops.results import ContractCheck, ContractReport
 
 BAD = Path(__file__).parent / "fixtures" / "bad"
@@ -281,7 +281,7 @@ def test_template_that_raises_is_reported_per_row(tiny_data_dir, tiny_tokenizer,
 
 def test_imported_chatterbot_data_passes(tiny_tokenizer, tmp_path):
     from loraops.config import ImportConfig
-    from loraops.data import import_chatterbot
+    from loraops.data.reader import import_chatterbot
 
     summary = import_chatterbot(ImportConfig(output_dir=str(tmp_path / "data")))
 
@@ -346,7 +346,7 @@ def test_turn_keys_agree_with_normalize_text():
     import pyarrow as pa
 
     from loraops.contract import SplitFacts, Turns, _keys, _unusual_turns, normalized_hashes
-    from loraops.data import normalize_text
+    from loraops.data.reader import normalize_text
 
     texts = ["Hello there", "hello  there", " hello there", "HELLO\tthere", "hello there\n", "hello\x1fthere",
              "Straße", "STRASSE", "strasse", "café", "CAFÉ", "sk-x", "a@b.co", "hello there", "  Hello \r\n There ",
@@ -365,7 +365,7 @@ def test_turn_keys_agree_with_normalize_text():
 
 
 def test_contract_markdown_shows_every_check_and_the_quarantine(bad_report):
-    from loraops.reporting import contract_markdown
+    from loraops.cli.reporting import contract_markdown
 
     text = contract_markdown(bad_report)
 
@@ -413,8 +413,8 @@ def test_streamed_chunks_give_the_same_facts_as_one_read(tiny_tokenizer, tmp_pat
 
 
 def test_token_lengths_match_tokenisation(tiny_tokenizer, tmp_path):
-    from loraops.data import load_split
-    from loraops.tokenization import token_lengths
+    from loraops.data.reader import load_split
+    from loraops.data.tokenization import token_lengths
 
     text = tmp_path / "text.jsonl"
     text.write_text("".join(json.dumps({"text": f"number {index} " * (index + 1)}) + "\n" for index in range(5)))
@@ -444,7 +444,7 @@ def test_validate_command_prints_the_summary_and_exits_0_or_1(tiny_model_dir, tm
     import yaml
     from typer.testing import CliRunner
 
-    from loraops.cli import app
+    from loraops.cli.app import app
 
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"model": {"base": str(tiny_model_dir)}, "data": {"max_length": MAX_LENGTH}}))

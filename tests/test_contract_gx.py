@@ -14,7 +14,7 @@ from conftest import make_project
 
 from loraops.config import DataConfig
 from loraops.contract import DataContractError, format_report, validate_dataset
-from loraops.data import DataError
+from loraops.data.reader import DataError
 from loraops.results import ContractCheck, ContractReport
 
 REPO = Path(__file__).resolve().parent.parent
@@ -123,7 +123,7 @@ def test_a_user_added_expectation_is_enforced_and_named(tmp_path, tiny_tokenizer
     import yaml
     from typer.testing import CliRunner
 
-    from loraops.cli import app
+    from loraops.cli.app import app
 
     gx_dir = copy_gx(tmp_path)
     suite = add_expectations(
@@ -217,7 +217,7 @@ def test_the_pipeline_stage_enforces_the_projects_suite_and_dvc_sees_the_edit(tm
 
     from loraops import stages
     from loraops.config import load_config
-    from loraops.versioning import record_pipeline_state
+    from loraops.lineage.versioning import record_pipeline_state
 
     root = make_project(tmp_path / "project", tiny_model_dir)
     cfg = load_config(root / "params.yaml")

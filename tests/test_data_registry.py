@@ -14,7 +14,7 @@ import yaml
 
 from conftest import GIT, TINY_DATA
 from loraops.config import load_config
-from loraops.data_registry import DataRegistryError, read_data_version, refresh_data
+from loraops.inputs.data_registry import DataRegistryError, read_data_version, refresh_data
 
 DVC = str(Path(sys.executable).parent / "dvc")
 DATASET = "datasets/chat"
@@ -102,7 +102,7 @@ def test_a_revision_the_registry_lacks_is_named(imported_project):
 
 
 def test_the_data_diff_counts_rows_added_removed_and_changed_since_the_earlier_version(imported_project, registry):
-    from loraops.data_diff import diff_against
+    from loraops.inputs.data_diff import diff_against
 
     old_md5 = read_data_version(imported_project).md5
     train = registry / DATASET / "train.jsonl"
@@ -183,8 +183,8 @@ def test_retrain_skips_unchanged_inputs_trains_when_forced_or_given_new_rows(imp
 
 
 def test_freshness_matches_all_four_inputs_of_the_last_finished_run_and_never_uncommitted_ones(tiny_project):
-    from loraops.freshness import check_freshness, current_inputs
-    from loraops.registry import client_for
+    from loraops.inputs.freshness import check_freshness, current_inputs
+    from loraops.registry.runs import client_for
 
     cfg = load_config(tiny_project / "params.yaml")
     client = client_for(cfg.registry, tiny_project)

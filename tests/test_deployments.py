@@ -243,7 +243,7 @@ def test_scheduled_retrain_deploys_runs_on_a_worker_and_registers_through_the_se
 
     cfg = load_config(project / "params.yaml")
     assert {"champion", "challenger"} <= set(version["aliases"])
-    assert tags["loraops.gate"] == "passed"
+    assert tags["loraops.evaluate.gate"] == "passed"
     assert tags["loraops.params_hash"] == cfg.params_hash()
     assert tags["loraops.data_md5"] and tags["loraops.dvc_lock_md5"]
     assert tags["loraops.git_commit"] == git_head.strip()
@@ -276,7 +276,9 @@ def test_a_crashed_gpu_worker_fails_retrain_and_the_rerun_resumes_its_training(s
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.states import Crashed
 
-    from loraops import stages, training
+    from loraops import stages
+
+    from loraops.train import trainer as training
     from loraops.config import load_config
 
     project = _checkout(tmp_path, tiny_model_dir, servers["mlflow"], max_steps=150, eval_steps=10)

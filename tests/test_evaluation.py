@@ -10,8 +10,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from loraops.evaluation import evaluate_loss
-from loraops.tokenization import IGNORE_INDEX, build_dataset
+from loraops.evaluate.loss import evaluate_loss
+from loraops.data.tokenization import IGNORE_INDEX, build_dataset
 
 
 @pytest.fixture(scope="module")

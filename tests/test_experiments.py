@@ -18,7 +18,9 @@ import pytest
 import yaml
 from conftest import GIT, make_project
 
-from loraops import experiments, versioning
+from loraops.lineage import experiments
+
+from loraops.lineage import versioning
 from loraops.config import load_config
 from loraops.results import GateDecision, TrainResult, write_metrics
 
@@ -296,7 +298,7 @@ def test_every_stage_depends_on_each_module_it_runs_and_a_change_to_one_reruns_i
     loaded = {}
     for stage, command in STAGE_COMMANDS.items():  # in pipeline order: each stage's inputs exist
         loaded[stage] = _modules_loaded_by(project, command, tmp_path / f"{stage}.json")
-        assert {"loraops/stages.py", "loraops/cli.py", "loraops/config.py"} <= loaded[stage]
+        assert {"loraops/stages.py", "loraops/cli/app.py", "loraops/config.py"} <= loaded[stage]
         deps = [dep.rstrip("/") for dep in declared[stage]["deps"]]  # a file, or a whole sub-package folder
         undeclared = {m for m in loaded[stage] if not any(m == dep or m.startswith(f"{dep}/") for dep in deps)}
         assert not undeclared, f"{stage} runs modules dvc.yaml does not declare: {sorted(undeclared)}"
@@ -336,7 +338,7 @@ def two_runs(tmp_path_factory, tiny_model_dir, prefect_harness):
 
 
 def _version_tags(project: Path, version: str) -> dict[str, str]:
-    from loraops.registry import client_for
+    from loraops.registry.runs import client_for
 
     return dict(client_for(load_config(project / "params.yaml").registry, project).get_model_version(MODEL, version).tags)
 
@@ -375,7 +377,7 @@ def test_each_run_is_an_experiment_with_its_params_and_numeric_metrics(two_runs)
 def test_the_version_and_its_run_name_the_experiment_and_the_card_says_how_to_reproduce(two_runs):
     import mlflow.artifacts
 
-    from loraops.registry import client_for
+    from loraops.registry.runs import client_for
 
     project, results = two_runs
     tags = _version_tags(project, "1")

@@ -9,10 +9,10 @@ import pytest
 from typer.testing import CliRunner
 
 from loraops.config import ExportConfig, ModelConfig, QuantConfig
-from loraops.export import EXPORT_MANIFEST, ExportMismatchError, check_merge, compare, export_merged
-from loraops.registry import make_client
+from loraops.registry.export import EXPORT_MANIFEST, ExportMismatchError, check_merge, compare, export_merged
+from loraops.registry.runs import make_client
 from loraops.results import BaseModelRef
-from loraops.serving import AdapterSource, UnsafeArtifactError, chat_inputs, generate_text, load_adapter, load_merged
+from loraops.serve.serving import AdapterSource, UnsafeArtifactError, chat_inputs, generate_text, load_adapter, load_merged
 from registry_helpers import PROMPT, make_adapter, register, registry_config, shared_store_uri
 
 
@@ -36,7 +36,7 @@ def _logits(model, tokenizer, prompt: str):
 def test_cli_export_writes_safetensors_whose_logits_match_the_adapter(
     adapter, tiny_model_dir, tmp_path, tmp_path_factory, monkeypatch
 ):
-    from loraops.cli import app
+    from loraops.cli.app import app
 
     monkeypatch.chdir(tmp_path)
     store_uri = shared_store_uri(tmp_path_factory)

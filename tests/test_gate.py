@@ -7,8 +7,8 @@ import math
 import pytest
 
 from loraops.config import GateConfig
-from loraops.bootstrap import Interval
-from loraops.gate import GateEvidence, gate_candidate
+from loraops.evaluate.bootstrap import Interval
+from loraops.evaluate.gate import GateEvidence, gate_candidate
 from loraops.results import EvalMetrics
 
 
@@ -142,8 +142,8 @@ def test_rouge_rule_fails_without_enough_gain_or_without_scores():
 
 
 def test_score_table_sets_base_and_adapter_side_by_side():
-    from loraops.reporting import evaluation_markdown
-    from loraops.score_table import score_table
+    from loraops.cli.reporting import evaluation_markdown
+    from loraops.evaluate.score_table import score_table
 
     evidence = GateEvidence(
         over_base=Interval(estimate=0.5, low=0.3, high=0.7, confidence=0.95),

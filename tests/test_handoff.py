@@ -14,7 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loraops import handoff, stages, versioning
+from loraops import stages
+
+from loraops.registry import handoff
+
+from loraops.lineage import versioning
 from loraops.config import load_config
 from loraops.results import TrainResult
 
@@ -106,7 +110,7 @@ def test_a_training_deployment_missing_from_the_server_is_named(tiny_project, pr
 
 
 def test_the_training_artifact_says_whether_the_run_resumed():
-    from loraops.reporting import training_markdown
+    from loraops.cli.reporting import training_markdown
 
     trained = TrainResult(
         adapter_dir="a", trainable_params=16_384, total_params=100_000, steps=8, best_step=6,

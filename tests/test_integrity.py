@@ -18,13 +18,17 @@ from urllib.parse import unquote, urlparse
 import pytest
 from typer.testing import CliRunner
 
-from loraops import integrity, promotion, stages
-from loraops.integrity import ADAPTER_SHA256_TAG, AdapterIntegrityError
-from loraops.mlflow_model import adapter_folder
-from loraops.registry import CHAMPION, make_client, promote_version
-from loraops.reproduce import RecordedVersion, ReproduceError, download_registered_adapter
+from loraops import stages
+
+from loraops.registry import integrity
+
+from loraops.registry import promotion
+from loraops.registry.integrity import ADAPTER_SHA256_TAG, AdapterIntegrityError
+from loraops.registry.mlflow_model import adapter_folder
+from loraops.registry.runs import CHAMPION, make_client, promote_version
+from loraops.reproduce.reproduce import RecordedVersion, ReproduceError, download_registered_adapter
 from loraops.results import EvalMetrics, GateDecision, Lineage, TrainResult
-from loraops.serving import fetch_adapter, generate_text, load_adapter
+from loraops.serve.serving import fetch_adapter, generate_text, load_adapter
 from registry_helpers import PROMPT, make_adapter, register, registry_config, shared_store_uri
 
 WEIGHTS = "adapter_model.safetensors"
@@ -83,7 +87,7 @@ def random_bytes(client, name: str) -> str:
 
 
 def _cli(*args: str) -> str:
-    from loraops.cli import app
+    from loraops.cli.app import app
 
     result = CliRunner().invoke(app, list(args))
     assert result.exit_code == 1, result.output
@@ -208,14 +212,14 @@ def test_a_version_without_hashes_loads_with_a_warning_and_unreadable_weights_ar
     plain_folder = f"{client.get_run(original.run_id).info.artifact_uri}/adapter"  # as versions were registered before
     old = str(client.create_model_version(name, plain_folder, run_id=original.run_id, tags=old_tags).version)
 
-    with caplog.at_level("WARNING", logger="loraops.integrity"):
+    with caplog.at_level("WARNING", logger="loraops.registry.integrity"):
         source = fetch_adapter(cfg, tmp_path, f"models:/{name}/{old}", tmp_path / "downloads")
-    warnings = [r.getMessage() for r in caplog.records if r.name == "loraops.integrity"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "loraops.registry.integrity"]
     assert warnings == [f"{name} version {old} carries no content hashes (no {ADAPTER_SHA256_TAG} tag: made before "
                         "loraops recorded them)"]
     answer = generate_text(*load_adapter(source, cfg.model, "cpu"), PROMPT, 8)
     from loraops.results import BaseModelRef
-    from loraops.serving import AdapterSource
+    from loraops.serve.serving import AdapterSource
 
     local = AdapterSource("local", adapters[0], BaseModelRef(source="tiny", path=str(tiny_model_dir)), cfg.quant)
     assert answer == generate_text(*load_adapter(local, cfg.model, "cpu"), PROMPT, 8)
@@ -242,7 +246,7 @@ def test_a_corrupt_local_adapter_folder_is_refused_cleanly(adapters, tmp_path, p
 
 def _dvc_project(root: Path, adapter: Path) -> Path:
     """A real git + DVC repo whose dvc.lock records adapters/candidate (as version_outputs leaves it)."""
-    from loraops.versioning import record_pipeline_state
+    from loraops.lineage.versioning import record_pipeline_state
 
     root.mkdir()
     run = lambda *args: subprocess.run(args, cwd=root, check=True, capture_output=True)  # noqa: E731
@@ -283,7 +287,7 @@ def test_registration_refuses_a_workspace_adapter_that_differs_from_dvc_lock(pro
 
 
 def test_the_hand_off_fetch_refuses_an_adapter_changed_after_the_worker_published_it(tiny_project, adapters):
-    from loraops import handoff
+    from loraops.registry import handoff
     from loraops.config import load_config
 
     cfg = load_config(tiny_project / "params.yaml")

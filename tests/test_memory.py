@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from loraops import memory, stages
-from loraops.cli import app
+from loraops import stages
+
+from loraops.train import memory
+from loraops.cli.app import app
 from loraops.config import ConfigError, LoraConfig, LoraopsConfig, QuantConfig, apply_overrides, config_from_dict
-from loraops.memory import (
+from loraops.train.memory import (
     GIB,
     KNOWN_MODELS,
     MemoryPlanError,
@@ -371,7 +373,7 @@ def test_stage_refuses_what_cannot_fit_and_names_the_settings(tmp_path, tiny_mod
 
 def test_on_cpu_an_estimate_above_ram_only_warns(tmp_path, tiny_model_dir, caplog):
     cfg = _tiny_project(tmp_path, tiny_model_dir, data={"max_length": 512}, train={"batch_size": 64})
-    with caplog.at_level("WARNING", logger="loraops.memory"):
+    with caplog.at_level("WARNING", logger="loraops.train.memory"):
         check = stages.check_memory(cfg, tmp_path, available=64 << 20)
     assert not check.fits and check.device == "cpu"
     assert "does not fit with quant.mode=none, train.batch_size=64" in caplog.text and "continuing on CPU" in caplog.text

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, wait_until_healthy
-from loraops import mlflow_model
+from loraops.registry import mlflow_model
 from loraops.config import LoraopsConfig
-from loraops.registry import CHAMPION, make_client, promote_version
-from loraops.serving import fetch_adapter, generate_text, load_adapter
+from loraops.registry.runs import CHAMPION, make_client, promote_version
+from loraops.serve.serving import fetch_adapter, generate_text, load_adapter
 from registry_helpers import PROMPT, make_adapter, register, registry_config
 from test_mlflow_server import tracking_server  # noqa: F401  (the fixture)
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, wait_until_healthy
-from loraops.promotion import apply_promotion, check_promotion, rollback
-from loraops.registry import make_client
-from loraops.serving import fetch_adapter, generate_text, load_adapter
+from loraops.registry.promotion import apply_promotion, check_promotion, rollback
+from loraops.registry.runs import make_client
+from loraops.serve.serving import fetch_adapter, generate_text, load_adapter
 from registry_helpers import PROMPT, make_adapter, register, registry_config
 
 MLFLOW = str(Path(sys.executable).parent / "mlflow")

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from loraops import modeling
+from loraops.train import base_model as modeling
 from loraops.config import ConfigError, LoraConfig, ModelConfig, QuantConfig, TrainConfig
 from loraops.results import BaseModelRef
 

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from loraops.project_lock import HOLDER_ENV, LOCK_FILE, ProjectLockedError, project_lock
+from loraops.project.lock import HOLDER_ENV, LOCK_FILE, ProjectLockedError, project_lock
 
 # Holds the lock of PROJECT as COMMAND until the file RELEASE exists (or forever, to be killed).
 HOLD = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from loraops.project_lock import project_lock
+    from loraops.project.lock import project_lock
 
     root, command, release = sys.argv[1:4]
     with project_lock(root, command):
@@ -87,14 +87,14 @@ def test_the_lock_of_a_killed_run_is_taken_over_with_a_message(tmp_path, caplog)
     holder = _start_holder(tmp_path, "loraops stage train-adapter", tmp_path / "never")
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=30)
-    with caplog.at_level(logging.WARNING, logger="loraops.project_lock"):
+    with caplog.at_level(logging.WARNING, logger="loraops.project.lock"):
         with project_lock(tmp_path, "next run"):
             pass
     assert f"taking over the run lock {tmp_path / LOCK_FILE} left by 'loraops stage train-adapter' (pid {holder.pid}" in caplog.text
 
 
 def test_nested_use_in_one_process_and_children_of_the_holder_run_under_the_lock(tmp_path):
-    child = "from loraops.project_lock import project_lock\nwith project_lock(__import__('sys').argv[1], 'child'): print('ran')"
+    child = "from loraops.project.lock import project_lock\nwith project_lock(__import__('sys').argv[1], 'child'): print('ran')"
     with project_lock(tmp_path, "outer"):
         with project_lock(tmp_path, "inner"):  # the flow calling a stage that locks: no deadlock
             pass

@@ -12,11 +12,13 @@ import mlflow.artifacts
 import pytest
 from typer.testing import CliRunner
 
-from loraops import promotion, registry
-from loraops.mlflow_model import tracking_uri_set
-from loraops.promotion import PromotionRefused, alias_state, apply_promotion, check_promotion, rollback
-from loraops.registry import make_client
-from loraops.serving import SampleAnswer
+from loraops.registry import promotion
+
+from loraops.registry import runs as registry
+from loraops.registry.mlflow_model import tracking_uri_set
+from loraops.registry.promotion import PromotionRefused, alias_state, apply_promotion, check_promotion, rollback
+from loraops.registry.runs import make_client
+from loraops.serve.serving import SampleAnswer
 from registry_helpers import make_adapter, register, registry_config, shared_store_uri
 
 
@@ -102,7 +104,7 @@ def test_failed_or_unrecorded_gate_is_refused_unless_forced_with_a_reason(
 
     with pytest.raises(PromotionRefused, match=rf"version {failed} failed the gate \(worse by 0.2\).*--force --reason"):
         _promote(cfg, tmp_path, failed)
-    with pytest.raises(PromotionRefused, match="has no loraops.gate tag"):
+    with pytest.raises(PromotionRefused, match="has no loraops.evaluate.gate tag"):
         _promote(cfg, tmp_path, untagged)
     with pytest.raises(PromotionRefused, match="--force needs --reason"):
         _promote(cfg, tmp_path, failed, force=True)
@@ -210,7 +212,7 @@ def test_model_card_samples_table_and_loss_curves_are_logged(store_uri, adapters
 
 
 def test_cli_promote_refuses_then_forces_and_rolls_back(store_uri, adapters, tiny_model_dir, tmp_path, client):
-    from loraops.cli import app
+    from loraops.cli.app import app
 
     cfg = registry_config(store_uri, tmp_path)
     name = cfg.registry.model_name

@@ -21,10 +21,10 @@ import yaml
 from conftest import GIT, make_project
 from typer.testing import CliRunner
 
-from loraops.cli import app
+from loraops.cli.app import app
 from loraops.config import load_config
-from loraops.mlflow_model import tracking_uri_set
-from loraops.reproduce import (
+from loraops.registry.mlflow_model import tracking_uri_set
+from loraops.reproduce.reproduce import (
     Check,
     ReproduceError,
     ReproductionReport,
@@ -160,7 +160,7 @@ def test_reproduce_rebuilds_version_1_and_prints_a_matching_table(untouched, tmp
 @pytest.mark.slow
 def test_reproduce_flow_fails_with_the_differences_when_the_registered_loss_was_altered(untouched):
     from flows.reproduce import reproduce
-    from loraops.reproduce import ReproductionMismatch
+    from loraops.reproduce.reproduce import ReproductionMismatch
 
     registered = float(_client(untouched).get_model_version(MODEL, "1").tags["loraops.val_loss"])
     version = _version_with(untouched, loraops__val_loss=repr(registered + 0.01), **BEFORE_EXPERIMENTS)
@@ -219,8 +219,8 @@ def test_reproduce_refuses_uncommitted_code_unless_allowed(untouched):
 
 
 def test_allow_dirty_lets_a_dirty_version_past_the_checks(untouched):
-    from loraops.registry import client_for
-    from loraops.reproduce import check_reproducible, fetch_recorded_version
+    from loraops.registry.runs import client_for
+    from loraops.reproduce.reproduce import check_reproducible, fetch_recorded_version
 
     version = _version_with(untouched, loraops__git_dirty="True", **BEFORE_EXPERIMENTS)
     client = client_for(load_config(untouched / "params.yaml").registry, untouched)
@@ -240,7 +240,7 @@ def test_reproduce_refuses_a_commit_missing_from_the_repository(untouched):
 
 
 def test_a_version_names_its_experiment_whose_commit_holds_its_lock_and_params(untouched):
-    from loraops.versioning import git_show
+    from loraops.lineage.versioning import git_show
 
     tags = _client(untouched).get_model_version(MODEL, "1").tags
     name, rev = tags["loraops.dvc_experiment"], tags["loraops.dvc_experiment_rev"]
@@ -289,7 +289,7 @@ def test_reproduce_refuses_when_the_remote_lacks_a_recorded_object(untouched, tm
 def test_reproduce_refuses_a_registered_adapter_whose_weights_changed(untouched, tmp_path):
     from urllib.parse import unquote, urlparse
 
-    from loraops.mlflow_model import adapter_folder
+    from loraops.registry.mlflow_model import adapter_folder
 
     client = _client(untouched)
     source = client.get_model_version(MODEL, "1").source  # models:/m-…: the adapter is inside the MLflow model
@@ -408,7 +408,7 @@ def test_format_report_prints_one_row_per_check_and_the_verdict():
 
 
 def test_data_dvc_is_pointed_at_the_recorded_data_version(tmp_path):
-    from loraops.reproduce import _point_data_at
+    from loraops.reproduce.reproduce import _point_data_at
 
     dvc_file = tmp_path / "data.dvc"
     dvc_file.write_text(yaml.safe_dump({"outs": [{"md5": "old.dir", "size": 10, "nfiles": 2, "hash": "md5", "path": "data"}]}))
@@ -419,8 +419,8 @@ def test_data_dvc_is_pointed_at_the_recorded_data_version(tmp_path):
 
 def test_a_relative_local_remote_is_re_anchored_at_the_users_checkout(tmp_path):
     """The project's default remote is `../.dvcstore` (relative to .dvc/): in a worktree it must still mean the user's."""
-    from loraops.reproduce import _use_users_remotes
-    from loraops.versioning import remote_urls
+    from loraops.reproduce.reproduce import _use_users_remotes
+    from loraops.lineage.versioning import remote_urls
 
     user, worktree = tmp_path / "checkout", tmp_path / "worktree"
     for folder in (user, worktree):

@@ -18,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loraops import training
+from loraops.train import trainer as training
 from loraops.config import ConfigError, config_from_dict
 from loraops.results import BaseModelRef, TrainResult
 
@@ -31,10 +31,10 @@ TRAIN_SCRIPT = textwrap.dedent(
     import json, os, signal, sys
     from pathlib import Path
     from transformers import AutoTokenizer, TrainerCallback
-    from loraops import training
+    from loraops.train import trainer as training
     from loraops.config import config_from_dict
     from loraops.results import BaseModelRef
-    from loraops.tokenization import build_dataset
+    from loraops.data.tokenization import build_dataset
 
     model_dir, data_dir, workdir, config_json, kill_at = sys.argv[1:6]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -174,7 +174,7 @@ def test_a_checkpoint_missing_its_optimizer_state_is_not_resumed(tmp_path):
 
 
 def test_fingerprint_follows_settings_and_tokens_but_not_checkpoint_placement(tmp_path, tiny_tokenizer):
-    from loraops.tokenization import build_dataset
+    from loraops.data.tokenization import build_dataset
 
     rows = [json.loads(line) for line in (DATA / "train.jsonl").read_text().splitlines()]
     train, validation = build_dataset(tiny_tokenizer, rows[:8], 64), build_dataset(tiny_tokenizer, rows[8:12], 64)
@@ -247,7 +247,7 @@ def test_rerunning_a_killed_train_stage_resumes_from_its_checkpoint(tmp_path, ti
     assert [row["step"] for row in history if "loss" in row] == list(range(1, 121))
 
     # MLflow: the killed attempt's run (left RUNNING by SIGKILL) is marked FAILED; the rerun's run is FINISHED.
-    from loraops import registry
+    from loraops.registry import runs as registry
     from loraops.config import load_config
 
     cfg = load_config(project / "params.yaml")
@@ -255,7 +255,7 @@ def test_rerunning_a_killed_train_stage_resumes_from_its_checkpoint(tmp_path, ti
     runs = client.search_runs([client.get_experiment_by_name(cfg.registry.experiment).experiment_id])
     assert sorted(run.info.status for run in runs) == ["FAILED", "FINISHED"]
     finished = next(run for run in runs if run.info.status == "FINISHED")  # train.json holds numbers only, no run id
-    from loraops.adapter_hash import adapter_key
+    from loraops.registry.adapter_hash import adapter_key
 
     assert finished.data.tags["loraops.adapter_key"] == adapter_key(Path(result.adapter_dir))
     assert [p.step for p in client.get_metric_history(finished.info.run_id, "loss")][-1] == 120

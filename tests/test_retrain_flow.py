@@ -89,7 +89,7 @@ def test_retrain_registers_a_gated_adapter_with_lineage_and_versions_it(tiny_pro
     # One validation loss: the best checkpoint's eval loss (train.json, history, MLflow) is the gate's.
     train = json.loads((tiny_project / "metrics" / "train.json").read_text())
     assert "mlflow_run_id" not in train  # numbers only: later stages find the run by the adapter's content key
-    from loraops.adapter_hash import adapter_key
+    from loraops.registry.adapter_hash import adapter_key
 
     assert run.data.tags["loraops.adapter_key"] == adapter_key(tiny_project / cfg.paths.adapter_dir)
     assert train["best_eval_loss"] == pytest.approx(result.candidate.loss, rel=1e-5)
@@ -130,7 +130,7 @@ def test_retrain_with_no_gain_over_the_champion_registers_nothing(tiny_project, 
     assert second.registration.version is None
     client = _client(tiny_project)
     assert [str(v.version) for v in client.search_model_versions("name='tiny-adapter'")] == ["1"]
-    assert client.get_run(second.registration.run_id).data.tags["loraops.gate"] == "failed"
+    assert client.get_run(second.registration.run_id).data.tags["loraops.evaluate.gate"] == "failed"
     # The refused run ends FINISHED (a refusal is no failure) and its Prefect run links to it and the reasons.
     run, links = _linked_run(tiny_project, second.registration.run_id)
     assert run.info.status == "FINISHED" and run.info.run_id != first.registration.run_id

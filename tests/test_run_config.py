@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from loraops.config import ConfigError, LoraopsConfig, load_config, write_params
-from loraops.params_file import set_values
-from loraops.run_config import chosen_overrides, form_defaults, given_values, resolve_run_config
+from loraops.project.params_file import set_values
+from loraops.project.run_config import chosen_overrides, form_defaults, given_values, resolve_run_config
 
 REPO = Path(__file__).resolve().parent.parent
 

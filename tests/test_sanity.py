@@ -73,7 +73,7 @@ def test_sanity_fails_naming_no_trainable_parameters_when_no_layer_matches(sanit
 
 
 def test_sanity_cli_prints_the_verdict_and_exits_1_with_the_diagnosis(sanity_project, monkeypatch):
-    from loraops.cli import app
+    from loraops.cli.app import app
 
     monkeypatch.chdir(sanity_project)
     runner = CliRunner()
@@ -90,7 +90,7 @@ def test_sanity_cli_prints_the_verdict_and_exits_1_with_the_diagnosis(sanity_pro
 def test_retrain_with_sanity_check_stops_before_training_when_the_check_fails(tiny_project, prefect_harness):
     """train.sanity_check runs the check as a stage of retrain; a failure trains and registers nothing."""
     from flows.retrain import retrain
-    from loraops.sanity import SanityCheckFailed
+    from loraops.train.sanity import SanityCheckFailed
 
     overrides = {"train.sanity_check": True, "sanity.examples": 8, "sanity.steps": 4, "sanity.max_final_ratio": 0.01}
     with pytest.raises(SanityCheckFailed, match="sanity check FAILED"):
@@ -105,7 +105,7 @@ def test_retrain_with_sanity_check_stops_before_training_when_the_check_fails(ti
 def test_judge_names_zero_gradients_and_only_the_causes_that_hold():
     """The diagnosis rules on trainer log rows (as Trainer.state.log_history holds them)."""
     from loraops.config import LoraopsConfig
-    from loraops.sanity import judge
+    from loraops.train.sanity import judge
 
     cfg = LoraopsConfig()
     steps = [{"step": step, "loss": 2.0, "grad_norm": 0.0, "learning_rate": 1e-3} for step in range(1, 6)]

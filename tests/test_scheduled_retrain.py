@@ -82,7 +82,7 @@ def test_the_schedule_starts_a_run_that_trains_on_new_registry_rows_then_one_tha
     from prefect.client.schemas.schedules import IntervalSchedule
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from loraops.data_registry import read_data_version
+    from loraops.inputs.data_registry import read_data_version
 
     registry = make_registry(tmp_path / "registry")
     project = _project(tmp_path, tiny_model_dir, registry)

@@ -10,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import REPO_ROOT, free_port
-from loraops import servers
-from loraops.cli import app
+from loraops.project import servers
+from loraops.cli.app import app
 
 
 class _Health(http.server.BaseHTTPRequestHandler):

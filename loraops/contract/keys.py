@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from loraops.contract.facts import SplitFacts, Turns, snippet
 from loraops.contract.patterns import ASCII_WHITESPACE_RUN
-from loraops.data import RowBatch, normalize_text
+from loraops.data.reader import RowBatch, normalize_text
 
 if TYPE_CHECKING:
     import numpy as np

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loraops.contract.facts import SplitFacts
-from loraops.data import DataError
+from loraops.data.reader import DataError
 from loraops.results import ContractReport, QuarantineRecord
 
 if TYPE_CHECKING:
@@ -28,7 +28,7 @@ def quarantine(facts: SplitFacts, rules: Iterable[str], report_dir: Path) -> tup
     """
     import numpy as np
 
-    from loraops.versioning import file_md5
+    from loraops.lineage.versioning import file_md5
 
     line = facts.column("line")
     target = report_dir / QUARANTINE_DIR / f"{facts.name}.jsonl"
@@ -62,7 +62,7 @@ def quarantine(facts: SplitFacts, rules: Iterable[str], report_dir: Path) -> tup
 
 def quarantined_lines(report_dir: str | Path, split: str, source: str | Path) -> set[int]:
     """Lines of ``source`` the last contract run set aside; refuses a quarantine made for other data."""
-    from loraops.versioning import file_md5
+    from loraops.lineage.versioning import file_md5
 
     summary = Path(report_dir) / SUMMARY_FILE
     if not summary.is_file():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from loraops.contract.facts import SplitFacts
-from loraops.data import TEXT_ROLE, RowBatch
+from loraops.data.reader import TEXT_ROLE, RowBatch
 
 if TYPE_CHECKING:
     import numpy as np

@@ -1,0 +1,1 @@
+"""Training files: formats, the one reader, row keys, tokenization and the embedded chatterbot import."""

@@ -1,0 +1,1 @@
+"""Evaluation: validation losses, answer scores, forgetting, bootstrap intervals and the gate."""

@@ -1,0 +1,1 @@
+"""Lineage: git and DVC (committing outputs, experiments)."""

@@ -1,0 +1,1 @@
+"""The MLflow side: tracking runs, the pyfunc model, versions and aliases, model cards, integrity, promotion, export."""

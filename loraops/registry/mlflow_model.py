@@ -1,0 +1,154 @@
+"""Log a trained adapter as an MLflow Model (an MLflow 3 LoggedModel ``models:/m-…``) that loads anywhere.
+
+The model is a pyfunc written as *models from code* (``loraops/registry/pyfunc_model.py``, nothing pickled)
+holding the PEFT adapter folder unchanged under ``artifacts/adapter/``, a model config naming the
+base (source, revision, 4-bit settings, generation defaults), a signature with an input example and
+pinned pip requirements. ``mlflow.pyfunc.load_model("models:/NAME@champion")`` and
+``mlflow models serve`` then need no loraops checkout.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.models import ModelSignature
+from mlflow.models.model import ModelInfo
+
+from loraops.config import LoraopsConfig
+from loraops.results import Lineage
+
+logger = logging.getLogger(__name__)
+
+MODEL_NAME = "adapter"  # the LoggedModel's name, and the run's model output
+ADAPTER_ARTIFACT = "adapter"  # key in the pyfunc's artifacts: <model>/artifacts/adapter/
+MLMODEL_FILE = "MLmodel"
+MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
+INPUT_EXAMPLE = {"messages": [{"role": "user", "content": "Hello, who are you?"}]}
+_ALWAYS = ("mlflow", "torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers")
+
+
+def model_config(cfg: LoraopsConfig, lineage: Lineage) -> dict[str, Any]:
+    """What the pyfunc needs to rebuild the base as trained: source, revision, quantisation, generation defaults."""
+    return {
+        "base_model": lineage.base_model,
+        "base_revision": lineage.base_revision or "",
+        "quant": cfg.quant.model_dump(mode="json"),
+        "generation": {"max_new_tokens": cfg.registry.card_max_new_tokens, "temperature": 0.0},
+    }
+
+
+def pip_requirements(cfg: LoraopsConfig, base_model: str) -> list[str]:
+    """Installed versions of what loading needs, pinned: + bitsandbytes for QLoRA, gguf and the pypi: base's package."""
+    names = list(_ALWAYS)
+    if cfg.quant.enabled:
+        names.append("bitsandbytes")
+    if base_model.startswith("pypi:"):
+        names += ["gguf", base_model.removeprefix("pypi:").partition("/")[0]]
+    return [f"{name}=={importlib.metadata.version(name)}" for name in names if _installed(name)]
+
+
+def _installed(name: str) -> bool:
+    try:
+        importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        logger.warning("%s is not installed here: not pinned in the adapter model's requirements", name)
+        return False
+    return True
+
+
+def signature(cfg: LoraopsConfig) -> ModelSignature:
+    """Rows hold ``messages`` (OpenAI-style chat) or a ``prompt`` string; params are the generation settings."""
+    from mlflow.types.schema import Array, ColSpec, Object, ParamSchema, ParamSpec, Property, Schema
+
+    message = Object([Property("role", "string"), Property("content", "string")])
+    return ModelSignature(
+        inputs=Schema(
+            [ColSpec(Array(message), "messages", required=False), ColSpec("string", "prompt", required=False)]
+        ),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema(
+            [
+                ParamSpec("max_new_tokens", "long", cfg.registry.card_max_new_tokens),
+                ParamSpec("temperature", "double", 0.0),
+            ]
+        ),
+    )
+
+
+@contextmanager
+def tracking_uri_set(client: MlflowClient) -> Iterator[None]:
+    """MLflow's fluent logging reads the global tracking and registry URIs: point them at ``client``'s, then restore."""
+    import os
+
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved = (tracking_utils._tracking_uri, registry_utils._registry_uri)
+    saved_env = {key: os.environ.get(key) for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    mlflow.set_tracking_uri(client.tracking_uri)
+    mlflow.set_registry_uri(client._registry_uri)
+    try:
+        yield
+    finally:
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def register_model_version(
+    client: MlflowClient, model_name: str, info: ModelInfo, run_id: str, tags: dict[str, str], description: str
+):
+    """A version of ``model_name`` whose source is the LoggedModel ``models:/m-…`` (the registry resolves it)."""
+    with tracking_uri_set(client):
+        return client.create_model_version(
+            model_name, source=info.model_uri, run_id=run_id, tags=tags, description=description, model_id=info.model_id
+        )
+
+
+def log_adapter_model(
+    client: MlflowClient, run_id: str, cfg: LoraopsConfig, adapter_dir: str | Path, lineage: Lineage, step: int
+) -> ModelInfo:
+    """Log ``adapter_dir`` as an MLflow Model into run ``run_id``; its metrics at ``step`` go onto the LoggedModel."""
+    from mlflow.models import Model
+
+    with tracking_uri_set(client):
+        info = Model.log(
+            artifact_path=None,
+            name=MODEL_NAME,
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            step=step,
+            python_model=str(MODEL_CODE),
+            artifacts={ADAPTER_ARTIFACT: str(adapter_dir)},
+            model_config=model_config(cfg, lineage),
+            signature=signature(cfg),
+            input_example=(INPUT_EXAMPLE, {"max_new_tokens": 8}),
+            pip_requirements=pip_requirements(cfg, lineage.base_model),
+            metadata={"loraops.base_model": lineage.base_model},
+        )
+    logger.info("logged adapter model %s into run %s", info.model_uri, run_id)
+    return info
+
+
+def adapter_folder(model_dir: Path) -> Path:
+    """The PEFT adapter inside a downloaded version: where its MLmodel puts it, else (an old version) the folder itself."""
+    import yaml
+
+    mlmodel = model_dir / MLMODEL_FILE
+    if not mlmodel.is_file():
+        return model_dir
+    pyfunc = (yaml.safe_load(mlmodel.read_text()).get("flavors") or {}).get("python_function") or {}
+    path = ((pyfunc.get("artifacts") or {}).get(ADAPTER_ARTIFACT) or {}).get("path")
+    if not path:
+        raise FileNotFoundError(f"{mlmodel} names no '{ADAPTER_ARTIFACT}' artifact: it is not a loraops adapter model")
+    return model_dir / path

@@ -1,0 +1,1 @@
+"""Serving adapters over one base."""
