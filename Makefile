@@ -17,7 +17,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 PYTEST_ARGS ?=
 
-.PHONY: install demo data test test-slow test-all bench bench-train bench-contract bench-padding bench-wheels bench-train-gpu clean-outputs
+.PHONY: install lint demo data test test-slow test-all bench bench-train bench-contract bench-padding bench-wheels bench-train-gpu clean-outputs
 
 install: $(STAMP)
 
@@ -39,7 +39,11 @@ data: install
 demo: data
 	$(BIN)/loraops retrain
 
-test: install
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: install lint
 	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
 
 test-slow: install

@@ -191,7 +191,11 @@ def section(results: list[dict], rows: int, size_mb: float) -> str:
         "| run | rows | best wall s (of n) | median wall s | rows/s (best) | CPU s | rows/CPU-s | peak RSS MB | load avg |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    names = {"none": "no tokenisation", "tiny": "tokenised, tiny test tokenizer", "smollm2": "tokenised, SmolLM2-135M tokenizer"}
+    names = {
+        "none": "no tokenisation",
+        "tiny": "tokenised, tiny test tokenizer",
+        "smollm2": "tokenised, SmolLM2-135M tokenizer",
+    }
     for result in results:
         lines.append(
             f"| {names[result['tokenizer']]} | {result['rows']:,} | {result['wall_s']} ({result['runs']}) | "

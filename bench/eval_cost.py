@@ -9,11 +9,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from loraops.train import base_model as modeling
 from loraops.config import load_config
 from loraops.data.reader import load_split
 from loraops.evaluate.forgetting import general_loss
 from loraops.serve.serving import generate_text
+from loraops.train import base_model as modeling
 
 
 def main() -> None:
@@ -27,15 +27,20 @@ def main() -> None:
     loss = general_loss(cfg.eval, Path("."), model, tokenizer)
     general_s, general_cpu = time.perf_counter() - start, time.process_time() - cpu
     # CPU seconds too: on a shared machine wall time mostly measures the neighbours.
-    print(f"general loss {loss:.4f}: {cfg.eval.general_examples} texts in {general_s:.1f} s ({general_cpu:.1f} CPU s) per model", flush=True)
+    print(
+        f"general loss {loss:.4f}: {cfg.eval.general_examples} texts in {general_s:.1f} s ({general_cpu:.1f} CPU s) per model",
+        flush=True,
+    )
     chats = [e["messages"] for e in load_split(Path(cfg.data.validation_file), cfg.data.format).examples]
     chats = chats[: cfg.eval.generation_samples]
     start, cpu = time.perf_counter(), time.process_time()
     for chat in chats:
         generate_text(model, tokenizer, chat[:-1], cfg.eval.max_new_tokens)
     generation_s, generation_cpu = time.perf_counter() - start, time.process_time() - cpu
-    print(f"{len(chats)} greedy answers x {cfg.eval.max_new_tokens} tokens in {generation_s:.1f} s "
-          f"({generation_cpu:.1f} CPU s) per model")
+    print(
+        f"{len(chats)} greedy answers x {cfg.eval.max_new_tokens} tokens in {generation_s:.1f} s "
+        f"({generation_cpu:.1f} CPU s) per model"
+    )
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ if str(REPO) not in sys.path:
 
 def main(argv: list[str] | None = None) -> int:
     from loraops.config import load_config
-    from loraops.train.packing import padding_report
     from loraops.stages import _tokenized_splits
+    from loraops.train.packing import padding_report
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")

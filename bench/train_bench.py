@@ -364,7 +364,9 @@ class Meter:
         self.trainer = None
 
 
-def run_config(config: BenchConfig, scale: Scale, ref, pool_lengths: list[int], pool, work_dir: Path, liger: bool = True) -> dict:
+def run_config(
+    config: BenchConfig, scale: Scale, ref, pool_lengths: list[int], pool, work_dir: Path, liger: bool = True
+) -> dict:
     """Train one configuration and measure it; the model and trainer are freed before returning."""
     import torch
 
@@ -520,7 +522,9 @@ def render_markdown(result: dict) -> str:
             lines.append(f"| {row['label']} | {row['batch_size']} | | | | | | {row['status']} | | | | |")
             continue
         memory = (
-            f"{row['peak_memory_gib']:.1f} GiB" if row["peak_memory_gib"] is not None else f"RSS {row['peak_rss_mib']:.0f} MiB"
+            f"{row['peak_memory_gib']:.1f} GiB"
+            if row["peak_memory_gib"] is not None
+            else f"RSS {row['peak_rss_mib']:.0f} MiB"
         )
         lines.append(
             f"| {row['label']} | {row['batch_size']} | {_checkpointing(row, scale)} | {_yes(row['padding_free'])} "
@@ -531,7 +535,11 @@ def render_markdown(result: dict) -> str:
     ratios = result["ratios"]
     lines.append("")
     if "qlora_speedup" in ratios:
-        goal = "goal ≥ 2.0×" if result["mode"] == "gpu" else "the ≥ 2.0× goal is for the GPU run; on a tiny CPU model it means little"
+        goal = (
+            "goal ≥ 2.0×"
+            if result["mode"] == "gpu"
+            else "the ≥ 2.0× goal is for the GPU run; on a tiny CPU model it means little"
+        )
         lines.append(f"- loraops QLoRA ÷ seed QLoRA non-padding tokens/s: **{ratios['qlora_speedup']:.2f}×** ({goal})")
     if "qlora_memory_ratio" in ratios:
         lines.append(f"- loraops QLoRA ÷ seed QLoRA peak memory: **{ratios['qlora_memory_ratio']:.2f}×** (goal ≤ 0.5×)")
@@ -541,8 +549,10 @@ def render_markdown(result: dict) -> str:
             f"({ratios['four_n_limit_tokens_per_s']:,.0f} tok/s at {PEAK_BF16_TFLOPS:.0f} TFLOP/s; goal ≥ 60%)"
         )
     if result["mode"] == "smoke":
-        lines.append("- Smoke figures on a tiny model measure Python and framework overhead, not kernels; "
-                     "RSS is the process's, sampled during each configuration (later rows carry earlier ones' memory).")
+        lines.append(
+            "- Smoke figures on a tiny model measure Python and framework overhead, not kernels; "
+            "RSS is the process's, sampled during each configuration (later rows carry earlier ones' memory)."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -569,14 +579,26 @@ def write_benchmarks(markdown: str, path: Path = BENCHMARKS) -> None:
 # ------------------------------------------------------------------------------------------- main
 
 
-def run_bench(mode: str, steps: int | None = None, configs: list[str] | None = None, time_budget_s: float | None = None,
-              work_dir: Path | None = None, out: Path | None = None, attn: str = "auto", torch_compile: bool = False,
-              checkpoint_every_n_layers: int = 1) -> dict:
+def run_bench(
+    mode: str,
+    steps: int | None = None,
+    configs: list[str] | None = None,
+    time_budget_s: float | None = None,
+    work_dir: Path | None = None,
+    out: Path | None = None,
+    attn: str = "auto",
+    torch_compile: bool = False,
+    checkpoint_every_n_layers: int = 1,
+) -> dict:
     """Run the configurations of ``mode`` one after the other; ``out`` is rewritten after each one."""
     import torch
 
-    scale = replace(SCALES[mode], attn_implementation=attn, torch_compile=torch_compile,
-                    checkpoint_every_n_layers=checkpoint_every_n_layers)
+    scale = replace(
+        SCALES[mode],
+        attn_implementation=attn,
+        torch_compile=torch_compile,
+        checkpoint_every_n_layers=checkpoint_every_n_layers,
+    )
     scale = scale if steps is None else replace(scale, steps=steps)
     if scale.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--mode gpu needs CUDA; use --mode smoke on a CPU machine")
@@ -656,8 +678,14 @@ def _attempt(config, scale, ref, lengths, pool, work_dir, keep_going: bool, lige
 def _summary(row: dict) -> str:
     if row.get("status") != "ok":
         return row["status"]
-    memory = f"{row['peak_memory_gib']:.1f} GiB" if row["peak_memory_gib"] is not None else f"RSS {row['peak_rss_mib']:.0f} MiB"
-    return f"{row['tokens_per_s']:,.0f} tok/s, padding {row['padding_share']:.1%}, {memory}, loss {row['final_loss']:.3f}"
+    memory = (
+        f"{row['peak_memory_gib']:.1f} GiB"
+        if row["peak_memory_gib"] is not None
+        else f"RSS {row['peak_rss_mib']:.0f} MiB"
+    )
+    return (
+        f"{row['tokens_per_s']:,.0f} tok/s, padding {row['padding_share']:.1%}, {memory}, loss {row['final_loss']:.3f}"
+    )
 
 
 def _write_json(result: dict, out: Path) -> None:
@@ -675,15 +703,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-budget-s", type=float, help="start no configuration after this many seconds")
     parser.add_argument("--work-dir", type=Path, help="where the random base model is saved (default: a temp dir)")
     parser.add_argument("--write-benchmarks", action="store_true", help="replace the marked section of BENCHMARKS.md")
-    parser.add_argument("--attn", default="auto", choices=["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"],
-                        help="model.attn_implementation of the loraops rows (auto: transformers' sdpa)")
+    parser.add_argument(
+        "--attn",
+        default="auto",
+        choices=["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"],
+        help="model.attn_implementation of the loraops rows (auto: transformers' sdpa)",
+    )
     parser.add_argument("--torch-compile", action="store_true", help="train.torch_compile for the loraops rows")
-    parser.add_argument("--checkpoint-every-n-layers", type=int, default=1, metavar="N",
-                        help="train.checkpoint_every_n_layers for the loraops rows that checkpoint (1: every layer)")
+    parser.add_argument(
+        "--checkpoint-every-n-layers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train.checkpoint_every_n_layers for the loraops rows that checkpoint (1: every layer)",
+    )
     args = parser.parse_args(argv)
     out = args.out or REPO / "bench" / "results" / f"train_bench-{args.mode}.json"
-    result = run_bench(args.mode, args.steps, args.configs, args.time_budget_s, args.work_dir, out, args.attn,
-                       args.torch_compile, args.checkpoint_every_n_layers)
+    result = run_bench(
+        args.mode,
+        args.steps,
+        args.configs,
+        args.time_budget_s,
+        args.work_dir,
+        out,
+        args.attn,
+        args.torch_compile,
+        args.checkpoint_every_n_layers,
+    )
     markdown = render_markdown(result)
     print(markdown)
     if args.markdown:

@@ -8,10 +8,9 @@ from prefect import flow
 from pydantic import BaseModel
 
 from loraops import stages
-
-from loraops.registry import tracking
 from loraops.config import LoraopsConfig
 from loraops.inputs.freshness import Freshness
+from loraops.registry import tracking
 from loraops.results import EvalMetrics, GateDecision, Registration
 from tasks import pipeline, run_context
 
@@ -64,7 +63,9 @@ def retrain(
         if cfg.train.sanity_check:  # a setup that cannot overfit a few examples stops here, before the full run
             pipeline.sanity_check(cfg, root)
         baseline = pipeline.evaluate_baseline(cfg, root)
-        if cfg.orchestration.train_deployment:  # its own run on the GPU pool; inputs and adapter travel via DVC and MLflow
+        if (
+            cfg.orchestration.train_deployment
+        ):  # its own run on the GPU pool; inputs and adapter travel via DVC and MLflow
             trained = pipeline.train_on_deployment(cfg, root)
         else:
             trained = pipeline.train_adapter(cfg, root)

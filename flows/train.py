@@ -6,8 +6,8 @@ from pathlib import Path
 
 from prefect import flow
 
-from loraops.registry import tracking
 from loraops.config import LoraopsConfig
+from loraops.registry import tracking
 from loraops.results import TrainResult
 from tasks import pipeline, run_context
 

@@ -58,7 +58,9 @@ def ensure_zombie_automation(heartbeat_seconds: int = 60):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--heartbeat-seconds", type=int, default=60, help="PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the workers")
+    parser.add_argument(
+        "--heartbeat-seconds", type=int, default=60, help="PREFECT_FLOWS_HEARTBEAT_FREQUENCY of the workers"
+    )
     args = parser.parse_args()
     automation = ensure_zombie_automation(args.heartbeat_seconds)
     print(f"automation '{automation.name}' ready ({automation.id})")

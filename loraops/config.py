@@ -87,8 +87,12 @@ class ContractConfig(_Section):
     min_rows: MinRowsConfig = Field(MinRowsConfig(), description="Rows each split must keep")
     required_fields: RuleConfig = Field(RuleConfig(), description="Rows missing the fields of their format")
     empty_content: RuleConfig = Field(RuleConfig(), description="Turns or fields that are empty or whitespace")
-    roles: RuleConfig = Field(RuleConfig(), description="Chat turns out of order (system first, user/assistant alternating)")
-    ends_with_assistant: RuleConfig = Field(RuleConfig(), description="Chat rows whose last turn is not the assistant's")
+    roles: RuleConfig = Field(
+        RuleConfig(), description="Chat turns out of order (system first, user/assistant alternating)"
+    )
+    ends_with_assistant: RuleConfig = Field(
+        RuleConfig(), description="Chat rows whose last turn is not the assistant's"
+    )
     encoding: RuleConfig = Field(RuleConfig(), description="Invalid UTF-8 or control characters")
     tokenizes: RuleConfig = Field(RuleConfig(), description="The chat template renders the row")
     over_length: RuleConfig = Field(RuleConfig(), description="max_share: share of rows truncated at data.max_length")
@@ -120,33 +124,45 @@ class ContractConfig(_Section):
 class DataConfig(_Section):
     train_file: str = Field("data/train.jsonl", description="Training split, relative to the project (DVC-tracked)")
     validation_file: str = Field("data/validation.jsonl", description="Validation split the gate judges on")
-    format: Literal["auto", "chat", "alpaca", "text"] = Field("auto", description="Row format; auto detects it from the fields")
+    format: Literal["auto", "chat", "alpaca", "text"] = Field(
+        "auto", description="Row format; auto detects it from the fields"
+    )
     max_length: int = Field(512, gt=0, description="Tokens per example after the chat template")
-    contract: ContractConfig = Field(ContractConfig(), description="The data contract's rules, thresholds and severities")
+    contract: ContractConfig = Field(
+        ContractConfig(), description="The data contract's rules, thresholds and severities"
+    )
 
 
 class ImportConfig(_Section):
     """How the embedded default dataset (chatterbot-corpus) is turned into ``data/``."""
 
-    source: Literal["chatterbot-corpus"] = Field("chatterbot-corpus", description="The embedded dataset loraops import-data builds")
+    source: Literal["chatterbot-corpus"] = Field(
+        "chatterbot-corpus", description="The embedded dataset loraops import-data builds"
+    )
     output_dir: str = Field("data", description="Where import-data writes train.jsonl and validation.jsonl")
     validation_fraction: float = Field(0.13, gt=0, lt=1, description="Share of unique conversations held out")
     seed: int = Field(42, description="Seeds the train/validation split of the import")
 
 
 class LoraConfig(_Section):
-    variant: Literal["lora", "dora", "rslora"] = Field("lora", description="lora, dora (weight-decomposed) or rslora (alpha / sqrt(r))")
+    variant: Literal["lora", "dora", "rslora"] = Field(
+        "lora", description="lora, dora (weight-decomposed) or rslora (alpha / sqrt(r))"
+    )
     # Bounds as Field constraints (not validators) so they are in the JSON schema the Prefect server enforces.
     r: int = Field(16, gt=0, description="Adapter rank; the seed recipe uses 16")
     alpha: int = Field(32, gt=0, description="Scaling numerator (alpha / r, or alpha / sqrt(r) for rsLoRA)")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input; the seed recipe uses 0.05")
-    target_modules: str | list[str] = Field("all-linear", description="Layers that get adapters: all-linear or a list of module names")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Layers that get adapters: all-linear or a list of module names"
+    )
 
 
 class QuantConfig(_Section):
     mode: Literal["none", "nf4", "fp4"] = Field("none", description="nf4/fp4 load the base in 4 bits (QLoRA)")
     double_quant: bool = Field(True, description="Quantise the 4-bit scales too (QLoRA double quantisation)")
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Dtype 4-bit layers compute in")
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Dtype 4-bit layers compute in"
+    )
     upcast_non_quantized: bool = Field(
         False,
         description="true: peft's prepare_model_for_kbit_training casts embeddings, head and norms to float32 "
@@ -160,7 +176,9 @@ class QuantConfig(_Section):
 
 class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available, else the CPU")
-    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate of the adapter (AdamW); the seed uses 2e-4")
+    learning_rate: float = Field(
+        2e-4, gt=0, description="Peak learning rate of the adapter (AdamW); the seed uses 2e-4"
+    )
     max_steps: int = Field(30, gt=0, description="Optimizer steps; early stopping may end the run sooner")
     batch_size: int = Field(8, gt=0, description="Examples per device per forward pass")
     gradient_accumulation_steps: int = Field(
@@ -175,25 +193,33 @@ class TrainConfig(_Section):
         False, description="Recompute activations in backward: less memory, about a third slower"
     )
     checkpoint_every_n_layers: int = Field(
-        1, ge=1, description="With train.gradient_checkpointing: checkpoint only every n-th decoder layer (1 = all); "
-        "the others keep their activations, trading memory back for speed"
+        1,
+        ge=1,
+        description="With train.gradient_checkpointing: checkpoint only every n-th decoder layer (1 = all); "
+        "the others keep their activations, trading memory back for speed",
     )
     padding_free: bool = Field(
-        True, description="Flatten each batch into one sequence with per-example positions: no pad tokens, no cross-attention"
+        True,
+        description="Flatten each batch into one sequence with per-example positions: no pad tokens, no cross-attention",
     )
     eval_steps: int = Field(10, gt=0, description="Evaluate on the validation split every N steps")
-    early_stopping_patience: int = Field(2, ge=0, description="Evaluations without improvement before stopping; 0 = off")
+    early_stopping_patience: int = Field(
+        2, ge=0, description="Evaluations without improvement before stopping; 0 = off"
+    )
     save_steps: int | None = Field(
-        None, gt=0, description="Checkpoint (adapter, optimizer, scheduler, RNG) every N steps; empty = every evaluation. "
-        "A multiple of train.eval_steps"
+        None,
+        gt=0,
+        description="Checkpoint (adapter, optimizer, scheduler, RNG) every N steps; empty = every evaluation. "
+        "A multiple of train.eval_steps",
     )
     save_total_limit: int = Field(2, gt=0, description="Checkpoints kept in train.output_dir; the best is always kept")
     resume: bool = Field(
         True, description="Continue from the last checkpoint of an interrupted run with the same settings and data"
     )
     use_liger_kernel: bool = Field(
-        False, description="Fused Liger kernels (RMSNorm, SwiGLU, RoPE); CUDA only, pip install 'loraops[gpu]'. "
-        "The loss never builds the full logits either way: TRL computes it through its chunked LM head"
+        False,
+        description="Fused Liger kernels (RMSNorm, SwiGLU, RoPE); CUDA only, pip install 'loraops[gpu]'. "
+        "The loss never builds the full logits either way: TRL computes it through its chunked LM head",
     )
     torch_compile: bool = Field(
         False, description="Compile the model with torch.compile (SFTConfig.torch_compile); first steps are slower"
@@ -238,21 +264,30 @@ class SanityConfig(_Section):
     examples: int = Field(100, gt=0, description="First N training examples the check trains on")
     steps: int = Field(20, gt=0, description="Optimizer steps of the check (train's batch size and learning rate)")
     max_final_ratio: float = Field(
-        0.8, gt=0, lt=1, description="Passes when the loss over the sanity examples after training is below this share of the loss before"
+        0.8,
+        gt=0,
+        lt=1,
+        description="Passes when the loss over the sanity examples after training is below this share of the loss before",
     )
 
 
 class EvalConfig(_Section):
     batch_size: int = Field(16, gt=0, description="Examples per forward pass when measuring validation loss")
     general_file: str = Field(
-        "pypi:chitchat-dataset", min_length=1, description="General text for the forgetting check: "
-        "pypi:chitchat-dataset (MIT, ships offline) or a JSONL file of {\"text\": ...} rows, relative to the project"
+        "pypi:chitchat-dataset",
+        min_length=1,
+        description="General text for the forgetting check: "
+        'pypi:chitchat-dataset (MIT, ships offline) or a JSONL file of {"text": ...} rows, relative to the project',
     )
-    general_examples: int = Field(16, ge=0, description="General texts scored for base and adapter (0: no forgetting check)")
+    general_examples: int = Field(
+        16, ge=0, description="General texts scored for base and adapter (0: no forgetting check)"
+    )
     general_max_length: int = Field(128, gt=0, description="Tokens kept of each general text")
     generate: bool = Field(True, description="Greedy answers of base and adapter scored with ROUGE-L and exact match")
     generation_samples: int = Field(
-        4, ge=1, description="Validation examples answered (the first ones of the file); each costs ~0.3 CPU s per token per model on SmolLM2"
+        4,
+        ge=1,
+        description="Validation examples answered (the first ones of the file); each costs ~0.3 CPU s per token per model on SmolLM2",
     )
     max_new_tokens: int = Field(24, gt=0, description="Greedy tokens per scored answer")
 
@@ -273,12 +308,15 @@ class GateConfig(_Section):
         False, description="Also require the interval's lower bound to clear each margin (not just the point estimate)"
     )
     max_general_loss_increase: float | None = Field(
-        0.05, ge=0, description="Forgetting check: largest relative rise of the general-text loss over the base model "
-        "(0.05 = 5%); empty = report only"
+        0.05,
+        ge=0,
+        description="Forgetting check: largest relative rise of the general-text loss over the base model "
+        "(0.05 = 5%); empty = report only",
     )
     min_rouge_l_improvement: float | None = Field(
-        None, description="Answer check: ROUGE-L F1 the adapter's greedy answers must gain over the base model's; "
-        "empty = report only"
+        None,
+        description="Answer check: ROUGE-L F1 the adapter's greedy answers must gain over the base model's; "
+        "empty = report only",
     )
 
 
@@ -290,8 +328,10 @@ class RegistryConfig(_Section):
     card_samples: int = Field(3, ge=0, description="Validation prompts answered by base and adapter in the model card")
     card_max_new_tokens: int = Field(32, gt=0, description="Greedy tokens per model-card sample answer")
     timeout_s: int = Field(
-        60, ge=10, description="Seconds a run waits on a tracking server that stopped answering (MLflow's own "
-        "retries included) before it fails, keeping its adapter and metrics"
+        60,
+        ge=10,
+        description="Seconds a run waits on a tracking server that stopped answering (MLflow's own "
+        "retries included) before it fails, keeping its adapter and metrics",
     )
 
 
@@ -300,12 +340,16 @@ class ExportConfig(_Section):
 
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="Weights of the merged model")
     tolerance: float = Field(
-        1e-3, gt=0, description="Max |logit| difference allowed between adapter-on-base and the merged model "
-        "(float32 rounding alone reaches 1e-4 on SmolLM2's logits)"
+        1e-3,
+        gt=0,
+        description="Max |logit| difference allowed between adapter-on-base and the merged model "
+        "(float32 rounding alone reaches 1e-4 on SmolLM2's logits)",
     )
     quantized_tolerance: float | None = Field(
-        None, gt=0, description="QLoRA only: max |logit| difference allowed between the merged (dequantised) model "
-        "and the adapter on the 4-bit base it was evaluated on; None reports it without enforcing it"
+        None,
+        gt=0,
+        description="QLoRA only: max |logit| difference allowed between the merged (dequantised) model "
+        "and the adapter on the 4-bit base it was evaluated on; None reports it without enforcing it",
     )
     probe_prompts: list[str] = Field(
         ["What is the capital of France?", "Tell me a joke.", "How do you feel today?"],
@@ -338,8 +382,10 @@ class OrchestrationConfig(_Section):
         86_400, gt=0, description="Seconds the retrain run waits for the training run to finish"
     )
     lock_timeout_s: float = Field(
-        0, ge=0, description="Seconds a run waits for another run of the same checkout to finish before it is "
-        "refused (0: refuse at once); one run per checkout at a time"
+        0,
+        ge=0,
+        description="Seconds a run waits for another run of the same checkout to finish before it is "
+        "refused (0: refuse at once); one run per checkout at a time",
     )
 
 

@@ -11,7 +11,9 @@ from pydantic import BaseModel
 
 def write_metrics(values: dict[str, float | int | None], path: str | Path) -> Path:
     """A metrics file for ``dvc metrics``/``dvc exp show``: numbers only (flags as 0/1, unknown values left out)."""
-    numbers = {key: int(value) if isinstance(value, bool) else value for key, value in values.items() if value is not None}
+    numbers = {
+        key: int(value) if isinstance(value, bool) else value for key, value in values.items() if value is not None
+    }
     bad = [key for key, value in numbers.items() if not isinstance(value, int | float)]
     if bad:
         raise TypeError(f"metrics file {path}: {', '.join(bad)} are not numbers; keep strings and paths out of metrics")
@@ -140,7 +142,9 @@ class GateDecision(_Result):
     candidate_loss: float
     champion_loss: float | None = None
     champion_version: str | None = None
-    evidence: dict[str, float] = {}  # loraops.evaluate.gate.GateEvidence.numbers(): intervals, general-text losses, answer scores
+    evidence: dict[
+        str, float
+    ] = {}  # loraops.evaluate.gate.GateEvidence.numbers(): intervals, general-text losses, answer scores
 
     def metrics(self) -> dict[str, float | int | None]:
         """What ``metrics/gate.json`` holds (``passed`` 0/1); the reasons stay in the MLflow run and Prefect."""

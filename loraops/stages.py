@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loraops.config import LoraopsConfig, write_params
-from loraops.train.memory import MemoryCheck
 from loraops.project.lock import project_lock
 from loraops.registry.limits import bounded_requests, reports_lost_server
+from loraops.train.memory import MemoryCheck
 
 if TYPE_CHECKING:  # imported by the stages that use them
     from loraops.inputs.data_diff import DataDiff
@@ -93,8 +93,8 @@ def params_restored_on_failure(root: Path) -> Iterator[None]:
 
 def check_servers(cfg: LoraopsConfig, root: Path) -> str:
     """The MLflow tracking server must answer before any GPU time is spent; returns the tracking URI."""
-    from loraops.registry.runs import resolve_tracking_uri
     from loraops.project.servers import check_mlflow_server
+    from loraops.registry.runs import resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(cfg.registry, root)
     check_mlflow_server(tracking_uri)
@@ -126,7 +126,8 @@ def _existing_registry(cfg: LoraopsConfig, root: Path):
 
 def check_freshness(cfg: LoraopsConfig, root: Path, force: bool = False) -> Freshness:
     """Whether an earlier run (the champion, the last finished run) already trained on these inputs."""
-    from loraops.inputs.freshness import Freshness, check_freshness as check
+    from loraops.inputs.freshness import Freshness
+    from loraops.inputs.freshness import check_freshness as check
 
     client = _existing_registry(cfg, root)
     if client is None and not force:
@@ -178,7 +179,8 @@ def _tokenizer(cfg: LoraopsConfig, root: Path):
 
 def validate_dataset(cfg: LoraopsConfig, root: Path) -> ContractReport:
     """Run the data contract; raise DataContractError (after writing the report) if it fails."""
-    from loraops.contract import DataContractError, for_project, validate_dataset as run_contract
+    from loraops.contract import DataContractError, for_project
+    from loraops.contract import validate_dataset as run_contract
 
     report = run_contract(
         _path(root, cfg.data.train_file),
@@ -212,8 +214,8 @@ def _validation_dataset(cfg: LoraopsConfig, root: Path):
 
 def evaluate_baseline(cfg: LoraopsConfig, root: Path) -> EvalMetrics:
     """Validation loss of the base model (quantised as training will see it) on the target tokens."""
-    from loraops.train import base_model as modeling
     from loraops.evaluate.loss import example_losses_path
+    from loraops.train import base_model as modeling
 
     base = modeling.read_base_model_ref(_path(root, cfg.paths.base_model_dir))
     device = modeling.resolve_device(cfg.train)
@@ -221,7 +223,12 @@ def evaluate_baseline(cfg: LoraopsConfig, root: Path) -> EvalMetrics:
     metrics, examples = _evaluate_model(cfg, root, model)
     metrics.write_json(_path(root, cfg.paths.metrics_dir) / BASELINE_METRICS)
     examples.write_json(example_losses_path(_path(root, cfg.paths.reports_dir), "baseline"))
-    log.info("baseline validation loss %.4f (perplexity %.2f) over %d tokens", metrics.loss, metrics.perplexity, metrics.tokens)
+    log.info(
+        "baseline validation loss %.4f (perplexity %.2f) over %d tokens",
+        metrics.loss,
+        metrics.perplexity,
+        metrics.tokens,
+    )
     return metrics
 
 
@@ -230,8 +237,8 @@ def check_memory(cfg: LoraopsConfig, root: Path, available: int | None = None) -
 
     ``available`` (bytes) defaults to the GPU's total memory on CUDA and to the system RAM on CPU.
     """
-    from loraops.train import memory
     from loraops.train import base_model as modeling
+    from loraops.train import memory
 
     device = modeling.resolve_device(cfg.train)
     base = modeling.read_base_model_ref(_path(root, cfg.paths.base_model_dir))
@@ -242,9 +249,9 @@ def check_memory(cfg: LoraopsConfig, root: Path, available: int | None = None) -
 
 def sanity_check(cfg: LoraopsConfig, root: Path):
     """The overfit check on the first sanity.examples training examples (loraops/train/sanity.py); returns SanityResult."""
+    from loraops.data.tokenization import build_dataset
     from loraops.train import base_model as modeling
     from loraops.train import sanity
-    from loraops.data.tokenization import build_dataset
 
     train, _ = _load_splits(cfg, root)
     examples = train.examples[: cfg.sanity.examples]
@@ -260,8 +267,8 @@ def train_adapter(cfg: LoraopsConfig, root: Path, callbacks: tuple = ()) -> Trai
 
     ``callbacks``: more TrainerCallbacks (e.g. a test watching the run while it trains).
     """
-    from loraops.train import base_model as modeling
     from loraops.registry import tracking
+    from loraops.train import base_model as modeling
     from loraops.train import trainer as training
 
     base = modeling.read_base_model_ref(_path(root, cfg.paths.base_model_dir))
@@ -308,7 +315,9 @@ def write_loss_plots(history_path: Path, plots_dir: Path) -> None:
     history = json.loads(history_path.read_text())
     series = {
         "train_loss.json": [{"step": row["step"], "loss": row["loss"]} for row in history if "loss" in row],
-        "eval_loss.json": [{"step": row["step"], "eval_loss": row["eval_loss"]} for row in history if "eval_loss" in row],
+        "eval_loss.json": [
+            {"step": row["step"], "eval_loss": row["eval_loss"]} for row in history if "eval_loss" in row
+        ],
     }
     plots_dir.mkdir(parents=True, exist_ok=True)
     for name, rows in series.items():
@@ -324,7 +333,9 @@ def evaluate_adapter(cfg: LoraopsConfig, root: Path) -> EvalMetrics:
     examples.write_json(example_losses_path(_path(root, cfg.paths.reports_dir), "adapter"))
     log.info("adapter validation loss %.4f (perplexity %.2f)", metrics.loss, metrics.perplexity)
     general = {"adapter_general_loss": metrics.general_loss}
-    _log_to_training_run(cfg, root, {"adapter_val_loss": metrics.loss, "adapter_val_perplexity": metrics.perplexity, **general})
+    _log_to_training_run(
+        cfg, root, {"adapter_val_loss": metrics.loss, "adapter_val_perplexity": metrics.perplexity, **general}
+    )
     return metrics
 
 
@@ -339,8 +350,8 @@ def _evaluate_adapter_dir(cfg: LoraopsConfig, root: Path, adapter_dir: Path) -> 
 
 def _evaluate_model(cfg: LoraopsConfig, root: Path, model) -> tuple[EvalMetrics, ExampleLosses]:
     """Validation loss (with each example's share, for the bootstrap) and the general-text loss."""
-    from loraops.evaluate.loss import evaluate_example_losses
     from loraops.evaluate.forgetting import general_loss
+    from loraops.evaluate.loss import evaluate_example_losses
 
     metrics, examples = evaluate_example_losses(model, _validation_dataset(cfg, root), cfg.eval.batch_size)
     metrics.general_loss = general_loss(cfg.eval, root, model, _tokenizer(cfg, root))
@@ -350,8 +361,8 @@ def _evaluate_model(cfg: LoraopsConfig, root: Path, model) -> tuple[EvalMetrics,
 @reports_lost_server("gate-candidate")
 def gate_candidate(cfg: LoraopsConfig, root: Path, baseline: EvalMetrics, candidate: EvalMetrics) -> GateDecision:
     """Compare the candidate with the base model and with the current champion on today's data."""
-    from loraops.evaluate import gate
     from loraops.evaluate import evidence as gate_evidence
+    from loraops.evaluate import gate
     from loraops.registry import runs as registry
 
     client = registry.client_for(cfg.registry, root)
@@ -370,8 +381,14 @@ def gate_candidate(cfg: LoraopsConfig, root: Path, baseline: EvalMetrics, candid
         registry.GATE_TAG: "passed" if decision.passed else "failed",
         registry.GATE_REASONS_TAG: "; ".join(decision.reasons),
     }
-    numbers = {"baseline_val_loss": baseline.loss, "champion_val_loss": champion_loss, "baseline_general_loss": baseline.general_loss}
-    _log_to_training_run(cfg, root, {**numbers, **{f"gate_{key}": value for key, value in decision.evidence.items()}}, verdict)
+    numbers = {
+        "baseline_val_loss": baseline.loss,
+        "champion_val_loss": champion_loss,
+        "baseline_general_loss": baseline.general_loss,
+    }
+    _log_to_training_run(
+        cfg, root, {**numbers, **{f"gate_{key}": value for key, value in decision.evidence.items()}}, verdict
+    )
     return decision
 
 
@@ -383,14 +400,16 @@ def _log_to_training_run(cfg: LoraopsConfig, root: Path, metrics: dict, tags: di
     tracking.log_to_training_run(cfg, root, _path(root, cfg.paths.adapter_dir), metrics, tags, step=steps)
 
 
-def _champion_loss_on_current_data(cfg: LoraopsConfig, root: Path, client, champion) -> tuple[float, ExampleLosses | None]:
+def _champion_loss_on_current_data(
+    cfg: LoraopsConfig, root: Path, client, champion
+) -> tuple[float, ExampleLosses | None]:
     """Reuse the champion's recorded loss when it was measured on this data and base; else re-measure.
 
     Only a re-measured champion has per-example losses for the bootstrap interval (gate.require_confident_improvement
     therefore re-measures it).
     """
-    from loraops.registry import runs as registry
     from loraops.lineage import versioning
+    from loraops.registry import runs as registry
 
     same_data = champion.data_md5 == versioning.data_md5(root)
     same_base = champion.base_model == cfg.model.base
@@ -405,8 +424,8 @@ def _champion_loss_on_current_data(cfg: LoraopsConfig, root: Path, client, champ
 
 def version_outputs(cfg: LoraopsConfig, root: Path) -> Lineage:
     """Record what ran in dvc.lock, push data and outputs to the remote, and return the lineage."""
-    from loraops.train import base_model as modeling
     from loraops.lineage import versioning
+    from loraops.train import base_model as modeling
 
     versioning.record_pipeline_state(root, lock_wait_s=cfg.version.dvc_lock_wait_s)
     if cfg.version.push:
@@ -419,9 +438,7 @@ def save_experiment(cfg: LoraopsConfig, root: Path, lineage: Lineage, name: str)
     """Save the run as DVC experiment ``name`` (pushed with version.push); the lineage then names it."""
     from loraops.lineage import experiments
 
-    saved = experiments.save_experiment(
-        root, name, push=cfg.version.push, lock_wait_s=cfg.version.dvc_lock_wait_s
-    )
+    saved = experiments.save_experiment(root, name, push=cfg.version.push, lock_wait_s=cfg.version.dvc_lock_wait_s)
     return experiments.with_experiment(lineage, saved)
 
 
@@ -436,10 +453,10 @@ def register_adapter(
     lineage: Lineage,
 ) -> Registration:
     """Log the run to MLflow; register a version only when the gate passed (with its model card)."""
+    from loraops.contract import DOCS_DIR, QUARANTINE_DIR
     from loraops.registry import integrity
     from loraops.registry import runs as registry
     from loraops.serve import serving
-    from loraops.contract import DOCS_DIR, QUARANTINE_DIR
 
     integrity.check_workspace_adapter(root, cfg.paths.adapter_dir)  # still the adapter dvc.lock recorded
     extra_files = [

@@ -9,17 +9,12 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from loraops import stages
-
-from loraops.registry import handoff
-
 from loraops.cli import reporting
-
-from loraops.registry import tracking
 from loraops.config import LoraopsConfig
 from loraops.inputs.data_diff import DataDiff
 from loraops.inputs.data_registry import DataVersion
 from loraops.inputs.freshness import Freshness
-from loraops.train.memory import MemoryCheck
+from loraops.registry import handoff, tracking
 from loraops.results import (
     BaseModelRef,
     ContractReport,
@@ -29,6 +24,7 @@ from loraops.results import (
     Registration,
     TrainResult,
 )
+from loraops.train.memory import MemoryCheck
 
 # Stages read and write the project's files, so Prefect's input-hash caching would hide reruns.
 _stage = dict(cache_policy=NO_CACHE, persist_result=False)
@@ -66,7 +62,9 @@ def check_servers(cfg: LoraopsConfig, root: Path) -> str:
 def refresh_data(cfg: LoraopsConfig, root: Path, data_rev: str | None = None) -> DataVersion:
     """Never retried: a revision that does not exist will not exist on a retry."""
     data = stages.refresh_data(cfg, root, data_rev)
-    create_markdown_artifact(f"Training data: {data.describe()}{' (updated)' if data.updated else ''}", key="data-version")
+    create_markdown_artifact(
+        f"Training data: {data.describe()}{' (updated)' if data.updated else ''}", key="data-version"
+    )
     return data
 
 
@@ -171,7 +169,9 @@ def train_on_deployment(cfg: LoraopsConfig, root: Path) -> TrainResult:
         state = child.state
         raise handoff.HandoffError(
             handoff.describe_unfinished(
-                deployment, state.name if state else "unknown", state.message if state else None,
+                deployment,
+                state.name if state else "unknown",
+                state.message if state else None,
                 cfg.orchestration.train_timeout_s,
             )
         )

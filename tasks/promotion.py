@@ -8,8 +8,8 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from loraops.registry import promotion
 from loraops.config import LoraopsConfig
+from loraops.registry import promotion
 from loraops.registry.promotion import AliasState, PromotionCheck, PromotionRefused
 
 # The registry is the state: caching a result would hide a changed alias.

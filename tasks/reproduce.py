@@ -8,8 +8,8 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from loraops.reproduce import reproduce
 from loraops.config import RegistryConfig
+from loraops.reproduce import reproduce
 from loraops.reproduce.reproduce import ReproductionMismatch, ReproductionReport
 
 

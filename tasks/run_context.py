@@ -16,8 +16,8 @@ from prefect.context import FlowRunContext
 from prefect.states import Completed, State
 
 from loraops.config import LoraopsConfig
-from loraops.results import GateDecision, Registration
 from loraops.project.run_config import resolve_run_config
+from loraops.results import GateDecision, Registration
 
 REGISTERED_TAG, REFUSED_TAG, UNCHANGED_TAG = "registered", "refused", "unchanged"
 P = ParamSpec("P")

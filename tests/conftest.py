@@ -7,7 +7,10 @@ SmolLM2 path is covered by tests marked ``slow``.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -216,3 +219,45 @@ def wait_until_healthy(name: str, url: str, process, log: Path, deadline: float)
         except OSError:
             time.sleep(0.5)
     pytest.fail(f"{name} server not healthy at {url} by its deadline:\n{log.read_text()[-3000:]}")
+
+
+MLFLOW = str(Path(sys.executable).parent / "mlflow")
+HEALTH_TIMEOUT_S = 60
+
+
+@pytest.fixture
+def tracking_server(tmp_path) -> str:
+    """A real `mlflow server` on a free loopback port (SQLite store, local artifact root); its URL."""
+    port = free_port()
+    log = tmp_path / "mlflow-server.log"
+    command = [
+        MLFLOW,
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{tmp_path / 'server.db'}",
+        "--artifacts-destination",
+        str(tmp_path / "server-artifacts"),
+    ]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with log.open("w") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        wait_until_healthy(
+            "mlflow", f"http://127.0.0.1:{port}/health", process, log, time.monotonic() + HEALTH_TIMEOUT_S
+        )
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)  # the server's own group: uvicorn and its worker
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)

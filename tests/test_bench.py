@@ -83,13 +83,17 @@ def test_smoke_run_trains_seed_and_loraops_side_by_side(tmp_path):
         assert row["peak_memory_gib"] is None and row["peak_rss_mib"] > 0  # CPU: RSS, no GPU figure
         assert row["trainable_params"] > 0
     assert rows["seed-qlora"]["upcast_non_quantized"] and not rows["loraops-qlora"]["upcast_non_quantized"]
-    assert {row["attn_implementation"] for row in rows.values()} == {"sdpa"} and not rows["loraops-lora"]["torch_compile"]
+    assert {row["attn_implementation"] for row in rows.values()} == {"sdpa"} and not rows["loraops-lora"][
+        "torch_compile"
+    ]
     for name in ("loraops-qlora", "loraops-lora"):
         assert rows[name]["padding_share"] == 0.0
         assert rows[name]["slots_all_steps"] == rows[name]["real_tokens_all_steps"]
     for name in ("seed-qlora", "seed-lora", "seed-lora-ckpt"):
         assert rows[name]["padding_share"] > 0.05, name
-    assert rows["seed-lora"]["losses"] == pytest.approx(rows["seed-lora-ckpt"]["losses"], rel=1e-4)  # checkpointing changes speed, not maths
+    assert rows["seed-lora"]["losses"] == pytest.approx(
+        rows["seed-lora-ckpt"]["losses"], rel=1e-4
+    )  # checkpointing changes speed, not maths
     assert result["ratios"]["qlora_speedup"] > 0
     assert "qlora_memory_ratio" not in result["ratios"]  # a memory goal is a GPU figure
     assert result["machine"]["versions"]["trl"] and result["machine"]["cpu_count"] >= 1
@@ -103,7 +107,19 @@ def test_smoke_run_trains_seed_and_loraops_side_by_side(tmp_path):
 def test_attention_and_compile_flags_reach_only_the_loraops_rows(tmp_path):
     bench = _load_bench()
     out = tmp_path / "bench.json"
-    argv = ["--mode", "smoke", "--steps", "1", "--configs", "loraops-lora", "seed-lora", "--attn", "eager", "--out", str(out)]
+    argv = [
+        "--mode",
+        "smoke",
+        "--steps",
+        "1",
+        "--configs",
+        "loraops-lora",
+        "seed-lora",
+        "--attn",
+        "eager",
+        "--out",
+        str(out),
+    ]
     assert bench.main(argv) == 0
     rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
     assert rows["loraops-lora"]["attn_implementation"] == "eager" and rows["seed-lora"]["attn_implementation"] == "sdpa"
@@ -113,13 +129,29 @@ def test_attention_and_compile_flags_reach_only_the_loraops_rows(tmp_path):
 def test_checkpoint_every_n_layers_reaches_only_the_loraops_rows_that_checkpoint(tmp_path):
     bench = _load_bench()
     out, markdown = tmp_path / "bench.json", tmp_path / "bench.md"
-    argv = ["--mode", "smoke", "--steps", "1", "--configs", "loraops-qlora", "loraops-lora", "seed-lora-ckpt",
-            "--checkpoint-every-n-layers", "2", "--out", str(out), "--markdown", str(markdown)]
+    argv = [
+        "--mode",
+        "smoke",
+        "--steps",
+        "1",
+        "--configs",
+        "loraops-qlora",
+        "loraops-lora",
+        "seed-lora-ckpt",
+        "--checkpoint-every-n-layers",
+        "2",
+        "--out",
+        str(out),
+        "--markdown",
+        str(markdown),
+    ]
     assert bench.main(argv) == 0
     rows = {row["name"]: row for row in json.loads(out.read_text())["rows"]}
     assert all(row["status"] == "ok" and row["tokens_check"] for row in rows.values())
     # the smoke model has 2 decoder layers: every 2nd checkpoints layer 0 only
     assert {name: row["checkpointed_layers"] for name, row in rows.items()} == {
-        "loraops-qlora": 1, "loraops-lora": 0, "seed-lora-ckpt": 2,
+        "loraops-qlora": 1,
+        "loraops-lora": 0,
+        "seed-lora-ckpt": 2,
     }
     assert "| loraops QLoRA NF4 | 16 | 1/2 |" in markdown.read_text()

@@ -53,14 +53,21 @@ def test_config_defaults_are_the_seed_recipe():
         ({"lora": {"alpha": -2}}, "lora.alpha: Input should be greater than 0"),
         ({"train": {"learning_rate": -1}}, "train.learning_rate"),
         ({"train": {"learning_rate": float("inf")}}, "train.learning_rate: Input should be a finite number"),
-        ({"gate": {"min_improvement_over_base": float("nan")}}, "gate.min_improvement_over_base: Input should be a finite"),
+        (
+            {"gate": {"min_improvement_over_base": float("nan")}},
+            "gate.min_improvement_over_base: Input should be a finite",
+        ),
         ({"quant": {"mode": "int3"}}, "quant.mode"),
         ({"quant": {"mode": "nf4"}, "lora": {"variant": "dora"}}, "lora.variant=dora cannot be combined"),
         ({"train": {"eval_steps": 50, "max_steps": 10}}, "train.eval_steps (50) is larger than train.max_steps"),
-        ({"train": {"checkpoint_every_n_layers": 2}},
-         "train.checkpoint_every_n_layers (2) needs train.gradient_checkpointing: true; set gradient_checkpointing"),
-        ({"train": {"checkpoint_every_n_layers": 0, "gradient_checkpointing": True}},
-         "train.checkpoint_every_n_layers: Input should be greater than or equal to 1"),
+        (
+            {"train": {"checkpoint_every_n_layers": 2}},
+            "train.checkpoint_every_n_layers (2) needs train.gradient_checkpointing: true; set gradient_checkpointing",
+        ),
+        (
+            {"train": {"checkpoint_every_n_layers": 0, "gradient_checkpointing": True}},
+            "train.checkpoint_every_n_layers: Input should be greater than or equal to 1",
+        ),
     ],
 )
 def test_bad_settings_are_named(raw, named):

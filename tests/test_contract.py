@@ -304,7 +304,9 @@ def test_invalid_utf8_and_control_characters_name_line_and_byte(tiny_tokenizer):
 
     assert flagged(facts, "encoding") == [2, 3, 4]
     byte = raw[1].index(b"\xe9")
-    assert reasons[2].startswith(f"invalid UTF-8 byte 0xe9 at byte {byte} of the line (file offset {line_starts[1] + byte})")
+    assert reasons[2].startswith(
+        f"invalid UTF-8 byte 0xe9 at byte {byte} of the line (file offset {line_starts[1] + byte})"
+    )
     bell = raw[2].index(b"\x07")
     assert reasons[3] == (
         "control character U+0007 in content of message 1 (user) at character 13 "
@@ -382,9 +384,12 @@ def test_leakage_checks_question_answer_and_whole_example(tmp_path):
     rows = [("Q one", "A one"), ("Q two", "A two"), ("Q three", "A three")]
     train.write_text("".join(json.dumps(_chat(q, a)) + "\n" for q, a in rows))
     validation.write_text(
-        json.dumps(_chat("q  ONE", "new answer")) + "\n"  # question shared
-        + json.dumps(_chat("new question", "a two")) + "\n"  # answer shared
-        + json.dumps(_chat("Fresh", "Fresh answer")) + "\n"
+        json.dumps(_chat("q  ONE", "new answer"))
+        + "\n"  # question shared
+        + json.dumps(_chat("new question", "a two"))
+        + "\n"  # answer shared
+        + json.dumps(_chat("Fresh", "Fresh answer"))
+        + "\n"
         + json.dumps({"messages": [{"role": "system", "content": "x"}, *_chat("Q three", "A three")["messages"]]})
         + "\n"
     )

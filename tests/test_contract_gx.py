@@ -58,7 +58,9 @@ def chat(question: str, answer: str) -> str:
 @pytest.fixture(scope="module")
 def bad_report(tiny_tokenizer, tmp_path_factory) -> ContractReport:
     reports = tmp_path_factory.mktemp("reports")
-    return validate_dataset(BAD / "train.jsonl", BAD / "validation.jsonl", tiny_tokenizer, DataConfig(max_length=100), reports)
+    return validate_dataset(
+        BAD / "train.jsonl", BAD / "validation.jsonl", tiny_tokenizer, DataConfig(max_length=100), reports
+    )
 
 
 def test_suites_load_with_gx_api_and_run_through_their_checkpoint(tmp_path):
@@ -70,7 +72,9 @@ def test_suites_load_with_gx_api_and_run_through_their_checkpoint(tmp_path):
     from loraops.contract.table import example_frame
 
     context = gx.get_context(mode="file", project_root_dir=str(copy_gx(tmp_path).parent))
-    rules = {fmt: [item.meta["rule"] for item in context.suites.get(fmt).expectations] for fmt in ("chat", "alpaca", "text")}
+    rules = {
+        fmt: [item.meta["rule"] for item in context.suites.get(fmt).expectations] for fmt in ("chat", "alpaca", "text")
+    }
     assert rules["chat"] == rules["alpaca"] == CHAT_RULES
     assert rules["text"] == [rule for rule in CHAT_RULES if rule not in ("roles", "ends_with_assistant")]
     assert {item.name for item in context.checkpoints.all()} == {"chat", "alpaca", "text"}
@@ -151,11 +155,15 @@ def test_a_user_added_expectation_is_enforced_and_named(tmp_path, tiny_tokenizer
     assert [(item.split, item.expectation) for item in report.failures()] == [("train", "no_as_an_ai")]
     assert "FAIL train      no_as_an_ai" in str(DataContractError(report))
     assert "WARN train      expect_column_value_lengths_to_be_between(prompt)" in format_report(report)
-    plain = validate_dataset(train, GOOD / "validation.jsonl", tiny_tokenizer, DataConfig(max_length=100), tmp_path / "r2")
+    plain = validate_dataset(
+        train, GOOD / "validation.jsonl", tiny_tokenizer, DataConfig(max_length=100), tmp_path / "r2"
+    )
     assert plain.passed, format_report(plain)  # the shipped suite has neither rule
 
     params = tmp_path / "params.yaml"  # `loraops validate` enforces it too, from data.contract.gx_dir
-    params.write_text(yaml.safe_dump({"model": {"base": str(tiny_model_dir)}, "data": {"contract": {"gx_dir": str(gx_dir)}}}))
+    params.write_text(
+        yaml.safe_dump({"model": {"base": str(tiny_model_dir)}, "data": {"contract": {"gx_dir": str(gx_dir)}}})
+    )
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     command = ["validate", str(train), "--validation", str(GOOD / "validation.jsonl"), "--params", str(params)]
@@ -213,7 +221,6 @@ def test_the_pipeline_stage_enforces_the_projects_suite_and_dvc_sees_the_edit(tm
     """A project's own gx/ (not the working directory's) drives the stage; a suite edit makes validate_dataset stale."""
     import subprocess
     import sys
-
 
     from loraops import stages
     from loraops.config import load_config

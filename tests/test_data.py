@@ -349,7 +349,9 @@ def test_read_batches_uses_pyarrow_for_clean_jsonl_and_rows_otherwise(tmp_path):
 
     clean = write_rows(tmp_path / "clean.jsonl", CHAT_ROWS)
     odd = tmp_path / "odd.jsonl"
-    odd.write_text(json.dumps(CHAT_ROWS[0]) + "\n" + json.dumps({"messages": [{"role": "user", "content": None}]}) + "\n")
+    odd.write_text(
+        json.dumps(CHAT_ROWS[0]) + "\n" + json.dumps({"messages": [{"role": "user", "content": None}]}) + "\n"
+    )
 
     (fast,) = read_batches(clean)
     (slow,) = read_batches(odd)
@@ -403,7 +405,9 @@ def test_invalid_utf8_loads_replaced_in_jsonl_and_is_named_in_json_and_csv(tmp_p
     jsonl.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
     (batch,) = read_batches(jsonl)
     assert load_split(jsonl).examples[1] == {"text": "caf\ufffd"}
-    assert batch.encoding == {1: "invalid UTF-8 byte 0xe9 at byte 13 of the line (file offset 28); re-save the file as UTF-8"}
+    assert batch.encoding == {
+        1: "invalid UTF-8 byte 0xe9 at byte 13 of the line (file offset 28); re-save the file as UTF-8"
+    }
 
     for name, content in (("train.json", b'[\n {"text": "caf\xe9"}\n]'), ("train.csv", b"text\nok\ncaf\xe9\n")):
         path = tmp_path / name

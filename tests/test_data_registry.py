@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import GIT, TINY_DATA
+
 from loraops.config import load_config
 from loraops.inputs.data_registry import DataRegistryError, read_data_version, refresh_data
 
@@ -42,7 +42,12 @@ def add_rows(registry: Path, *questions: str) -> str:
     """Append training rows in the registry, commit and push them; returns the new commit."""
     with (registry / DATASET / "train.jsonl").open("a") as handle:
         for question in questions:
-            row = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": f"Answer: {question}"}]}
+            row = {
+                "messages": [
+                    {"role": "user", "content": question},
+                    {"role": "assistant", "content": f"Answer: {question}"},
+                ]
+            }
             handle.write(json.dumps(row) + "\n")
     _run(registry, DVC, "add", "-q", DATASET)
     _run(registry, "git", "add", "-A")
@@ -117,7 +122,9 @@ def test_the_data_diff_counts_rows_added_removed_and_changed_since_the_earlier_v
     train_diff, validation_diff = diff.splits
     assert (train_diff.added, train_diff.removed, train_diff.changed) == (2, 1, 1)
     assert train_diff.examples == {
-        "added": ["count 7", "count 8"], "removed": ["what is two plus five?"], "changed": ["what is three plus three?"]
+        "added": ["count 7", "count 8"],
+        "removed": ["what is two plus five?"],
+        "changed": ["what is three plus three?"],
     }
     assert (validation_diff.added, validation_diff.removed, validation_diff.changed) == (0, 0, 0)
     assert "| train | 2 | 1 | 1 |" in diff.markdown()
@@ -131,7 +138,9 @@ def _task_names(state) -> set[str]:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
     return {run.name.rsplit("-", 1)[0] for run in runs}
 
 
@@ -143,7 +152,9 @@ def _client(project: Path):
 
 
 @pytest.mark.slow  # three tiny trainings (~2 min on the shared 2 cores)
-def test_retrain_skips_unchanged_inputs_trains_when_forced_or_given_new_rows(imported_project, registry, prefect_harness):
+def test_retrain_skips_unchanged_inputs_trains_when_forced_or_given_new_rows(
+    imported_project, registry, prefect_harness
+):
     from flows.retrain import retrain
 
     project = imported_project

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from conftest import GIT, REPO_ROOT, free_port, make_project, wait_until_healthy
 
 BIN = Path(sys.executable).parent
@@ -203,7 +202,9 @@ def test_scheduled_retrain_deploys_runs_on_a_worker_and_registers_through_the_se
             _cli([str(BIN / "prefect"), "worker", "start", "--pool", "cpu", "--run-once"], cpu_host, timeout=RUN_S)
             run = _finished_run(client, run.id, started + RUN_S)
         print(f"retrain run {run.state.type.value} after {time.monotonic() - started:.1f} s")
-        assert run.state.is_completed(), f"{run.state}\n{_cli([str(BIN / 'prefect'), 'flow-run', 'logs', str(run.id)], env)[-4000:]}"
+        assert run.state.is_completed(), (
+            f"{run.state}\n{_cli([str(BIN / 'prefect'), 'flow-run', 'logs', str(run.id)], env)[-4000:]}"
+        )
         artifacts = {
             a.key: a.data
             for a in client.read_artifacts(
@@ -211,9 +212,7 @@ def test_scheduled_retrain_deploys_runs_on_a_worker_and_registers_through_the_se
             )
         }
 
-        trainings = client.read_flow_runs(
-            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[training.id]))
-        )
+        trainings = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[training.id])))
         training_artifacts = {
             a.key: a.data
             for a in client.read_artifacts(
@@ -277,9 +276,8 @@ def test_a_crashed_gpu_worker_fails_retrain_and_the_rerun_resumes_its_training(s
     from prefect.states import Crashed
 
     from loraops import stages
-
-    from loraops.train import trainer as training
     from loraops.config import load_config
+    from loraops.train import trainer as training
 
     project = _checkout(tmp_path, tiny_model_dir, servers["mlflow"], max_steps=150, eval_steps=10)
     env, gpu_checkout = _deploy(servers, tmp_path, project)

@@ -10,8 +10,8 @@ import pytest
 import torch
 from datasets import Dataset
 
-from loraops.evaluate.loss import evaluate_loss
 from loraops.data.tokenization import IGNORE_INDEX, build_dataset
+from loraops.evaluate.loss import evaluate_loss
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +62,7 @@ def test_equals_a_hand_computation(tiny_model):
 
 
 def test_counts_the_target_tokens_of_the_tokenised_chats(tiny_model, validation_dataset):
-    expected_tokens = sum(
-        sum(label != IGNORE_INDEX for label in labels[1:]) for labels in validation_dataset["labels"]
-    )
+    expected_tokens = sum(sum(label != IGNORE_INDEX for label in labels[1:]) for labels in validation_dataset["labels"])
     metrics = evaluate_loss(tiny_model, validation_dataset, batch_size=4)
     assert metrics.tokens == expected_tokens > 0
     assert metrics.examples == len(validation_dataset)

@@ -18,10 +18,8 @@ import pytest
 import yaml
 from conftest import GIT, make_project
 
-from loraops.lineage import experiments
-
-from loraops.lineage import versioning
 from loraops.config import load_config
+from loraops.lineage import experiments, versioning
 from loraops.results import GateDecision, TrainResult, write_metrics
 
 DVC = str(Path(sys.executable).parent / "dvc")
@@ -54,10 +52,7 @@ def _experiments(project: Path) -> dict[str, dict]:
     """``dvc exp show --json`` rows by experiment name."""
     rows = json.loads(_sh(project, DVC, "exp", "show", "--json"))
     return {
-        rev["name"]: rev
-        for row in rows
-        for experiment in row.get("experiments") or []
-        for rev in experiment["revs"]
+        rev["name"]: rev for row in rows for experiment in row.get("experiments") or [] for rev in experiment["revs"]
     }
 
 
@@ -209,7 +204,8 @@ def _hold_dvc_lock(project: Path, seconds: float) -> subprocess.Popen:
     (project / ".dvc" / "tmp").mkdir(exist_ok=True)
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD_LOCK, str(project / ".dvc" / "tmp" / "lock"), str(seconds)],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert holder.stdout.readline().strip() == "locked"
     return holder
@@ -247,18 +243,33 @@ def test_a_dvc_command_waits_for_a_lock_released_in_time(small):
 
 def test_metrics_files_hold_numbers_only_and_train_json_reads_back(tmp_path):
     trained = TrainResult(
-        adapter_dir="/abs/adapters/candidate", trainable_params=10, total_params=100, steps=8, best_step=4,
-        best_eval_loss=1.25, stopped_early=True, history_path="/abs/metrics/train_history.json",
+        adapter_dir="/abs/adapters/candidate",
+        trainable_params=10,
+        total_params=100,
+        steps=8,
+        best_step=4,
+        best_eval_loss=1.25,
+        stopped_early=True,
+        history_path="/abs/metrics/train_history.json",
     )
     path = write_metrics(trained.metrics(), tmp_path / "train.json")
     values = json.loads(path.read_text())
-    assert values == {"best_eval_loss": 1.25, "best_step": 4, "steps": 8, "stopped_early": 1, "total_params": 100,
-                      "trainable_params": 10}
+    assert values == {
+        "best_eval_loss": 1.25,
+        "best_step": 4,
+        "steps": 8,
+        "stopped_early": 1,
+        "total_params": 100,
+        "trainable_params": 10,
+    }
     back = TrainResult.from_metrics(path, "adapters/candidate", "metrics/train_history.json")
-    assert back == trained.model_copy(update={"adapter_dir": "adapters/candidate",
-                                              "history_path": "metrics/train_history.json"})
+    assert back == trained.model_copy(
+        update={"adapter_dir": "adapters/candidate", "history_path": "metrics/train_history.json"}
+    )
 
-    decision = GateDecision(passed=False, reasons=["no gain"], baseline_loss=2.0, candidate_loss=2.1, champion_version="3")
+    decision = GateDecision(
+        passed=False, reasons=["no gain"], baseline_loss=2.0, candidate_loss=2.1, champion_version="3"
+    )
     gate = json.loads(write_metrics(decision.metrics(), tmp_path / "gate.json").read_text())
     assert gate == {"passed": 0, "baseline_loss": 2.0, "candidate_loss": 2.1, "champion_version": 3}
     with pytest.raises(TypeError, match="path are not numbers"):
@@ -281,7 +292,10 @@ runpy.run_module("loraops", run_name="__main__", alter_sys=True)
 def _modules_loaded_by(project: Path, stage: str, out: Path) -> set[str]:
     """The loraops files the stage's command (`python -m loraops stage ...`) loads, relative to the project."""
     done = subprocess.run(
-        [sys.executable, "-c", PROBE, "stage", stage], cwd=project, capture_output=True, text=True,
+        [sys.executable, "-c", PROBE, "stage", stage],
+        cwd=project,
+        capture_output=True,
+        text=True,
         env={**os.environ, "LORAOPS_MODULES_OUT": str(out)},
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -340,7 +354,9 @@ def two_runs(tmp_path_factory, tiny_model_dir, prefect_harness):
 def _version_tags(project: Path, version: str) -> dict[str, str]:
     from loraops.registry.runs import client_for
 
-    return dict(client_for(load_config(project / "params.yaml").registry, project).get_model_version(MODEL, version).tags)
+    return dict(
+        client_for(load_config(project / "params.yaml").registry, project).get_model_version(MODEL, version).tags
+    )
 
 
 @pytest.mark.slow
@@ -356,12 +372,15 @@ def test_each_run_is_an_experiment_with_its_params_and_numeric_metrics(two_runs)
         data = shown[name]["data"]
         assert data["params"]["params.yaml"]["data"]["lora"]["r"] == r
         metrics = {file: values["data"] for file, values in data["metrics"].items()}
-        assert {"metrics/train.json", "metrics/adapter.json", "metrics/baseline.json", "metrics/gate.json"} <= set(metrics)
+        assert {"metrics/train.json", "metrics/adapter.json", "metrics/baseline.json", "metrics/gate.json"} <= set(
+            metrics
+        )
         assert metrics["metrics/gate.json"]["passed"] == 1
         for key, value in _leaves(metrics):
             assert isinstance(value, int | float) and not isinstance(value, bool), f"{key} = {value!r} is not a number"
-    assert shown[names[1]]["data"]["metrics"]["metrics/train.json"]["data"]["trainable_params"] * 2 == (
-        shown[names[0]]["data"]["metrics"]["metrics/train.json"]["data"]["trainable_params"]
+    assert (
+        shown[names[1]]["data"]["metrics"]["metrics/train.json"]["data"]["trainable_params"] * 2
+        == (shown[names[0]]["data"]["metrics"]["metrics/train.json"]["data"]["trainable_params"])
     )
 
     diff = json.loads(_sh(project, DVC, "metrics", "diff", names[0], names[1], "--json"))
@@ -383,13 +402,17 @@ def test_the_version_and_its_run_name_the_experiment_and_the_card_says_how_to_re
     tags = _version_tags(project, "1")
     name, rev = tags["loraops.dvc_experiment"], tags["loraops.dvc_experiment_rev"]
     assert experiments.find_experiment(project, name) == rev
-    assert hashlib.md5(versioning.git_show(project, rev, "dvc.lock").encode()).hexdigest() == tags["loraops.dvc_lock_md5"]
+    assert (
+        hashlib.md5(versioning.git_show(project, rev, "dvc.lock").encode()).hexdigest() == tags["loraops.dvc_lock_md5"]
+    )
     client = client_for(load_config(project / "params.yaml").registry, project)
     run = client.get_run(results[0].registration.run_id)
     assert (run.data.tags["loraops.dvc_experiment"], run.data.tags["loraops.dvc_experiment_rev"]) == (name, rev)
-    card = Path(mlflow.artifacts.download_artifacts(
-        run_id=run.info.run_id, artifact_path="model_card.md", tracking_uri=client.tracking_uri
-    )).read_text()
+    card = Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=run.info.run_id, artifact_path="model_card.md", tracking_uri=client.tracking_uri
+        )
+    ).read_text()
     assert f"dvc exp apply {name} && dvc pull && dvc repro" in card
 
 
@@ -410,6 +433,9 @@ def test_dvc_exp_apply_pull_and_repro_rebuild_the_first_runs_adapter_bit_identic
     one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}  # as the flow trained under this suite (single_threaded_torch)
     _sh(project, DVC, "repro", "--force", "--single-item", "train_adapter", env=one_thread)  # train again, from scratch
     rebuilt = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
-    adapter = lambda stages: next(o["md5"] for o in stages["train_adapter"]["outs"] if o["path"] == "adapters/candidate")  # noqa: E731
+
+    def adapter(stages):
+        return next(o["md5"] for o in stages["train_adapter"]["outs"] if o["path"] == "adapters/candidate")
+
     assert adapter(rebuilt) == adapter(recorded)
     assert json.loads(_sh(project, DVC, "metrics", "diff", name, "--json")) == {}

@@ -6,14 +6,21 @@ import json
 from pathlib import Path
 
 import pytest
+from registry_helpers import PROMPT, make_adapter, register, registry_config, shared_store_uri
 from typer.testing import CliRunner
 
 from loraops.config import ExportConfig, ModelConfig, QuantConfig
 from loraops.registry.export import EXPORT_MANIFEST, ExportMismatchError, check_merge, compare, export_merged
 from loraops.registry.runs import make_client
 from loraops.results import BaseModelRef
-from loraops.serve.serving import AdapterSource, UnsafeArtifactError, chat_inputs, generate_text, load_adapter, load_merged
-from registry_helpers import PROMPT, make_adapter, register, registry_config, shared_store_uri
+from loraops.serve.serving import (
+    AdapterSource,
+    UnsafeArtifactError,
+    chat_inputs,
+    generate_text,
+    load_adapter,
+    load_merged,
+)
 
 
 @pytest.fixture(scope="module")

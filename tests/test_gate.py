@@ -147,8 +147,12 @@ def test_score_table_sets_base_and_adapter_side_by_side():
 
     evidence = GateEvidence(
         over_base=Interval(estimate=0.5, low=0.3, high=0.7, confidence=0.95),
-        general_base_loss=3.0, general_candidate_loss=3.06, rouge_l_base=0.2, rouge_l_candidate=0.35,
-        exact_match_base=0.0, exact_match_candidate=0.25,
+        general_base_loss=3.0,
+        general_candidate_loss=3.06,
+        rouge_l_base=0.2,
+        rouge_l_candidate=0.35,
+        exact_match_base=0.0,
+        exact_match_candidate=0.25,
     )
     decision = gate_candidate(metrics(2.5), metrics(2.0), None, None, GateConfig(), evidence)
 

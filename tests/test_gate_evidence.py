@@ -29,11 +29,22 @@ def test_the_gate_stage_records_every_check(tiny_project):
     decision = stages.gate_candidate(cfg, root, baseline, candidate)
 
     gate_json = json.loads((root / "metrics" / "gate.json").read_text())
-    for key in ("improvement_over_base_low", "improvement_over_base_high", "general_base_loss",
-                "general_candidate_loss", "rouge_l_base", "rouge_l_candidate", "exact_match_base",
-                "exact_match_candidate"):
+    for key in (
+        "improvement_over_base_low",
+        "improvement_over_base_high",
+        "general_base_loss",
+        "general_candidate_loss",
+        "rouge_l_base",
+        "rouge_l_candidate",
+        "exact_match_base",
+        "exact_match_candidate",
+    ):
         assert isinstance(gate_json[key], int | float), key
-    assert gate_json["improvement_over_base_low"] <= baseline.loss - candidate.loss <= gate_json["improvement_over_base_high"]
+    assert (
+        gate_json["improvement_over_base_low"]
+        <= baseline.loss - candidate.loss
+        <= gate_json["improvement_over_base_high"]
+    )
     assert len(decision.reasons) == 4 and "95% CI" in decision.reasons[0]
     assert decision.reasons[2].startswith("general-text loss") and decision.reasons[3].startswith("ROUGE-L")
     from loraops.registry.runs import client_for

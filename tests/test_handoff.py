@@ -15,11 +15,9 @@ import pytest
 import yaml
 
 from loraops import stages
-
-from loraops.registry import handoff
-
-from loraops.lineage import versioning
 from loraops.config import load_config
+from loraops.lineage import versioning
+from loraops.registry import handoff
 from loraops.results import TrainResult
 
 
@@ -104,7 +102,9 @@ def test_a_training_deployment_missing_from_the_server_is_named(tiny_project, pr
     from tasks import pipeline
 
     cfg = load_config(tiny_project / "params.yaml", {"orchestration.train_deployment": "train-adapter/nowhere"})
-    with pytest.raises(handoff.HandoffError, match=r"deployment 'train-adapter/nowhere' .* is not on the Prefect server"):
+    with pytest.raises(
+        handoff.HandoffError, match=r"deployment 'train-adapter/nowhere' .* is not on the Prefect server"
+    ):
         pipeline.train_on_deployment.fn(cfg, tiny_project)
     assert not (tiny_project / cfg.paths.adapter_dir).exists()
 
@@ -113,8 +113,15 @@ def test_the_training_artifact_says_whether_the_run_resumed():
     from loraops.cli.reporting import training_markdown
 
     trained = TrainResult(
-        adapter_dir="a", trainable_params=16_384, total_params=100_000, steps=8, best_step=6,
-        best_eval_loss=1.23456, stopped_early=False, history_path="h", resumed_from_step=4,
+        adapter_dir="a",
+        trainable_params=16_384,
+        total_params=100_000,
+        steps=8,
+        best_step=6,
+        best_eval_loss=1.23456,
+        stopped_early=False,
+        history_path="h",
+        resumed_from_step=4,
     )
     text = training_markdown(trained, "MLflow run `abc`")
     assert "| 8 | no | 1.2346 at step 6 | 16,384 / 100,000 | resumed from the checkpoint at step 4 |" in text

@@ -51,8 +51,8 @@ def test_launch_runs_the_dvc_training_stage_with_the_fsdp_settings():
 
 
 def test_under_the_launch_environment_each_rank_loads_bf16_stored_4bit_weights_on_its_own_gpu(monkeypatch):
-    from loraops.train import base_model as modeling
     from loraops.config import ModelConfig, QuantConfig
+    from loraops.train import base_model as modeling
 
     _, env = _launch_env()
     for key, value in env.items():

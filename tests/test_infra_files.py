@@ -154,6 +154,10 @@ def test_every_gpu_worker_kind_keeps_checkpoints_on_a_volume_and_sends_heartbeat
     assert claim["kind"] == "PersistentVolumeClaim" and claim["spec"]["accessModes"] == ["ReadWriteMany"]
     worker = _compose()["services"]["gpu-worker"]
     assert f"checkpoints:{checkpoints}" in worker["volumes"]
-    for env in (docker["env"]["default"], kubernetes["variables"]["properties"]["env"]["default"], worker["environment"]):
+    for env in (
+        docker["env"]["default"],
+        kubernetes["variables"]["properties"]["env"]["default"],
+        worker["environment"],
+    ):
         assert env["LORAOPS_PROJECT_DIR"] == "/opt/loraops" and env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "60"
     assert "PREFECT_FLOWS_HEARTBEAT_FREQUENCY=60" in (INFRA / "Dockerfile.worker").read_text()

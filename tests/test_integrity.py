@@ -16,20 +16,17 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import pytest
+from registry_helpers import PROMPT, make_adapter, register, registry_config, shared_store_uri
 from typer.testing import CliRunner
 
 from loraops import stages
-
-from loraops.registry import integrity
-
-from loraops.registry import promotion
+from loraops.registry import integrity, promotion
 from loraops.registry.integrity import ADAPTER_SHA256_TAG, AdapterIntegrityError
 from loraops.registry.mlflow_model import adapter_folder
 from loraops.registry.runs import CHAMPION, make_client, promote_version
 from loraops.reproduce.reproduce import RecordedVersion, ReproduceError, download_registered_adapter
 from loraops.results import EvalMetrics, GateDecision, Lineage, TrainResult
 from loraops.serve.serving import fetch_adapter, generate_text, load_adapter
-from registry_helpers import PROMPT, make_adapter, register, registry_config, shared_store_uri
 
 WEIGHTS = "adapter_model.safetensors"
 
@@ -137,8 +134,13 @@ def gate_champion(cfg, params, client, tmp_path) -> str:
 def reproduce_comparison(cfg, params, client, tmp_path) -> str:
     version = client.get_model_version(cfg.registry.model_name, "1")
     recorded = RecordedVersion(
-        model_name=version.name, version="1", run_id=version.run_id, adapter_uri=version.source,
-        tags=dict(version.tags), lock_text="", params_text="",
+        model_name=version.name,
+        version="1",
+        run_id=version.run_id,
+        adapter_uri=version.source,
+        tags=dict(version.tags),
+        lock_text="",
+        params_text="",
     )
     with pytest.raises(ReproduceError) as refused:
         download_registered_adapter(client, recorded, tmp_path / "registered")
@@ -215,8 +217,10 @@ def test_a_version_without_hashes_loads_with_a_warning_and_unreadable_weights_ar
     with caplog.at_level("WARNING", logger="loraops.registry.integrity"):
         source = fetch_adapter(cfg, tmp_path, f"models:/{name}/{old}", tmp_path / "downloads")
     warnings = [r.getMessage() for r in caplog.records if r.name == "loraops.registry.integrity"]
-    assert warnings == [f"{name} version {old} carries no content hashes (no {ADAPTER_SHA256_TAG} tag: made before "
-                        "loraops recorded them)"]
+    assert warnings == [
+        f"{name} version {old} carries no content hashes (no {ADAPTER_SHA256_TAG} tag: made before "
+        "loraops recorded them)"
+    ]
     answer = generate_text(*load_adapter(source, cfg.model, "cpu"), PROMPT, 8)
     from loraops.results import BaseModelRef
     from loraops.serve.serving import AdapterSource
@@ -252,7 +256,9 @@ def _dvc_project(root: Path, adapter: Path) -> Path:
     run = lambda *args: subprocess.run(args, cwd=root, check=True, capture_output=True)  # noqa: E731
     run("git", "init", "-q")
     run(sys.executable, "-m", "dvc", "init", "-q")
-    (root / "dvc.yaml").write_text("stages:\n  train_adapter:\n    cmd: 'true'\n    outs:\n      - adapters/candidate\n")
+    (root / "dvc.yaml").write_text(
+        "stages:\n  train_adapter:\n    cmd: 'true'\n    outs:\n      - adapters/candidate\n"
+    )
     shutil.copytree(adapter, root / "adapters" / "candidate")
     record_pipeline_state(root, ["train_adapter"])
     return root
@@ -261,18 +267,32 @@ def _dvc_project(root: Path, adapter: Path) -> Path:
 def test_registration_refuses_a_workspace_adapter_that_differs_from_dvc_lock(project, adapters, tmp_path):
     cfg, _, client = project
     root = _dvc_project(tmp_path / "dvc-project", adapters[0])
-    cfg = cfg.model_copy(update={"registry": cfg.registry.model_copy(update={"model_name": "ws-" + cfg.registry.model_name})})
+    cfg = cfg.model_copy(
+        update={"registry": cfg.registry.model_copy(update={"model_name": "ws-" + cfg.registry.model_name})}
+    )
     integrity.check_workspace_adapter(root, cfg.paths.adapter_dir)  # as recorded: passes
     shutil.copyfile(adapters[1] / WEIGHTS, root / "adapters" / "candidate" / WEIGHTS)
     (root / "history.json").write_text("[]")
     trained = TrainResult(
-        adapter_dir=str(root / "adapters" / "candidate"), trainable_params=1, total_params=2, steps=1, best_step=1,
-        best_eval_loss=1.0, stopped_early=False, history_path=str(root / "history.json"),
+        adapter_dir=str(root / "adapters" / "candidate"),
+        trainable_params=1,
+        total_params=2,
+        steps=1,
+        best_step=1,
+        best_eval_loss=1.0,
+        stopped_early=False,
+        history_path=str(root / "history.json"),
     )
     metrics = EvalMetrics.from_totals(150.0, 100, 4)
     decision = GateDecision(passed=True, reasons=["ok"], baseline_loss=1.5, candidate_loss=1.5)
-    lineage = Lineage(git_commit="0" * 40, git_dirty=False, data_md5="d" * 32, dvc_lock_md5="e" * 32,
-                      params_hash="f" * 16, base_model="tiny")
+    lineage = Lineage(
+        git_commit="0" * 40,
+        git_dirty=False,
+        data_md5="d" * 32,
+        dvc_lock_md5="e" * 32,
+        params_hash="f" * 16,
+        base_model="tiny",
+    )
 
     with pytest.raises(AdapterIntegrityError) as refused:
         stages.register_adapter(cfg, root, trained, metrics, metrics, decision, lineage)
@@ -287,15 +307,21 @@ def test_registration_refuses_a_workspace_adapter_that_differs_from_dvc_lock(pro
 
 
 def test_the_hand_off_fetch_refuses_an_adapter_changed_after_the_worker_published_it(tiny_project, adapters):
-    from loraops.registry import handoff
     from loraops.config import load_config
+    from loraops.registry import handoff
 
     cfg = load_config(tiny_project / "params.yaml")
     history = tiny_project / "history.json"
     history.write_text(json.dumps([{"loss": 2.0, "step": 1}]))
     trained = TrainResult(
-        adapter_dir=str(adapters[0]), trainable_params=1, total_params=2, steps=1, best_step=1,
-        best_eval_loss=1.0, stopped_early=False, history_path=str(history),
+        adapter_dir=str(adapters[0]),
+        trainable_params=1,
+        total_params=2,
+        steps=1,
+        best_step=1,
+        best_eval_loss=1.0,
+        stopped_early=False,
+        history_path=str(history),
     )
     run_id = handoff.publish_training(cfg, tiny_project, trained, "key-1")
     client = make_client(handoff.registry.resolve_tracking_uri(cfg.registry, tiny_project))
@@ -336,5 +362,7 @@ def test_the_gate_task_refuses_a_changed_champion_once_without_retrying(project,
     with pytest.raises(AdapterIntegrityError, match="version 1: adapter_model.safetensors differs"):
         state.result()
     with get_client(sync_client=True) as prefect:
-        runs = prefect.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+        runs = prefect.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
     assert [(run.name.split("-")[0], run.run_count) for run in runs] == [("gate", 1)], "not retried"

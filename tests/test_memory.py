@@ -7,13 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT, tiny_params
 from typer.testing import CliRunner
 
 from loraops import stages
-
-from loraops.train import memory
 from loraops.cli.app import app
 from loraops.config import ConfigError, LoraConfig, LoraopsConfig, QuantConfig, apply_overrides, config_from_dict
+from loraops.train import memory
 from loraops.train.memory import (
     GIB,
     KNOWN_MODELS,
@@ -23,7 +23,6 @@ from loraops.train.memory import (
     plan,
     resolve_model_shape,
 )
-from conftest import REPO_ROOT, tiny_params
 
 LLAMA_8B = KNOWN_MODELS["meta-llama/Llama-3.1-8B"]
 LLAMA_70B = KNOWN_MODELS["meta-llama/Llama-3.1-70B"]
@@ -42,11 +41,19 @@ ANCHORS = [
 ]
 
 
-def _estimate(shape=LLAMA_8B, quant=BF16, batch=4, seq=2048, checkpointing=False, liger=False, lora=LORA, device="cuda",
-              loss=None):
+def _estimate(
+    shape=LLAMA_8B, quant=BF16, batch=4, seq=2048, checkpointing=False, liger=False, lora=LORA, device="cuda", loss=None
+):
     return estimate_peak_memory(
-        shape, lora, quant, batch_size=batch, seq_len=seq, gradient_checkpointing=checkpointing,
-        liger_kernel=liger, device=device, loss=loss,
+        shape,
+        lora,
+        quant,
+        batch_size=batch,
+        seq_len=seq,
+        gradient_checkpointing=checkpointing,
+        liger_kernel=liger,
+        device=device,
+        loss=loss,
     )
 
 
@@ -60,7 +67,9 @@ def test_parameter_counts_match_the_published_model_and_peft():
     assert round(LLAMA_8B.parameters / 1e9, 2) == 8.03
     # peft's print_trainable_parameters for Llama-3.1-8B, r=16, all-linear: 41,943,040
     assert _estimate().adapter_params == 41_943_040
-    assert _estimate(lora=LoraConfig(target_modules=["q_proj", "v_proj"])).adapter_params == 32 * 16 * (4096 * 2 + 4096 + 1024)
+    assert _estimate(lora=LoraConfig(target_modules=["q_proj", "v_proj"])).adapter_params == 32 * 16 * (
+        4096 * 2 + 4096 + 1024
+    )
 
 
 def test_weights_by_quantisation():
@@ -97,8 +106,16 @@ def test_qlora_below_lora_checkpointing_below_none_fused_loss_below_plain(shape)
 @pytest.mark.parametrize("batch", [1, 8])
 def test_checkpointing_every_nth_layer_lies_between_all_and_none_and_grows_with_n(shape, quant, batch):
     def total(n: int, loss=None) -> int:
-        return estimate_peak_memory(shape, LORA, quant, batch_size=batch, seq_len=2048, gradient_checkpointing=True,
-                                    checkpoint_every_n_layers=n, loss=loss).total
+        return estimate_peak_memory(
+            shape,
+            LORA,
+            quant,
+            batch_size=batch,
+            seq_len=2048,
+            gradient_checkpointing=True,
+            checkpoint_every_n_layers=n,
+            loss=loss,
+        ).total
 
     for loss in (None, "chunked"):
         every = [total(n, loss) for n in range(1, shape.layers + 2)]
@@ -110,8 +127,9 @@ def test_checkpointing_every_nth_layer_lies_between_all_and_none_and_grows_with_
 
 def test_every_second_layer_keeps_half_the_layers_activations():
     """Llama-3.1-8B: 16 checkpointed and 16 full layers; at the loss, half the no-checkpointing activations and more."""
-    half = estimate_peak_memory(LLAMA_8B, LORA, BF16, batch_size=4, seq_len=2048, gradient_checkpointing=True,
-                                checkpoint_every_n_layers=2)
+    half = estimate_peak_memory(
+        LLAMA_8B, LORA, BF16, batch_size=4, seq_len=2048, gradient_checkpointing=True, checkpoint_every_n_layers=2
+    )
     off, every = _estimate(), _estimate(checkpointing=True)
     checkpoint = 2 * LLAMA_8B.hidden * 4 * 2048  # one bf16 layer input
     assert half.activations == off.activations // 2 + 16 * checkpoint
@@ -120,14 +138,23 @@ def test_every_second_layer_keeps_half_the_layers_activations():
 
 def test_config_estimate_uses_the_checkpointed_layers():
     cfg = config_from_dict({"train": {"batch_size": 4, "gradient_checkpointing": True}})
-    every, second = (memory.estimate_for_config(LLAMA_8B, _with(cfg, [f"train.checkpoint_every_n_layers={n}"]), "cuda")
-                     for n in (1, 2))
+    every, second = (
+        memory.estimate_for_config(LLAMA_8B, _with(cfg, [f"train.checkpoint_every_n_layers={n}"]), "cuda")
+        for n in (1, 2)
+    )
     assert every.total == memory.estimate_for_config(LLAMA_8B, cfg, "cuda").total < second.total
 
 
 def test_a_bigger_model_needs_more_memory():
-    totals = [_estimate(KNOWN_MODELS[name], NF4, batch=1, checkpointing=True).total for name in (
-        "HuggingFaceTB/SmolLM2-135M", "meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-70B")]
+    totals = [
+        _estimate(KNOWN_MODELS[name], NF4, batch=1, checkpointing=True).total
+        for name in (
+            "HuggingFaceTB/SmolLM2-135M",
+            "meta-llama/Llama-3.2-1B",
+            "meta-llama/Llama-3.1-8B",
+            "meta-llama/Llama-3.1-70B",
+        )
+    ]
     assert totals == sorted(totals)
 
 
@@ -152,8 +179,15 @@ def test_shape_from_a_local_folder_matches_its_config(tiny_model_dir):
 def test_shape_from_a_transformers_config_object():
     from transformers import LlamaConfig
 
-    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                         num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False)
+    config = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+    )
     assert memory.shape_from_config(config.to_dict()).parameters == LLAMA_8B.parameters
 
 
@@ -187,8 +221,15 @@ def test_shape_of_the_offline_default_gguf_before_conversion(tmp_path):
 
 @pytest.mark.parametrize(
     ("text", "size"),
-    [("24GiB", 24 * GIB), ("24GB", 24 * 10**9), ("80G", 80 * GIB), ("24576MiB", 24 * GIB), (" 23.5 gib ", int(23.5 * GIB)),
-     ("1TiB", 1 << 40), ("512M", 512 << 20)],
+    [
+        ("24GiB", 24 * GIB),
+        ("24GB", 24 * 10**9),
+        ("80G", 80 * GIB),
+        ("24576MiB", 24 * GIB),
+        (" 23.5 gib ", int(23.5 * GIB)),
+        ("1TiB", 1 << 40),
+        ("512M", 512 << 20),
+    ],
 )
 def test_parse_memory_size(text, size):
     assert parse_memory_size(text) == size
@@ -196,8 +237,14 @@ def test_parse_memory_size(text, size):
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [("24", "expected a positive number and a unit"), ("GiB", "expected a positive number"), ("-1GiB", "expected a positive"),
-     ("24XB", "unknown unit 'XB'"), ("0GiB", "larger than zero"), ("twenty GiB", "expected a positive number")],
+    [
+        ("24", "expected a positive number and a unit"),
+        ("GiB", "expected a positive number"),
+        ("-1GiB", "expected a positive"),
+        ("24XB", "unknown unit 'XB'"),
+        ("0GiB", "larger than zero"),
+        ("twenty GiB", "expected a positive number"),
+    ],
 )
 def test_parse_memory_size_errors_are_clear(text, message):
     with pytest.raises(ConfigError, match=message):
@@ -239,7 +286,9 @@ def test_plan_on_24gib_prefers_lora_over_qlora_at_a_larger_batch():
     assert (chosen.mode, chosen.gradient_checkpointing) == ("lora", True)
     qlora = chosen.alternatives[-1]
     assert qlora.mode == "qlora" and qlora.batch_size > chosen.batch_size > 1
-    assert chosen.gradient_accumulation_steps == -(-8 // chosen.batch_size)  # keeps the configured 8 examples per update
+    assert chosen.gradient_accumulation_steps == -(
+        -8 // chosen.batch_size
+    )  # keeps the configured 8 examples per update
 
 
 def test_the_seed_recipes_logits_and_upcasts_are_what_loraops_saves():
@@ -255,7 +304,10 @@ def test_the_seed_recipes_logits_and_upcasts_are_what_loraops_saves():
     assert seed.logits > 5 * GIB
     assert lean.total < 0.5 * seed.total < upcast.total
     lora = config_from_dict({"train": {"batch_size": 4, "gradient_checkpointing": True}})
-    assert memory.estimate_for_config(LLAMA_8B, lora, "cuda", 2048).total < _estimate(batch=4, checkpointing=True).total - 9 * GIB
+    assert (
+        memory.estimate_for_config(LLAMA_8B, lora, "cuda", 2048).total
+        < _estimate(batch=4, checkpointing=True).total - 9 * GIB
+    )
 
 
 def test_chunked_loss_holds_one_tile_not_the_logits():
@@ -287,8 +339,13 @@ def test_plan_checkpoints_all_layers_or_none_and_resets_every_n_layers():
     chosen = plan(LLAMA_8B, parse_memory_size("80GiB"), selective, 2048)
     assert not chosen.gradient_checkpointing and all(option.note == "" for option in chosen.alternatives)
     assert "train.checkpoint_every_n_layers=1" in chosen.overrides
-    assert memory.estimate_for_config(LLAMA_8B, _with(selective, chosen.overrides), "cuda").total == chosen.estimate.total
-    assert "train.checkpoint_every_n_layers=1" not in plan(LLAMA_8B, parse_memory_size("80GiB"), LoraopsConfig(), 2048).overrides
+    assert (
+        memory.estimate_for_config(LLAMA_8B, _with(selective, chosen.overrides), "cuda").total == chosen.estimate.total
+    )
+    assert (
+        "train.checkpoint_every_n_layers=1"
+        not in plan(LLAMA_8B, parse_memory_size("80GiB"), LoraopsConfig(), 2048).overrides
+    )
 
 
 def test_plan_skips_qlora_for_dora_with_the_configs_reason():
@@ -311,7 +368,9 @@ def test_cli_plan_for_a_hub_id_prints_the_choice_breakdown_and_overrides():
     result = _plan_cli("--model", "meta-llama/Llama-3.1-8B", "--gpu-memory", "16GiB", "--seq-len", "2048")
     assert result.exit_code == 0, result.output
     assert "choice: QLoRA (nf4 base), gradient checkpointing on, batch size" in result.output
-    assert "-S model.base=meta-llama/Llama-3.1-8B -S quant.mode=nf4 -S train.gradient_checkpointing=true" in result.output
+    assert (
+        "-S model.base=meta-llama/Llama-3.1-8B -S quant.mode=nf4 -S train.gradient_checkpointing=true" in result.output
+    )
     assert "-S data.max_length=2048" in result.output
     for row in ("base weights (nf4 + double quant", "AdamW states", "activations", "total"):
         assert row in result.output
@@ -376,7 +435,9 @@ def test_on_cpu_an_estimate_above_ram_only_warns(tmp_path, tiny_model_dir, caplo
     with caplog.at_level("WARNING", logger="loraops.train.memory"):
         check = stages.check_memory(cfg, tmp_path, available=64 << 20)
     assert not check.fits and check.device == "cpu"
-    assert "does not fit with quant.mode=none, train.batch_size=64" in caplog.text and "continuing on CPU" in caplog.text
+    assert (
+        "does not fit with quant.mode=none, train.batch_size=64" in caplog.text and "continuing on CPU" in caplog.text
+    )
 
 
 def test_stage_refuses_hopeless_settings_with_the_ways_out(tmp_path, tiny_model_dir):
@@ -388,7 +449,9 @@ def test_stage_refuses_hopeless_settings_with_the_ways_out(tmp_path, tiny_model_
 
 def test_gpu_check_names_the_plans_settings():
     with pytest.raises(MemoryPlanError) as refused:
-        memory.check_memory(LLAMA_8B, _with(LoraopsConfig(), ["data.max_length=2048"]), "cuda", parse_memory_size("24GiB"))
+        memory.check_memory(
+            LLAMA_8B, _with(LoraopsConfig(), ["data.max_length=2048"]), "cuda", parse_memory_size("24GiB")
+        )
     assert "-S quant.mode=none -S train.gradient_checkpointing=true -S train.batch_size=5" in str(refused.value)
 
 

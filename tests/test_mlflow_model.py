@@ -17,14 +17,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port, wait_until_healthy
-from loraops.registry import mlflow_model
+from registry_helpers import PROMPT, make_adapter, register, registry_config
+
 from loraops.config import LoraopsConfig
+from loraops.registry import mlflow_model
 from loraops.registry.runs import CHAMPION, make_client, promote_version
 from loraops.serve.serving import fetch_adapter, generate_text, load_adapter
-from registry_helpers import PROMPT, make_adapter, register, registry_config
-from test_mlflow_server import tracking_server  # noqa: F401  (the fixture)
 
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
 MESSAGES = [{"role": "user", "content": PROMPT}]
@@ -50,7 +49,11 @@ def load_in_another_folder(uri: str, tracking: str, folder: Path) -> dict:
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking}
     result = subprocess.run(
         [sys.executable, "-c", LOAD_ELSEWHERE, uri, json.dumps(MESSAGES), str(NEW_TOKENS)],
-        cwd=folder, env=env, capture_output=True, text=True, timeout=300,
+        cwd=folder,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -61,7 +64,21 @@ def serve_and_ask(uri: str, tracking: str, folder: Path) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "serve.log"
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking}
-    command = [MLFLOW, "models", "serve", "-m", uri, "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
+    command = [
+        MLFLOW,
+        "models",
+        "serve",
+        "-m",
+        uri,
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-w",
+        "1",
+    ]
     with log.open("w") as output:
         process = subprocess.Popen(
             command, cwd=folder, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
@@ -87,7 +104,10 @@ def serve_and_ask(uri: str, tracking: str, folder: Path) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.integration
 def test_a_registered_adapter_loads_and_serves_with_mlflow_alone(
-    tracking_server, tiny_model_dir, tmp_path, monkeypatch  # noqa: F811
+    tracking_server,
+    tiny_model_dir,
+    tmp_path,
+    monkeypatch,  # noqa: F811
 ):
     monkeypatch.chdir(tmp_path)
     cfg = registry_config(tracking_server, tmp_path)
@@ -121,8 +141,13 @@ def test_the_model_config_names_base_quantisation_and_generation_defaults():
     from loraops.results import Lineage
 
     lineage = Lineage(
-        git_commit="c", git_dirty=False, data_md5="d", dvc_lock_md5="e", params_hash="f",
-        base_model=cfg.model.base, base_revision=None,
+        git_commit="c",
+        git_dirty=False,
+        data_md5="d",
+        dvc_lock_md5="e",
+        params_hash="f",
+        base_model=cfg.model.base,
+        base_revision=None,
     )
     config = mlflow_model.model_config(cfg, lineage)
     assert config["base_model"] == cfg.model.base and config["quant"]["mode"] == "nf4"
@@ -136,9 +161,9 @@ def test_the_model_config_names_base_quantisation_and_generation_defaults():
 @pytest.mark.slow
 def test_a_qlora_version_loads_its_base_in_4_bit_on_cpu(tiny_model_dir, tmp_path_factory, tmp_path, monkeypatch):
     import bitsandbytes as bnb
-    import mlflow
-
     from registry_helpers import shared_store_uri
+
+    import mlflow
 
     store = shared_store_uri(tmp_path_factory)
     cfg = registry_config(store, tmp_path, quant={"mode": "nf4", "compute_dtype": "float32"})

@@ -2,49 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
+from registry_helpers import PROMPT, make_adapter, register, registry_config
 
-from conftest import free_port, wait_until_healthy
 from loraops.registry.promotion import apply_promotion, check_promotion, rollback
 from loraops.registry.runs import make_client
 from loraops.serve.serving import fetch_adapter, generate_text, load_adapter
-from registry_helpers import PROMPT, make_adapter, register, registry_config
-
-MLFLOW = str(Path(sys.executable).parent / "mlflow")
-HEALTH_TIMEOUT_S = 60
-
-
-@pytest.fixture
-def tracking_server(tmp_path) -> str:
-    port = free_port()
-    log = tmp_path / "mlflow-server.log"
-    command = [
-        MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-        "--artifacts-destination", str(tmp_path / "server-artifacts"),
-    ]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    with log.open("w") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        wait_until_healthy("mlflow", f"http://127.0.0.1:{port}/health", process, log, time.monotonic() + HEALTH_TIMEOUT_S)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)  # the server's own group: uvicorn and its worker
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
 
 
 @pytest.mark.integration

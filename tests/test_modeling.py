@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
-from loraops.train import base_model as modeling
 from loraops.config import ConfigError, LoraConfig, ModelConfig, QuantConfig, TrainConfig
 from loraops.results import BaseModelRef
+from loraops.train import base_model as modeling
 
 
 def _local_ref(model_dir) -> BaseModelRef:
@@ -80,13 +80,19 @@ def test_distributed_qlora_loads_in_the_compute_dtype_on_each_ranks_gpu(monkeypa
     with pytest.raises(RuntimeError, match="captured"):
         modeling.load_base_model(_local_ref("unused"), ModelConfig(attn_implementation="flex_attention"), quant, "cuda")
     assert seen["device_map"] == {"": 1} and seen["dtype"] == dtype
-    assert seen["quantization_config"].bnb_4bit_quant_storage == dtype == seen["quantization_config"].bnb_4bit_compute_dtype
+    assert (
+        seen["quantization_config"].bnb_4bit_quant_storage
+        == dtype
+        == seen["quantization_config"].bnb_4bit_compute_dtype
+    )
     assert seen["attn_implementation"] == "flex_attention"
 
 
 def test_attn_implementation_auto_keeps_the_transformers_default(tiny_model_dir):
     auto = modeling.load_base_model(_local_ref(tiny_model_dir), ModelConfig(), QuantConfig(), "cpu")
-    eager = modeling.load_base_model(_local_ref(tiny_model_dir), ModelConfig(attn_implementation="eager"), QuantConfig(), "cpu")
+    eager = modeling.load_base_model(
+        _local_ref(tiny_model_dir), ModelConfig(attn_implementation="eager"), QuantConfig(), "cpu"
+    )
     assert (auto.config._attn_implementation, eager.config._attn_implementation) == ("sdpa", "eager")
 
 

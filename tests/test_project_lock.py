@@ -90,7 +90,10 @@ def test_the_lock_of_a_killed_run_is_taken_over_with_a_message(tmp_path, caplog)
     with caplog.at_level(logging.WARNING, logger="loraops.project.lock"):
         with project_lock(tmp_path, "next run"):
             pass
-    assert f"taking over the run lock {tmp_path / LOCK_FILE} left by 'loraops stage train-adapter' (pid {holder.pid}" in caplog.text
+    assert (
+        f"taking over the run lock {tmp_path / LOCK_FILE} left by 'loraops stage train-adapter' (pid {holder.pid}"
+        in caplog.text
+    )
 
 
 def test_nested_use_in_one_process_and_children_of_the_holder_run_under_the_lock(tmp_path):
@@ -101,7 +104,9 @@ def test_nested_use_in_one_process_and_children_of_the_holder_run_under_the_lock
         ran = subprocess.run([sys.executable, "-c", child, str(tmp_path)], capture_output=True, text=True)
         assert ran.stdout.strip() == "ran", ran.stderr  # dvc repro -> loraops stage started by the holder
         stranger_env = {k: v for k, v in os.environ.items() if k != HOLDER_ENV}
-        stranger = subprocess.run([sys.executable, "-c", child, str(tmp_path)], capture_output=True, text=True, env=stranger_env)
+        stranger = subprocess.run(
+            [sys.executable, "-c", child, str(tmp_path)], capture_output=True, text=True, env=stranger_env
+        )
         assert stranger.returncode == 1 and "is in use by 'outer'" in stranger.stderr
     assert HOLDER_ENV not in os.environ
     stranger = subprocess.run([sys.executable, "-c", child, str(tmp_path)], capture_output=True, text=True)
@@ -125,7 +130,9 @@ def test_a_flow_run_records_its_id_in_the_lock(tmp_path, prefect_harness):
 def project_with_data(tiny_project) -> Path:
     """The tiny project with its base model and data contract done, ready for `loraops stage train-adapter`."""
     for stage in ("prepare-base-model", "validate-dataset"):
-        subprocess.run([sys.executable, "-m", "loraops", "stage", stage], cwd=tiny_project, check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "loraops", "stage", stage], cwd=tiny_project, check=True, capture_output=True
+        )
     return tiny_project
 
 

@@ -10,16 +10,15 @@ from pathlib import Path
 
 import mlflow.artifacts
 import pytest
+from registry_helpers import make_adapter, register, registry_config, shared_store_uri
 from typer.testing import CliRunner
 
 from loraops.registry import promotion
-
 from loraops.registry import runs as registry
 from loraops.registry.mlflow_model import tracking_uri_set
 from loraops.registry.promotion import PromotionRefused, alias_state, apply_promotion, check_promotion, rollback
 from loraops.registry.runs import make_client
 from loraops.serve.serving import SampleAnswer
-from registry_helpers import make_adapter, register, registry_config, shared_store_uri
 
 
 @pytest.fixture(scope="module")
@@ -175,9 +174,11 @@ def test_model_card_samples_table_and_loss_curves_are_logged(store_uri, adapters
     registration = register(cfg, tmp_path, adapters[0], str(tiny_model_dir), loss=1.25, samples=samples)
 
     version = client.get_model_version(name, "1")
-    card = Path(mlflow.artifacts.download_artifacts(
-        run_id=registration.run_id, artifact_path="model_card.md", tracking_uri=store_uri, dst_path=str(tmp_path)
-    )).read_text()
+    card = Path(
+        mlflow.artifacts.download_artifacts(
+            run_id=registration.run_id, artifact_path="model_card.md", tracking_uri=store_uri, dst_path=str(tmp_path)
+        )
+    ).read_text()
     for expected in (
         f"# {name} version 1",
         f"- base model: `{tiny_model_dir}` (revision `default`)",
@@ -196,10 +197,16 @@ def test_model_card_samples_table_and_loss_curves_are_logged(store_uri, adapters
     assert version.description.startswith(f"# {name} version 1\n")
     assert "## How to load" in version.description and len(version.description) <= 5000
     assert version.tags[registry.GATE_TAG] == "passed"
-    table = json.loads(Path(mlflow.artifacts.download_artifacts(
-        run_id=registration.run_id, artifact_path="evaluation/samples.json", tracking_uri=store_uri,
-        dst_path=str(tmp_path),
-    )).read_text())
+    table = json.loads(
+        Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=registration.run_id,
+                artifact_path="evaluation/samples.json",
+                tracking_uri=store_uri,
+                dst_path=str(tmp_path),
+            )
+        ).read_text()
+    )
     assert table["columns"] == ["prompt", "base_answer", "adapter_answer"]
     assert table["data"] == [["What is five plus six?", "Five.", "Five plus six is eleven."]]
     plot = {item.path: item.file_size for item in client.list_artifacts(registration.run_id, "training")}
@@ -255,8 +262,11 @@ def test_params_redact_secret_keys_but_not_token_counts():
         {"hub": {"hf_token": "hf_abc", "api_key": "k", "password": "p"}, "gen": {"max_tokens": 64, "tokenizes": "fail"}}
     )
     assert flat == {
-        "hub.hf_token": "***", "hub.api_key": "***", "hub.password": "***",
-        "gen.max_tokens": "64", "gen.tokenizes": "fail",
+        "hub.hf_token": "***",
+        "hub.api_key": "***",
+        "hub.password": "***",
+        "gen.max_tokens": "64",
+        "gen.tokenizes": "fail",
     }
 
 

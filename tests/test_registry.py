@@ -7,8 +7,8 @@ test registers under its own model and experiment name so tests stay independent
 from __future__ import annotations
 
 import json
-import os
 import math
+import os
 import uuid
 from pathlib import Path
 
@@ -174,8 +174,13 @@ def test_failed_gate_logs_run_but_registers_nothing(cfg, project, client):
     run = client.get_run(registration.run_id)
     assert run.data.tags["loraops.evaluate.gate"] == "failed"
     assert "worse" in run.data.tags["loraops.evaluate.gate.reasons"]
-    gate = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="gate.json",
-                                                                tracking_uri=cfg.registry.tracking_uri)).read_text())
+    gate = json.loads(
+        Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run.info.run_id, artifact_path="gate.json", tracking_uri=cfg.registry.tracking_uri
+            )
+        ).read_text()
+    )
     assert gate["passed"] is False
     with pytest.raises(MlflowException) as missing:
         client.get_registered_model(cfg.registry.model_name)

@@ -70,7 +70,13 @@ def project(tmp_path_factory, tiny_model_dir, prefect_harness) -> Path:
 
 
 def _checkout_state(project: Path) -> dict:
-    tracked = ("dvc.lock", "params.yaml", "data.dvc", "adapters/candidate/adapter_model.safetensors", "metrics/adapter.json")
+    tracked = (
+        "dvc.lock",
+        "params.yaml",
+        "data.dvc",
+        "adapters/candidate/adapter_model.safetensors",
+        "metrics/adapter.json",
+    )
     return {
         "status": _sh(project, "git", "status", "--porcelain"),
         "worktrees": _sh(project, "git", "worktree", "list"),
@@ -122,8 +128,17 @@ def test_registered_version_stores_the_exact_lock_and_params_of_its_run(project)
     assert version.tags["loraops.git_dirty"] == "False"  # params.yaml and dvc.lock changed, but are recorded by hash
     assert version.tags["loraops.params_hash"] == load_config(project / "params.yaml").params_hash()
     # every output except the rebuilt-not-pushed base model is in the remote: metrics and plots included
-    lock_outs = [out["path"] for stage in yaml.safe_load(Path(lock).read_text())["stages"].values() for out in stage.get("outs", [])]
-    assert {"adapters/candidate", "metrics/adapter.json", "metrics/baseline.json", "metrics/plots/eval_loss.json"} <= set(lock_outs)
+    lock_outs = [
+        out["path"]
+        for stage in yaml.safe_load(Path(lock).read_text())["stages"].values()
+        for out in stage.get("outs", [])
+    ]
+    assert {
+        "adapters/candidate",
+        "metrics/adapter.json",
+        "metrics/baseline.json",
+        "metrics/plots/eval_loss.json",
+    } <= set(lock_outs)
     assert "in sync" in _sh(project, DVC, "status", "--cloud").lower()
 
 
@@ -152,7 +167,10 @@ def test_reproduce_rebuilds_version_1_and_prints_a_matching_table(untouched, tmp
     report = ReproductionReport.model_validate_json(report_file.read_text())
     tags = _client(untouched).get_model_version(MODEL, "1").tags
     assert report.matched and report.git_commit == tags["loraops.dvc_experiment_rev"]  # the run's experiment
-    assert report.dvc_experiment == tags["loraops.dvc_experiment"] and f"(DVC experiment {report.dvc_experiment})" in result.output
+    assert (
+        report.dvc_experiment == tags["loraops.dvc_experiment"]
+        and f"(DVC experiment {report.dvc_experiment})" in result.output
+    )
     assert report.tensors and all(t.max_abs_diff is not None and t.max_abs_diff <= 1e-6 for t in report.tensors)
     assert next(c for c in report.checks if c.name.startswith("inputs")).difference == "identical"
 
@@ -232,7 +250,9 @@ def test_allow_dirty_lets_a_dirty_version_past_the_checks(untouched):
 
 
 def test_reproduce_refuses_a_commit_missing_from_the_repository(untouched):
-    version = _version_with(untouched, loraops__git_commit="0123456789abcdef0123456789abcdef01234567", **BEFORE_EXPERIMENTS)
+    version = _version_with(
+        untouched, loraops__git_commit="0123456789abcdef0123456789abcdef01234567", **BEFORE_EXPERIMENTS
+    )
 
     result = _reproduce(untouched, f"{MODEL}/{version}")
     assert result.exit_code == 2
@@ -318,7 +338,12 @@ def test_dvc_exp_run_with_a_lora_override_is_listed_and_diffed_with_its_metrics(
     _sh(workspace, "git", "add", "-A")
     _sh(workspace, *GIT, "commit", "-qm", "the retrain run")
     identity = {"GIT_AUTHOR_NAME": "loraops-tests", "GIT_AUTHOR_EMAIL": "tests@loraops.invalid"}
-    env = {**os.environ, **identity, "GIT_COMMITTER_NAME": "loraops-tests", "GIT_COMMITTER_EMAIL": "tests@loraops.invalid"}
+    env = {
+        **os.environ,
+        **identity,
+        "GIT_COMMITTER_NAME": "loraops-tests",
+        "GIT_COMMITTER_EMAIL": "tests@loraops.invalid",
+    }
 
     _sh(workspace, DVC, "exp", "run", "-S", "lora.r=8", "--name", "rank-8", env=env)
 
@@ -331,7 +356,10 @@ def test_dvc_exp_run_with_a_lora_override_is_listed_and_diffed_with_its_metrics(
     assert "loss" in experiment["data"]["metrics"]["metrics/adapter.json"]["data"]
 
     diff = json.loads(_sh(workspace, DVC, "metrics", "diff", "HEAD", "--json"))
-    assert diff["metrics/train.json"]["trainable_params"]["new"] == diff["metrics/train.json"]["trainable_params"]["old"] // 2
+    assert (
+        diff["metrics/train.json"]["trainable_params"]["new"]
+        == diff["metrics/train.json"]["trainable_params"]["old"] // 2
+    )
     assert "loss" in diff["metrics/adapter.json"]
     plots = json.loads(_sh(workspace, DVC, "plots", "diff", "HEAD", "--json"))
     assert set(plots["data"]["loss"][0]["revisions"]) == {"HEAD", "workspace"}
@@ -371,7 +399,10 @@ def test_inputs_check_compares_data_code_and_params_but_not_outputs_of_other_sta
     def lock(data_md5: str, summary_md5: str, r: int) -> dict:
         return {
             "stages": {
-                "validate": {"deps": [{"path": "data", "md5": data_md5}], "outs": [{"path": "summary.json", "md5": summary_md5}]},
+                "validate": {
+                    "deps": [{"path": "data", "md5": data_md5}],
+                    "outs": [{"path": "summary.json", "md5": summary_md5}],
+                },
                 "train": {
                     "deps": [{"path": "data", "md5": data_md5}, {"path": "summary.json", "md5": summary_md5}],
                     "params": {"params.yaml": {"lora": {"r": r}}},
@@ -392,7 +423,13 @@ def test_format_report_prints_one_row_per_check_and_the_verdict():
         dvc_lock_md5="b" * 32,
         data_md5="c" * 32 + ".dir",
         checks=[
-            Check(name="adapter validation loss", registered="1.000000", rebuilt="1.500000", difference="5.00e-01", passed=False),
+            Check(
+                name="adapter validation loss",
+                registered="1.000000",
+                rebuilt="1.500000",
+                difference="5.00e-01",
+                passed=False,
+            ),
             Check(name="outputs byte-identical", registered="3", rebuilt="2", difference="differ: " + "x" * 60),
         ],
         tensors=[TensorDiff(file="adapter_model.safetensors", name="w", shape=[2], max_abs_diff=0.5)],
@@ -411,7 +448,9 @@ def test_data_dvc_is_pointed_at_the_recorded_data_version(tmp_path):
     from loraops.reproduce.reproduce import _point_data_at
 
     dvc_file = tmp_path / "data.dvc"
-    dvc_file.write_text(yaml.safe_dump({"outs": [{"md5": "old.dir", "size": 10, "nfiles": 2, "hash": "md5", "path": "data"}]}))
+    dvc_file.write_text(
+        yaml.safe_dump({"outs": [{"md5": "old.dir", "size": 10, "nfiles": 2, "hash": "md5", "path": "data"}]})
+    )
 
     assert _point_data_at(dvc_file, "new.dir") == "data"
     assert yaml.safe_load(dvc_file.read_text())["outs"] == [{"md5": "new.dir", "hash": "md5", "path": "data"}]
@@ -419,8 +458,8 @@ def test_data_dvc_is_pointed_at_the_recorded_data_version(tmp_path):
 
 def test_a_relative_local_remote_is_re_anchored_at_the_users_checkout(tmp_path):
     """The project's default remote is `../.dvcstore` (relative to .dvc/): in a worktree it must still mean the user's."""
-    from loraops.reproduce.reproduce import _use_users_remotes
     from loraops.lineage.versioning import remote_urls
+    from loraops.reproduce.reproduce import _use_users_remotes
 
     user, worktree = tmp_path / "checkout", tmp_path / "worktree"
     for folder in (user, worktree):

@@ -18,9 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loraops.train import trainer as training
 from loraops.config import ConfigError, config_from_dict
 from loraops.results import BaseModelRef, TrainResult
+from loraops.train import trainer as training
 
 DATA = Path(__file__).parent / "fixtures" / "data"
 KILL_AT_STEP = 5  # after checkpoint-4 is written, before checkpoint-6
@@ -140,7 +140,7 @@ def _checkpoint(output_dir: Path, step: int, complete: bool = True) -> Path:
     path.mkdir(parents=True)
     for name in ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
         (path / name).write_bytes(b"x")
-    (path / "trainer_state.json").write_text('{"global_step": %d}' % step if complete else '{"global_st')
+    (path / "trainer_state.json").write_text(f'{{"global_step": {step}}}' if complete else '{"global_st')
     return path
 
 
@@ -247,8 +247,8 @@ def test_rerunning_a_killed_train_stage_resumes_from_its_checkpoint(tmp_path, ti
     assert [row["step"] for row in history if "loss" in row] == list(range(1, 121))
 
     # MLflow: the killed attempt's run (left RUNNING by SIGKILL) is marked FAILED; the rerun's run is FINISHED.
-    from loraops.registry import runs as registry
     from loraops.config import load_config
+    from loraops.registry import runs as registry
 
     cfg = load_config(project / "params.yaml")
     client = registry.client_for(cfg.registry, project)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY_DATA, tiny_params
 from typer.testing import CliRunner
 
-from conftest import TINY_DATA, tiny_params
 from loraops import stages
 from loraops.config import load_config
 

@@ -12,7 +12,6 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-
 from conftest import GIT, REPO_ROOT, free_port, make_project, wait_until_healthy
 from test_data_registry import add_rows, import_from, make_registry
 from test_deployments import BIN, RUN_S, SERVER_START_S, _cli, _deploy, _server
@@ -77,12 +76,12 @@ def _finished_scheduled_runs(client, deployment_id, done: set, worker: list[str]
 def test_the_schedule_starts_a_run_that_trains_on_new_registry_rows_then_one_that_ends_early(
     prefect_server, tiny_model_dir, tmp_path
 ):
-    from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.schedules import IntervalSchedule
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from loraops.inputs.data_registry import read_data_version
+    from mlflow import MlflowClient
 
     registry = make_registry(tmp_path / "registry")
     project = _project(tmp_path, tiny_model_dir, registry)
@@ -91,7 +90,10 @@ def test_the_schedule_starts_a_run_that_trains_on_new_registry_rows_then_one_tha
     host = {**env, "LORAOPS_PROJECT_DIR": str(project), "PREFECT_HOME": str(tmp_path / "cpu-home")}
     worker = [str(BIN / "prefect"), "worker", "start", "--pool", "cpu", "--run-once"]
 
-    with temporary_settings(updates={PREFECT_API_URL: prefect_server["prefect"]}), get_client(sync_client=True) as client:
+    with (
+        temporary_settings(updates={PREFECT_API_URL: prefect_server["prefect"]}),
+        get_client(sync_client=True) as client,
+    ):
         deployment = client.read_deployment_by_name("retrain/retrain")
         for schedule in deployment.schedules:  # the weekly cron gives way to a short interval for the test
             client.delete_deployment_schedule(deployment.id, schedule.id)

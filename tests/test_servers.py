@@ -7,11 +7,11 @@ import shutil
 import threading
 
 import pytest
+from conftest import REPO_ROOT, free_port
 from typer.testing import CliRunner
 
-from conftest import REPO_ROOT, free_port
-from loraops.project import servers
 from loraops.cli.app import app
+from loraops.project import servers
 
 
 class _Health(http.server.BaseHTTPRequestHandler):
@@ -44,10 +44,14 @@ def health_server():
 def test_a_healthy_server_passes_and_others_are_named_with_what_to_do(health_server):
     servers.check_mlflow_server(health_server(200))
     servers.check_prefect_api(health_server(200) + "/api")
-    with pytest.raises(servers.ServerUnreachableError, match=r"MLflow tracking server at .*/health answered HTTP 503: start it"):
+    with pytest.raises(
+        servers.ServerUnreachableError, match=r"MLflow tracking server at .*/health answered HTTP 503: start it"
+    ):
         servers.check_mlflow_server(health_server(503))
     dead = f"http://127.0.0.1:{free_port()}"
-    with pytest.raises(servers.ServerUnreachableError, match=r"Prefect server at .*/api/health does not answer .*make stack"):
+    with pytest.raises(
+        servers.ServerUnreachableError, match=r"Prefect server at .*/api/health does not answer .*make stack"
+    ):
         servers.check_prefect_api(dead + "/api")
 
 

@@ -11,9 +11,11 @@ import json
 from pathlib import Path
 
 import pytest
+from registry_helpers import PROMPT, make_adapter, prepare_project_base, register, registry_config, shared_store_uri
 from typer.testing import CliRunner
 
 from loraops.config import ConfigError, LoraopsConfig, ModelConfig, QuantConfig
+from loraops.data.tokenization import tokenize_example
 from loraops.registry.runs import make_client, promote_version
 from loraops.results import BaseModelRef
 from loraops.serve.serving import (
@@ -28,8 +30,6 @@ from loraops.serve.serving import (
     load_adapters,
     validation_samples,
 )
-from loraops.data.tokenization import tokenize_example
-from registry_helpers import PROMPT, make_adapter, prepare_project_base, register, registry_config, shared_store_uri
 
 # --- fixtures -----------------------------------------------------------------------------------
 
@@ -79,8 +79,18 @@ def test_generate_by_alias_by_version_and_from_the_cli(store_uri, adapters, tiny
     params = tmp_path / "params.yaml"
     params.write_text(json.dumps(cfg.model_dump(mode="json")))  # JSON is YAML
     result = CliRunner().invoke(
-        app, ["generate", "--params", str(params), "--max-new-tokens", "12", "--base", "-m",
-              f"models:/{cfg.registry.model_name}@champion", PROMPT]
+        app,
+        [
+            "generate",
+            "--params",
+            str(params),
+            "--max-new-tokens",
+            "12",
+            "--base",
+            "-m",
+            f"models:/{cfg.registry.model_name}@champion",
+            PROMPT,
+        ],
     )
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == [
@@ -119,8 +129,10 @@ def test_switching_adapters_changes_outputs_and_disabling_returns_the_base(adapt
 def test_adapters_on_different_bases_are_not_mixed(adapters, tiny_model_dir, tmp_path):
     ref = BaseModelRef(source="tiny", path=str(tiny_model_dir))
     other = BaseModelRef(source="other", path=str(tmp_path))
-    sources = {"one": AdapterSource("one", adapters["one"], ref, QuantConfig()),
-               "two": AdapterSource("two", adapters["two"], other, QuantConfig())}
+    sources = {
+        "one": AdapterSource("one", adapters["one"], ref, QuantConfig()),
+        "two": AdapterSource("two", adapters["two"], other, QuantConfig()),
+    }
     with pytest.raises(ConfigError, match="share one base model only when it is the same"):
         load_adapters(sources, ModelConfig(), "cpu")
 
@@ -178,8 +190,14 @@ def test_model_card_samples_answer_validation_prompts_with_base_and_adapter(adap
     assert len(samples) == 2
     assert samples[0].prompt == first["messages"][-2]["content"]
     assert all(sample.base_answer != sample.adapter_answer for sample in samples)
-    assert validation_samples(cfg.model_copy(update={"registry": cfg.registry.model_copy(update={"card_samples": 0})}),
-                              tmp_path, adapters["one"]) == []
+    assert (
+        validation_samples(
+            cfg.model_copy(update={"registry": cfg.registry.model_copy(update={"card_samples": 0})}),
+            tmp_path,
+            adapters["one"],
+        )
+        == []
+    )
 
 
 def test_model_card_samples_use_distinct_prompts_in_file_order():
@@ -188,6 +206,12 @@ def test_model_card_samples_use_distinct_prompts_in_file_order():
     def chat(question: str) -> list[dict]:
         return [{"role": "user", "content": question}]
 
-    conversations = [chat("What is your name?"), chat("what is  your NAME?"), chat("Who are you?"), chat("Hi"), chat("Bye")]
+    conversations = [
+        chat("What is your name?"),
+        chat("what is  your NAME?"),
+        chat("Who are you?"),
+        chat("Hi"),
+        chat("Bye"),
+    ]
     assert distinct_prompts(conversations, 3) == [chat("What is your name?"), chat("Who are you?"), chat("Hi")]
     assert distinct_prompts(conversations[:2], 3) == [chat("What is your name?")]

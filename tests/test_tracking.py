@@ -16,11 +16,9 @@ import pytest
 from transformers import TrainerCallback
 
 from loraops import stages
-
-from loraops.registry import runs as registry
-
-from loraops.registry import tracking
 from loraops.config import load_config
+from loraops.registry import runs as registry
+from loraops.registry import tracking
 from loraops.results import EvalMetrics, GateDecision, Lineage, TrainResult
 
 TESTS = Path(__file__).parent
@@ -133,18 +131,31 @@ def outcome(root: Path, adapter_dir: Path, run_id: str | None, passed: bool = Tr
     history.write_text('[{"loss": 2.4, "step": 1}, {"eval_loss": 2.2, "step": 1}]')
     return dict(
         trained=TrainResult(
-            adapter_dir=str(adapter_dir), trainable_params=1_000, total_params=100_000, steps=1, best_step=1,
-            best_eval_loss=1.5, stopped_early=False, history_path=str(history), mlflow_run_id=run_id,
+            adapter_dir=str(adapter_dir),
+            trainable_params=1_000,
+            total_params=100_000,
+            steps=1,
+            best_step=1,
+            best_eval_loss=1.5,
+            stopped_early=False,
+            history_path=str(history),
+            mlflow_run_id=run_id,
         ),
         baseline=EvalMetrics.from_totals(200.0, 100, 4),
         candidate=EvalMetrics.from_totals(150.0 if passed else 250.0, 100, 4),
         decision=GateDecision(
-            passed=passed, reasons=["1.5 < 2.0" if passed else "2.5 is worse than base 2.0"], baseline_loss=2.0,
+            passed=passed,
+            reasons=["1.5 < 2.0" if passed else "2.5 is worse than base 2.0"],
+            baseline_loss=2.0,
             candidate_loss=1.5 if passed else 2.5,
         ),
         lineage=Lineage(
-            git_commit="0" * 40, git_dirty=False, data_md5="d" * 32 + ".dir", dvc_lock_md5="e" * 32,
-            params_hash="f" * 16, base_model="tiny",
+            git_commit="0" * 40,
+            git_dirty=False,
+            data_md5="d" * 32 + ".dir",
+            dvc_lock_md5="e" * 32,
+            params_hash="f" * 16,
+            base_model="tiny",
         ),
     )
 
@@ -228,7 +239,9 @@ def test_a_rerun_after_a_sigkill_between_version_and_alias_finishes_that_one_ver
         deadline = time.monotonic() + 180
         while not marker.exists():
             if process.poll() is not None:
-                pytest.fail(f"the registration exited with {process.returncode} early:\n{process.stderr.read()[-3000:]}")
+                pytest.fail(
+                    f"the registration exited with {process.returncode} early:\n{process.stderr.read()[-3000:]}"
+                )
             assert time.monotonic() < deadline, "the registration never created its version"
             time.sleep(0.2)
         os.kill(process.pid, signal.SIGKILL)

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port, wait_until_healthy
+
 from loraops.registry.limits import bounded_requests, http_settings
 
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
@@ -22,8 +22,9 @@ MLFLOW = str(Path(sys.executable).parent / "mlflow")
 
 def test_inside_a_run_mlflow_tries_a_dropped_request_once_more_then_gives_up():
     """MLflow's default is 7 retries with growing backoff (minutes); bounded, a request is tried twice."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
+
+    from mlflow import MlflowClient
 
     attempts = []
     listener = socket.create_server(("127.0.0.1", 0))
@@ -54,7 +55,9 @@ def test_the_bounded_settings_fit_in_the_timeout():
     for timeout_s in (10, 60, 600):
         settings = http_settings(timeout_s)
         attempts = 1 + int(settings["MLFLOW_HTTP_REQUEST_MAX_RETRIES"])
-        worst = attempts * 2 * int(settings["MLFLOW_HTTP_REQUEST_TIMEOUT"]) + 5  # connect + read per attempt, health check
+        worst = (
+            attempts * 2 * int(settings["MLFLOW_HTTP_REQUEST_TIMEOUT"]) + 5
+        )  # connect + read per attempt, health check
         assert worst <= timeout_s and settings["MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"] == "0"
 
 
@@ -64,8 +67,18 @@ def killable_tracking_server(tmp_path):
     port, store = free_port(), tmp_path / "server.db"
     log = tmp_path / "mlflow-server.log"
     command = [
-        MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{store}", "--artifacts-destination", str(tmp_path / "server-artifacts"),
+        MLFLOW,
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{store}",
+        "--artifacts-destination",
+        str(tmp_path / "server-artifacts"),
     ]
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -104,12 +117,12 @@ class _KillWhenTrainingStarts(logging.Handler):
 def test_a_tracking_server_killed_during_training_fails_the_run_in_one_line_registering_nothing(
     tiny_project, killable_tracking_server, prefect_harness, capfd
 ):
-    from mlflow import MlflowClient
     from prefect import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterId
     from typer.testing import CliRunner
 
     from loraops.cli.app import app
+    from mlflow import MlflowClient
 
     url, server, store = killable_tracking_server
     killer = _KillWhenTrainingStarts(server)

@@ -14,13 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from loraops.train import base_model as modeling
-
-from loraops.train import trainer as training
 from loraops.config import ConfigError, LoraopsConfig, ModelConfig, QuantConfig, config_from_dict
+from loraops.data.tokenization import build_dataset
 from loraops.evaluate.loss import evaluate_loss
 from loraops.results import BaseModelRef
-from loraops.data.tokenization import build_dataset
+from loraops.train import base_model as modeling
+from loraops.train import trainer as training
 
 DATA = Path(__file__).parent / "fixtures" / "data"
 TINY_LORA_PARAMS = 16_384  # r=8 on the 7 projections of 2 layers (hidden 64, kv 32, mlp 128)
@@ -136,7 +135,9 @@ def test_trl_trains_through_its_chunked_lm_head_without_full_logits(tmp_path, ti
         trainer.model(input_ids=batch["input_ids"])
     handle.remove()
     assert head_calls == [tuple(batch["input_ids"].shape) + (head.weight.shape[0],)]
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in trainer.model.named_parameters() if "lora_B" in n)
+    assert any(
+        p.grad is not None and p.grad.abs().sum() > 0 for n, p in trainer.model.named_parameters() if "lora_B" in n
+    )
 
 
 def test_flash_attention_on_cpu_is_refused_naming_the_setting(tmp_path):
@@ -357,7 +358,9 @@ def test_checkpointing_every_second_layer_recomputes_only_those_with_the_same_gr
         "every 2nd": {"gradient_checkpointing": True, "checkpoint_every_n_layers": 2},
     }.items():
         train = {**train, "max_steps": 1, "eval_steps": 1, "output_dir": str(tmp_path / label)}
-        steps[label] = _first_step(_config(tiny_model_dir, tmp_path, quant={"mode": quant}, train=train), tiny_model_dir, splits)
+        steps[label] = _first_step(
+            _config(tiny_model_dir, tmp_path, quant={"mode": quant}, train=train), tiny_model_dir, splits
+        )
     assert {label: step[:2] for label, step in steps.items()} == {
         "off": ([False, False], [1, 1]),
         "all": ([True, True], [2, 2]),
@@ -468,7 +471,8 @@ def _prepared_qlora(model_dir: Path, upcast: bool, checkpointing: bool = True, e
 
 def _non_quantized_dtypes(model) -> dict[str, torch.dtype]:
     return {
-        name: param.dtype for name, param in model.named_parameters()
+        name: param.dtype
+        for name, param in model.named_parameters()
         if "lora_" not in name and param.__class__.__name__ != "Params4bit"
     }
 
@@ -479,7 +483,9 @@ def test_lean_qlora_preparation_keeps_the_compute_dtype_and_trains_with_checkpoi
     base = model.get_base_model()
     assert base.get_input_embeddings().weight.dtype == base.get_output_embeddings().weight.dtype == torch.bfloat16
     assert set(_non_quantized_dtypes(model).values()) == {torch.bfloat16}  # embeddings, head and norms
-    assert base.is_activation_checkpointing and all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    assert base.is_activation_checkpointing and all(
+        not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n
+    )
     batch = torch.tensor([splits[0][0]["input_ids"]])
     gradients = _lora_gradients(model, batch)
     assert gradients and all(grad is not None and grad.abs().sum() > 0 for grad in gradients.values())
@@ -494,8 +500,12 @@ def test_upcast_qlora_preparation_is_peft_prepare_model_for_kbit_training(tiny_m
         modeling.load_base_model(_ref(tiny_model_dir), ModelConfig(dtype="bfloat16"), quant, "cpu"),
         use_gradient_checkpointing=True,
     )
-    expected = {name: param.dtype for name, param in theirs.named_parameters() if param.__class__.__name__ != "Params4bit"}
-    assert {name.removeprefix("base_model.model."): dtype for name, dtype in _non_quantized_dtypes(ours).items()} == expected
+    expected = {
+        name: param.dtype for name, param in theirs.named_parameters() if param.__class__.__name__ != "Params4bit"
+    }
+    assert {
+        name.removeprefix("base_model.model."): dtype for name, dtype in _non_quantized_dtypes(ours).items()
+    } == expected
     assert set(expected.values()) == {torch.float32}
 
 
@@ -565,7 +575,11 @@ def test_training_logs_one_readable_progress_line_per_step_instead_of_metric_dic
     with caplog.at_level(logging.INFO, logger="loraops.train.trainer"):
         training.train_adapter(cfg, _ref(tiny_model_dir), *splits, tmp_path / "adapter")
     lines = [record.getMessage() for record in caplog.records if record.name == "loraops.train.trainer"]
-    progress = [line for line in lines if re.fullmatch(r"step \d/3  loss \d+\.\d{4}  lr \S+  \d+ tok/s  \S+ elapsed, \S+ left", line)]
+    progress = [
+        line
+        for line in lines
+        if re.fullmatch(r"step \d/3  loss \d+\.\d{4}  lr \S+  \d+ tok/s  \S+ elapsed, \S+ left", line)
+    ]
     assert [line.split()[1] for line in progress] == ["1/3", "2/3", "3/3"]
     assert progress[-1].endswith("0:00 left")
     assert any(re.match(r"step 3/3  eval loss \d+\.\d{4}", line) for line in lines)

@@ -17,9 +17,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import TINY_DATA, make_project
 from typer.testing import CliRunner
 
-from conftest import TINY_DATA, make_project
 from loraops.cli.app import app
 from loraops.results import ContractReport
 
@@ -191,8 +191,8 @@ EXPECTED = {
 
 @pytest.mark.parametrize("kind", list(EXPECTED))
 def test_a_data_path_that_is_no_readable_file_is_named_precisely(kind, odd_paths, tmp_path, monkeypatch):
-    from loraops.contract import scan_split
     from loraops.config import DataConfig
+    from loraops.contract import scan_split
     from loraops.data.reader import DataError, load_split
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))

@@ -7,7 +7,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -31,13 +31,18 @@ class UserError(Exception):
 def _user_errors() -> tuple[type[BaseException], ...]:
     from loraops.contract import DataContractError
     from loraops.data.reader import DataError
-    from loraops.registry.integrity import AdapterIntegrityError
+    from loraops.lineage.versioning import DvcLockedError
     from loraops.project.lock import ProjectLockedError
     from loraops.project.servers import ServerUnreachableError
-    from loraops.lineage.versioning import DvcLockedError
+    from loraops.registry.integrity import AdapterIntegrityError
 
     errors: list[type[BaseException]] = [
-        ConfigError, DataError, DataContractError, UserError, FileNotFoundError, ServerUnreachableError,
+        ConfigError,
+        DataError,
+        DataContractError,
+        UserError,
+        FileNotFoundError,
+        ServerUnreachableError,
         AdapterIntegrityError,
         ProjectLockedError,
         DvcLockedError,
@@ -150,8 +155,8 @@ def retrain(
     _exit_cleanly_on_termination()
     with _exit_cleanly_on_user_error():
         cfg = _config(params, overrides)
-        from loraops.registry.runs import resolve_tracking_uri
         from loraops.project.servers import check_mlflow_server, check_prefect_api
+        from loraops.registry.runs import resolve_tracking_uri
 
         check_prefect_api()  # fail in a second, not after Prefect's own retries
         check_mlflow_server(resolve_tracking_uri(cfg.registry, params.resolve().parent))
@@ -171,7 +176,7 @@ def retrain(
             typer.echo(line)
 
 
-class DataFormat(str, Enum):
+class DataFormat(StrEnum):
     auto = "auto"
     chat = "chat"
     alpaca = "alpaca"
@@ -250,7 +255,7 @@ def check_data(
         typer.echo(f"data matches {dvc_file}")
 
 
-class StageName(str, Enum):
+class StageName(StrEnum):
     prepare_base_model = "prepare-base-model"
     validate_dataset = "validate-dataset"
     check_memory = "memory-check"

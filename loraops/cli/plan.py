@@ -27,7 +27,9 @@ def add_commands(app: typer.Typer, exit_cleanly_on_user_error: Callable[[], Abst
         model: Annotated[
             str | None, typer.Option("--model", help="Hub id or local folder with config.json (default: model.base)")
         ] = None,
-        seq_len: Annotated[int | None, typer.Option("--seq-len", min=1, help="Tokens per example (default: data.max_length)")] = None,
+        seq_len: Annotated[
+            int | None, typer.Option("--seq-len", min=1, help="Tokens per example (default: data.max_length)")
+        ] = None,
         params: ParamsOption = Path("params.yaml"),
         overrides: SetOption = None,
     ) -> None:
@@ -48,9 +50,9 @@ def _config(params: Path, overrides: list[str] | None) -> LoraopsConfig:
 
 
 def _local_gpu_memory() -> int:
-    from loraops.train.memory import device_memory_bytes
-
     import torch
+
+    from loraops.train.memory import device_memory_bytes
 
     if not torch.cuda.is_available():
         from loraops.cli.app import UserError
@@ -76,12 +78,20 @@ def format_plan(chosen: Plan, source: str, parameters: int, extra_overrides: lis
     rows = [(label, size) for label, size in chosen.estimate.rows() if size]
     width = max(len(label) for label, _ in rows)
     lines += [f"  {label:<{width}}  {size / GIB:7.2f} GiB" for label, size in rows]
-    lines += [f"  {'total':<{width}}  {chosen.estimate.total / GIB:7.2f} GiB", "", "options considered (fastest first):"]
+    lines += [
+        f"  {'total':<{width}}  {chosen.estimate.total / GIB:7.2f} GiB",
+        "",
+        "options considered (fastest first):",
+    ]
     for option in chosen.alternatives:
         if option.batch_size:
             verdict = f"largest batch {option.batch_size} ({format_gib(option.estimate.total)})"
         else:
             verdict = option.note or f"does not fit: {format_gib(option.estimate.total)} at batch 1"
-        marker = "*" if option.mode == chosen.mode and option.gradient_checkpointing == chosen.gradient_checkpointing else " "
+        marker = (
+            "*"
+            if option.mode == chosen.mode and option.gradient_checkpointing == chosen.gradient_checkpointing
+            else " "
+        )
         lines.append(f" {marker} {option.label:<44} {verdict}")
     return "\n".join(lines)

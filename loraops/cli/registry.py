@@ -82,8 +82,10 @@ def add_commands(app: typer.Typer, exit_cleanly_on_user_error: Callable[[], Abst
         model: Annotated[
             list[str] | None,
             typer.Option(
-                "--model", "-m", help="models:/NAME@ALIAS, models:/NAME/VERSION, an adapter or merged folder; "
-                "repeat to answer with several adapters on one base (default: models:/<registry.model_name>@champion)"
+                "--model",
+                "-m",
+                help="models:/NAME@ALIAS, models:/NAME/VERSION, an adapter or merged folder; "
+                "repeat to answer with several adapters on one base (default: models:/<registry.model_name>@champion)",
             ),
         ] = None,
         base: Annotated[bool, typer.Option("--base", help="Also answer with the base model alone")] = False,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from loraops.results import ContractReport, EvalMetrics, GateDecision, Registration, TrainResult
 from loraops.evaluate.score_table import score_table
+from loraops.results import ContractReport, EvalMetrics, GateDecision, Registration, TrainResult
 
 
 def contract_markdown(report: ContractReport) -> str:
@@ -85,7 +85,9 @@ def registration_markdown(registration: Registration, tracking_url: str | None) 
     return f"# Registry\n{body}{link}"
 
 
-def closing_lines(baseline: EvalMetrics, candidate: EvalMetrics, decision: GateDecision, registration: Registration) -> list[str]:
+def closing_lines(
+    baseline: EvalMetrics, candidate: EvalMetrics, decision: GateDecision, registration: Registration
+) -> list[str]:
     """What `loraops retrain` and `make demo` print at the end."""
     lines = [
         f"baseline validation loss: {baseline.loss:.4f} (perplexity {baseline.perplexity:.2f})",
@@ -97,5 +99,7 @@ def closing_lines(baseline: EvalMetrics, candidate: EvalMetrics, decision: GateD
         lines.append(f"registry: nothing registered (MLflow run {registration.run_id})")
     else:
         aliases = ", ".join(f"@{alias}" for alias in registration.aliases)
-        lines.append(f"registry: {registration.model_name} version {registration.version} [{aliases}] (run {registration.run_id})")
+        lines.append(
+            f"registry: {registration.model_name} version {registration.version} [{aliases}] (run {registration.run_id})"
+        )
     return lines

@@ -15,8 +15,10 @@ the same lines before tokenising (``quarantined_lines``).
 
 from loraops.contract.context import for_project
 from loraops.contract.facts import SplitFacts, Turns
-from loraops.contract.keys import TrainIndex, keys_of as _keys, mark_duplicates, normalized_hashes
-from loraops.contract.patterns import SECRET_PATTERNS, unusual_turns as _unusual_turns
+from loraops.contract.keys import TrainIndex, mark_duplicates, normalized_hashes
+from loraops.contract.keys import keys_of as _keys
+from loraops.contract.patterns import SECRET_PATTERNS
+from loraops.contract.patterns import unusual_turns as _unusual_turns
 from loraops.contract.quarantine import QUARANTINE_DIR, SUMMARY_FILE, quarantine, quarantined_lines
 from loraops.contract.report import DataContractError, format_report
 from loraops.contract.scan import role_problem, scan_split

@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path
 
 from loraops.config import LoraopsConfig
-from loraops.data.reader import EXTENSIONS, DataError
 from loraops.data.files import unreadable_reason
+from loraops.data.reader import EXTENSIONS, DataError
 from loraops.results import BaseModelRef, ContractReport
 
 logger = logging.getLogger(__name__)
@@ -70,8 +70,12 @@ def report_dir_for(requested: Path | None, cfg: LoraopsConfig, root: Path) -> Pa
     target = requested.resolve()
     if (root / "dvc.yaml").is_file():
         paths = cfg.paths
-        for setting, relative in (("reports_dir", paths.reports_dir), ("base_model_dir", paths.base_model_dir),
-                                  ("adapter_dir", paths.adapter_dir), ("metrics_dir", paths.metrics_dir)):
+        for setting, relative in (
+            ("reports_dir", paths.reports_dir),
+            ("base_model_dir", paths.base_model_dir),
+            ("adapter_dir", paths.adapter_dir),
+            ("metrics_dir", paths.metrics_dir),
+        ):
             output = (root / relative).resolve()
             if target == output or output in target.parents:
                 raise DataError(
@@ -107,8 +111,8 @@ def validate_files(
     cfg: LoraopsConfig, root: Path, train: Path, validation: Path | None, report_dir: Path
 ) -> ContractReport:
     """Run the data contract (the same function as the pipeline's stage) with its reports in ``report_dir``."""
-    from loraops.train import base_model as modeling
     from loraops.contract import for_project, validate_dataset
+    from loraops.train import base_model as modeling
 
     tokenizer = modeling.load_tokenizer(inspection_base(cfg, root), cfg.model)
     return validate_dataset(train, validation, tokenizer, for_project(cfg.data, root), report_dir)

@@ -33,7 +33,11 @@ BUILT_IN = (
 )  # fmt: skip
 TOKEN_RULES = ("tokenizes", "over_length")
 DOCS_VALUE_CHARS = 160
-RESULT_FORMAT = {"result_format": "SUMMARY", "unexpected_index_column_names": ["file", "line"], "partial_unexpected_count": 20}
+RESULT_FORMAT = {
+    "result_format": "SUMMARY",
+    "unexpected_index_column_names": ["file", "line"],
+    "partial_unexpected_count": 20,
+}
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,9 @@ def gx_dir(data: DataConfig) -> Path:
     if (configured / "great_expectations.yml").is_file():
         return configured
     if configured != Path("gx"):
-        raise DataError(f"data.contract.gx_dir: {configured} has no great_expectations.yml; point it at a GX file context")
+        raise DataError(
+            f"data.contract.gx_dir: {configured} has no great_expectations.yml; point it at a GX file context"
+        )
     return REPO_GX_DIR
 
 
@@ -153,7 +159,9 @@ def _entry(expectation: Any, rule: str | None, data: DataConfig, split: str) -> 
 
 def _signature(expectation: Any) -> str:
     kwargs = expectation.configuration.kwargs
-    shown = ", ".join(f"{key}={value!r}" for key, value in kwargs.items() if key not in ("result_format", "catch_exceptions"))
+    shown = ", ".join(
+        f"{key}={value!r}" for key, value in kwargs.items() if key not in ("result_format", "catch_exceptions")
+    )
     return f"{expectation.expectation_type}({shown})"
 
 

@@ -120,7 +120,6 @@ class Turns:
         return first
 
 
-
 def turn_name(index: int, role: Any, fmt: str) -> str:
     if fmt == "alpaca" and role in ALPACA_FIELDS:
         return f"field '{ALPACA_FIELDS[role]}'"
@@ -129,8 +128,6 @@ def turn_name(index: int, role: Any, fmt: str) -> str:
     return f"content of message {index + 1} ({role})"
 
 
-
 def snippet(value: Any) -> str:
     text = " ".join(str(value).split())
     return repr(text if len(text) <= SNIPPET_CHARS else text[: SNIPPET_CHARS - 3] + "...")
-

@@ -99,7 +99,9 @@ def keys_of(facts: SplitFacts, turns: Turns, well_formed: np.ndarray, unusual: n
 
     normalised = normalized_hashes(turns.content, unusual)
     encoded = pc.dictionary_encode(turns.role)
-    role_hash = _hash_strings(encoded.dictionary)[encoded.indices.to_numpy()] if len(turns.role) else np.zeros(0, np.uint64)
+    role_hash = (
+        _hash_strings(encoded.dictionary)[encoded.indices.to_numpy()] if len(turns.role) else np.zeros(0, np.uint64)
+    )
     salt = _mix(role_hash ^ turns.position.astype(np.uint64))
     whole = _per_row_sum(turns, _mix(normalised ^ salt))
     exact_whole = _per_row_sum(turns, _mix(_hash_strings(turns.content) ^ salt))
@@ -230,4 +232,3 @@ def _first_occurrence(keys: np.ndarray, valid: np.ndarray) -> np.ndarray:
         _, start, inverse = np.unique(keys[rows], return_index=True, return_inverse=True)
         first[rows] = rows[start[inverse]]
     return first
-

@@ -26,6 +26,8 @@ SECRET_PATTERNS = {
 }
 EMAIL_PATTERN = r"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}"
 ASCII_WHITESPACE_RUN = r"[\t\n\x0b\x0c\r\x1c-\x1f ]+"  # what ``str.split()`` splits ASCII text on
+
+
 def ascii_boundaries(pattern: str) -> str:
     """``pattern`` with ``\\b`` spelled in ASCII, as RE2 (pyarrow) reads it.
 
@@ -128,4 +130,3 @@ def _email_reason(batch: RowBatch, row: int) -> str:
             local, _, domain = found.group().partition("@")
             return f"e-mail address '{local[:1]}***@{domain}' in {turn_name(index, turn['role'], batch.format)}"
     return "e-mail address"
-

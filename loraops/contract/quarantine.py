@@ -66,7 +66,9 @@ def quarantined_lines(report_dir: str | Path, split: str, source: str | Path) ->
 
     summary = Path(report_dir) / SUMMARY_FILE
     if not summary.is_file():
-        raise DataError(f"{summary}: not found; run `loraops stage validate-dataset` before using data.contract.quarantine")
+        raise DataError(
+            f"{summary}: not found; run `loraops stage validate-dataset` before using data.contract.quarantine"
+        )
     record = ContractReport.read_json(summary).quarantine.get(split)
     if record is None:
         raise DataError(f"{summary}: no {split} quarantine recorded; rerun `loraops stage validate-dataset`")
@@ -77,4 +79,3 @@ def quarantined_lines(report_dir: str | Path, split: str, source: str | Path) ->
         )
     with open(record.path, encoding="utf-8") as handle:
         return {json.loads(text)["line"] for text in handle if text.strip()}
-

@@ -111,7 +111,9 @@ def _unexpected(item: Any, column: str | None) -> list[tuple[int, Any]]:
         line = index.get("line") if isinstance(index, dict) else None
         if line is not None:
             value = index.get(column) if isinstance(index, dict) and column in index else None
-            found.append((int(line), value if value is not None else (values[position] if position < len(values) else None)))
+            found.append(
+                (int(line), value if value is not None else (values[position] if position < len(values) else None))
+            )
     return found
 
 
@@ -145,8 +147,12 @@ def not_checked_without_validation() -> list[ContractCheck]:
     }
     return [
         ContractCheck(
-            expectation=name, split="validation", passed=False, checked=False,
-            observed="not checked: no validation file", threshold=threshold,
+            expectation=name,
+            split="validation",
+            passed=False,
+            checked=False,
+            observed="not checked: no validation file",
+            threshold=threshold,
         )
         for name, threshold in rules.items()
     ]
@@ -154,7 +160,6 @@ def not_checked_without_validation() -> list[ContractCheck]:
 
 def _kind(fmt: str) -> str:
     return "text" if fmt == "text" else "chat"
-
 
 
 def format_report(report: ContractReport, failures_only: bool = False) -> str:

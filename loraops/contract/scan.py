@@ -37,7 +37,9 @@ def scan_split(
     return facts
 
 
-def _scan_batch(facts: SplitFacts, batch: RowBatch, tokenizer: Any, max_length: int, train_index: TrainIndex | None) -> None:
+def _scan_batch(
+    facts: SplitFacts, batch: RowBatch, tokenizer: Any, max_length: int, train_index: TrainIndex | None
+) -> None:
     import numpy as np
 
     turns = Turns.of(batch.messages)
@@ -118,4 +120,3 @@ def _empty_reason(batch: RowBatch, row: int) -> str:
 def _end_reason(batch: RowBatch, row: int) -> str:
     last = batch.messages[row].as_py()[-1]["role"]
     return f"last turn is {last!r}, expected 'assistant'"
-

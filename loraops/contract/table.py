@@ -67,7 +67,9 @@ def batch_columns(facts: SplitFacts, turns: Turns, well_formed: np.ndarray, text
         facts.add_column("prompt", joined(content, turns.codes == 1, SEPARATOR))
         facts.add_column("completion", _last_answer(turns, malformed, rows))
     role = pc.replace_substring(pc.fill_null(turns.role, "null"), ",", "\\,")
-    facts.add_column("roles", pc.if_else(malformed, nulls, pc.binary_join(pa.ListArray.from_arrays(offsets, role), ",")))
+    facts.add_column(
+        "roles", pc.if_else(malformed, nulls, pc.binary_join(pa.ListArray.from_arrays(offsets, role), ","))
+    )
     stripped = pc.fill_null(pc.utf8_length(pc.utf8_trim_whitespace(turns.content)), 0).to_numpy(zero_copy_only=False)
     shortest = np.zeros(rows, dtype=np.int64)
     has_turns = np.flatnonzero(turns.lengths > 0)
@@ -109,14 +111,20 @@ def example_frame(facts: SplitFacts, keep: np.ndarray) -> pd.DataFrame:
         frame[name] = pd.arrays.ArrowExtensionArray(column if take is None else column.take(take))
     # Numbers as float64 with NaN for null: GX compares numpy columns vectorised, nullable Int64 row by row.
     shortest = facts.table_column("shortest_turn")
-    frame["shortest_turn"] = (shortest if take is None else shortest.take(take)).to_numpy(zero_copy_only=False).astype(float)
+    frame["shortest_turn"] = (
+        (shortest if take is None else shortest.take(take)).to_numpy(zero_copy_only=False).astype(float)
+    )
     tokens = facts.column("token_length")[rows] if "token_length" in facts.columns else np.full(len(rows), np.nan)
     frame["n_tokens"] = tokens  # NaN: not tokenised
     frame["template_error"] = _by_line(frame["line"].to_numpy(), facts.template_errors)
-    duplicate_of = facts.column("duplicate_of")[rows] if "duplicate_of" in facts.columns else np.zeros(len(rows), np.int64)
+    duplicate_of = (
+        facts.column("duplicate_of")[rows] if "duplicate_of" in facts.columns else np.zeros(len(rows), np.int64)
+    )
     frame["duplicate_of"] = pd.array(duplicate_of, dtype="Int64")
     frame.loc[duplicate_of == 0, "duplicate_of"] = pd.NA
-    frame["train_line"] = facts.column("train_line")[rows] if "train_line" in facts.columns else np.zeros(len(rows), np.int64)
+    frame["train_line"] = (
+        facts.column("train_line")[rows] if "train_line" in facts.columns else np.zeros(len(rows), np.int64)
+    )
     return frame
 
 

@@ -13,9 +13,7 @@ if TYPE_CHECKING:
 TOKENIZE_BATCH = 256
 
 
-def token_lengths(
-    facts: SplitFacts, batch: RowBatch, tokenizer: Any, max_length: int, renderable: np.ndarray
-) -> None:
+def token_lengths(facts: SplitFacts, batch: RowBatch, tokenizer: Any, max_length: int, renderable: np.ndarray) -> None:
     """Untruncated length after the chat template, as ``tokenization.tokenize_example`` measures it."""
     import numpy as np
 
@@ -66,4 +64,3 @@ def _batch_lengths(tokenizer: Any, examples: list[list[dict[str, Any]]]) -> list
     encoded = tokenizer.apply_chat_template(examples, tokenize=True)
     ids = encoded["input_ids"] if hasattr(encoded, "keys") else encoded
     return [len(item) for item in ids]
-

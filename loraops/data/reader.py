@@ -403,7 +403,9 @@ def _decode_messages(path: Path, row: dict[str, Any], line: int) -> dict[str, An
             'such as [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]'
         ) from None
     except Exception as error:  # a huge integer, nesting too deep (RecursionError), ...
-        raise DataError(f"{path}:{line}: field 'messages' holds unreadable JSON ({_why(error)}); {UNREADABLE_FIX}") from None
+        raise DataError(
+            f"{path}:{line}: field 'messages' holds unreadable JSON ({_why(error)}); {UNREADABLE_FIX}"
+        ) from None
 
 
 # --- format detection ----------------------------------------------------------------------
@@ -473,7 +475,9 @@ DEFAULT_CHUNK_BYTES = 32 << 20
 MESSAGE_FIELDS = ("role", "content")
 
 
-def read_batches(path: str | Path, fmt: FormatChoice = "auto", chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[RowBatch]:
+def read_batches(
+    path: str | Path, fmt: FormatChoice = "auto", chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[RowBatch]:
     """Stream one split as RowBatches: JSONL and Parquet in chunks of about ``chunk_bytes``, JSON and CSV whole.
 
     The first rows decide an auto-detected format; a later chunk in another format is an error that

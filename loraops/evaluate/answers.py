@@ -29,6 +29,8 @@ def score_answers(predictions: list[str], references: list[str]) -> AnswerScores
     if not predictions:
         raise ValueError("no answers to score")
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    rouge = [scorer.score(reference, prediction)["rougeL"].fmeasure for prediction, reference in zip(predictions, references)]
+    rouge = [
+        scorer.score(reference, prediction)["rougeL"].fmeasure for prediction, reference in zip(predictions, references)
+    ]
     exact = [normalise(prediction) == normalise(reference) for prediction, reference in zip(predictions, references)]
     return AnswerScores(rouge_l=sum(rouge) / len(rouge), exact_match=sum(exact) / len(exact), examples=len(rouge))

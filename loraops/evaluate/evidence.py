@@ -9,19 +9,22 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from loraops.evaluate.bootstrap import Interval, paired_improvement_interval
 from loraops.config import LoraopsConfig
-from loraops.evaluate.loss import example_losses_path
+from loraops.evaluate.bootstrap import Interval, paired_improvement_interval
 from loraops.evaluate.gate import GateEvidence
+from loraops.evaluate.loss import example_losses_path
 from loraops.results import EvalMetrics, ExampleLosses
 
 log = logging.getLogger(__name__)
+
 
 def interval(cfg: LoraopsConfig, reference: ExampleLosses | None, candidate: ExampleLosses | None) -> Interval | None:
     if reference is None or candidate is None:
         return None
     gate = cfg.gate
-    return paired_improvement_interval(reference, candidate, gate.confidence, gate.bootstrap_resamples, gate.bootstrap_seed)
+    return paired_improvement_interval(
+        reference, candidate, gate.confidence, gate.bootstrap_resamples, gate.bootstrap_seed
+    )
 
 
 def read_example_losses(cfg: LoraopsConfig, root: Path, name: str) -> ExampleLosses | None:
@@ -53,10 +56,10 @@ def collect_evidence(
 
 def answer_scores(cfg: LoraopsConfig, root: Path):
     """Greedy answers of base and adapter to the first eval.generation_samples validation prompts, scored."""
-    from loraops.evaluate.answers import score_answers
     from loraops.data.reader import load_split
-    from loraops.train.base_model import resolve_device
+    from loraops.evaluate.answers import score_answers
     from loraops.serve.serving import AdapterSource, generate_text, load_adapter, project_base
+    from loraops.train.base_model import resolve_device
 
     root = Path(root)
     split = load_split(root / cfg.data.validation_file, cfg.data.format)

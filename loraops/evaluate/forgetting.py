@@ -40,7 +40,7 @@ def _chitchat_texts() -> list[str]:
     except metadata.PackageNotFoundError as error:
         raise GeneralTextError(
             "eval.general_file is pypi:chitchat-dataset but the package is not installed: "
-            "pip install chitchat-dataset==0.9.0, or point eval.general_file at a JSONL file of {\"text\": ...} rows"
+            'pip install chitchat-dataset==0.9.0, or point eval.general_file at a JSONL file of {"text": ...} rows'
         ) from error
     conversations = json.loads(path.read_text())
     return [
@@ -51,7 +51,9 @@ def _chitchat_texts() -> list[str]:
 
 def _jsonl_texts(path: Path) -> list[str]:
     if not path.is_file():
-        raise GeneralTextError(f"eval.general_file {path} does not exist: point it at a JSONL file of {{\"text\": ...}} rows")
+        raise GeneralTextError(
+            f'eval.general_file {path} does not exist: point it at a JSONL file of {{"text": ...}} rows'
+        )
     texts = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -59,9 +61,11 @@ def _jsonl_texts(path: Path) -> list[str]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise GeneralTextError(f"{path}:{number}: not valid JSON ({error.msg}); each line must be {{\"text\": ...}}") from error
+            raise GeneralTextError(
+                f'{path}:{number}: not valid JSON ({error.msg}); each line must be {{"text": ...}}'
+            ) from error
         if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
-            raise GeneralTextError(f"{path}:{number}: needs a non-empty string field \"text\"")
+            raise GeneralTextError(f'{path}:{number}: needs a non-empty string field "text"')
         texts.append(row["text"])
     return texts
 

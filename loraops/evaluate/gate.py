@@ -11,8 +11,8 @@ import logging
 import math
 from dataclasses import dataclass
 
-from loraops.evaluate.bootstrap import Interval
 from loraops.config import GateConfig
+from loraops.evaluate.bootstrap import Interval
 from loraops.results import EvalMetrics, GateDecision
 
 logger = logging.getLogger(__name__)
@@ -37,12 +37,21 @@ class GateEvidence:
     def numbers(self) -> dict[str, float]:
         values = {
             f"{key}_{end}": getattr(interval, end)
-            for key, interval in (("improvement_over_base", self.over_base), ("improvement_over_champion", self.over_champion))
+            for key, interval in (
+                ("improvement_over_base", self.over_base),
+                ("improvement_over_champion", self.over_champion),
+            )
             if interval is not None
             for end in ("low", "high")
         }
-        for key in ("general_base_loss", "general_candidate_loss", "rouge_l_base", "rouge_l_candidate",
-                    "exact_match_base", "exact_match_candidate"):
+        for key in (
+            "general_base_loss",
+            "general_candidate_loss",
+            "rouge_l_base",
+            "rouge_l_candidate",
+            "exact_match_base",
+            "exact_match_candidate",
+        ):
             if getattr(self, key) is not None:
                 values[key] = getattr(self, key)
         return values
@@ -143,14 +152,20 @@ def _with_interval(
     """State the bootstrap interval; with require_confident_improvement its lower bound must clear the margin."""
     if interval is None:
         if cfg.require_confident_improvement:
-            return False, f"{reason}; no per-example losses, so no interval: gate.require_confident_improvement cannot be met"
+            return (
+                False,
+                f"{reason}; no per-example losses, so no interval: gate.require_confident_improvement cannot be met",
+            )
         return passed, f"{reason} (no per-example losses: interval not computed)"
     stated = f"{reason}; improvement {interval.describe()}"
     if not cfg.require_confident_improvement:
         return passed, stated
     if interval.low + _MARGIN_TOLERANCE >= margin and interval.low > 0:
         return passed, f"{stated}, lower bound ≥ {_fmt(margin)}"
-    return False, f"{stated}: lower bound {_fmt(interval.low)} does not clear the margin {_fmt(margin)}, the gain may be noise"
+    return (
+        False,
+        f"{stated}: lower bound {_fmt(interval.low)} does not clear the margin {_fmt(margin)}, the gain may be noise",
+    )
 
 
 def _check_forgetting(evidence: GateEvidence, cfg: GateConfig) -> tuple[bool, str]:
@@ -165,7 +180,10 @@ def _check_forgetting(evidence: GateEvidence, cfg: GateConfig) -> tuple[bool, st
     if limit is None:
         return True, f"{head}: report only (gate.max_general_loss_increase is empty)"
     if rise > limit:
-        return False, f"{head}: rises more than the allowed {limit:.1%}: the adapter forgot general ability (catastrophic forgetting), whatever its task loss"
+        return (
+            False,
+            f"{head}: rises more than the allowed {limit:.1%}: the adapter forgot general ability (catastrophic forgetting), whatever its task loss",
+        )
     return True, f"{head}: within the allowed {limit:.1%} rise"
 
 

@@ -12,8 +12,8 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
-from loraops.results import EvalMetrics, ExampleLosses
 from loraops.data.tokenization import IGNORE_INDEX
+from loraops.results import EvalMetrics, ExampleLosses
 
 logger = logging.getLogger(__name__)
 

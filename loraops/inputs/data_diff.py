@@ -46,7 +46,9 @@ class DataDiff(BaseModel):
         lines += [f"| {s.split} | {s.added} | {s.removed} | {s.changed} |" for s in self.splits]
         for split in self.splits:
             for kind, questions in split.examples.items():
-                lines += [f"- {split.split} {kind}: " + "; ".join(f"`{q[:80]}`" for q in questions)] if questions else []
+                lines += (
+                    [f"- {split.split} {kind}: " + "; ".join(f"`{q[:80]}`" for q in questions)] if questions else []
+                )
         return "\n".join(lines)
 
 
@@ -70,7 +72,10 @@ def diff_split(split: str, old: Path, new: Path, fmt: str) -> SplitDiff:
     removed = sorted(before.keys() - after.keys())
     changed = sorted(key for key in before.keys() & after.keys() if before[key] != after[key])
     return SplitDiff(
-        split=split, added=len(added), removed=len(removed), changed=len(changed),
+        split=split,
+        added=len(added),
+        removed=len(removed),
+        changed=len(changed),
         examples={"added": added[:EXAMPLES], "removed": removed[:EXAMPLES], "changed": changed[:EXAMPLES]},
     )
 
@@ -103,7 +108,9 @@ def diff_against(cfg: LoraopsConfig, root: Path, old_md5: str | None, against: s
     data_dir = root / "data"
     with tempfile.TemporaryDirectory() as scratch:
         if not checkout_from_cache(root, old_md5, Path(scratch)):
-            return diff.model_copy(update={"note": f"data {old_md5} is not in the local DVC cache: `dvc fetch` it to diff"})
+            return diff.model_copy(
+                update={"note": f"data {old_md5} is not in the local DVC cache: `dvc fetch` it to diff"}
+            )
         splits = [
             diff_split(name, Path(scratch) / Path(file).relative_to("data"), root / file, cfg.data.format)
             for name, file in (("train", cfg.data.train_file), ("validation", cfg.data.validation_file))

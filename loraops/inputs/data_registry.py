@@ -52,7 +52,9 @@ def read_data_version(root: Path, dvc_file: str = "data.dvc") -> DataVersion:
     return DataVersion(md5=md5, kind="url", source=str(dep.get("path")))
 
 
-def refresh_data(root: Path, rev: str | None = None, dvc_file: str = "data.dvc", lock_wait_s: float = 120.0) -> DataVersion:
+def refresh_data(
+    root: Path, rev: str | None = None, dvc_file: str = "data.dvc", lock_wait_s: float = 120.0
+) -> DataVersion:
     """``dvc update dvc_file [--rev REV]`` for an import; a plain ``dvc add`` is left as it is.
 
     ``rev`` (a registry branch, tag or commit) only applies to ``dvc import``: asking for one with any

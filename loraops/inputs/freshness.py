@@ -12,15 +12,21 @@ import json
 import logging
 from pathlib import Path
 
-from mlflow import MlflowClient
 from pydantic import BaseModel
 
 from loraops.config import LoraopsConfig
+from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 
 # Lineage tags (Lineage.as_tags) that decide whether a run's inputs are the same.
-INPUT_TAGS = ("loraops.data_md5", "loraops.params_hash", "loraops.git_commit", "loraops.base_model", "loraops.base_revision")
+INPUT_TAGS = (
+    "loraops.data_md5",
+    "loraops.params_hash",
+    "loraops.git_commit",
+    "loraops.base_model",
+    "loraops.base_revision",
+)
 
 
 class Freshness(BaseModel):
@@ -101,8 +107,10 @@ def _earlier_runs(cfg: LoraopsConfig, client: MlflowClient):
     if experiment is None:
         return
     runs = client.search_runs(
-        [experiment.experiment_id], filter_string="attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"], max_results=1,
+        [experiment.experiment_id],
+        filter_string="attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
     )
     for run in runs:
         versions = client.search_model_versions(f"name='{name}' and run_id='{run.info.run_id}'")

@@ -17,8 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from loraops.lineage import versioning
-from loraops.results import Lineage
 from loraops.lineage.versioning import DVC_LOCK_WAIT_S, VersioningError
+from loraops.results import Lineage
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,13 @@ def save_experiment(
     rev = find_experiment(root, name)
     if rev is None:
         versioning.run_dvc(
-            root, "exp", "save", "--name", name, what=f"dvc exp save --name {name}", env=_git_identity_env(root),
+            root,
+            "exp",
+            "save",
+            "--name",
+            name,
+            what=f"dvc exp save --name {name}",
+            env=_git_identity_env(root),
             lock_wait_s=lock_wait_s,
         )
         rev = find_experiment(root, name)

@@ -145,8 +145,8 @@ def tracked_data_problem(repo_root: str | Path, dvc_file: str = "data.dvc") -> s
     compares with the recorded md5; when the cache holds the recorded listing, the differing files are named.
     """
     from dvc.repo import Repo
-    from dvc_data.hashfile.hash_info import HashInfo
     from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.hash_info import HashInfo
     from dvc_data.hashfile.tree import Tree
 
     root = Path(repo_root)

@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class Holder:
     command: str
     pid: int = field(default_factory=os.getpid)
     host: str = field(default_factory=socket.gethostname)
-    started: str = field(default_factory=lambda: datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"))
+    started: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"))
     flow_run_id: str | None = None
 
     def describe(self) -> str:
@@ -116,7 +116,8 @@ def _acquire(path: Path, command: str, timeout_s: float) -> _Hold:
     if stale is not None:
         log.warning(
             "taking over the run lock %s left by %s: that process no longer holds it (it ended without releasing it)",
-            path, stale.describe(),
+            path,
+            stale.describe(),
         )
     holder = Holder(command=command, flow_run_id=_flow_run_id())
     _write_holder(fd, holder)

@@ -78,7 +78,11 @@ def _set(document, dotted: str, value: Any) -> bool:
 
 def _patch(original: str, before: str, after: str) -> str:
     """Apply the edit ``before -> after`` to ``original``, line by line where the two dumps align."""
-    lines, old, new = original.splitlines(keepends=True), before.splitlines(keepends=True), after.splitlines(keepends=True)
+    lines, old, new = (
+        original.splitlines(keepends=True),
+        before.splitlines(keepends=True),
+        after.splitlines(keepends=True),
+    )
     if len(lines) != len(old):  # ruamel could not keep the line structure: take its whole dump
         return after
     patched = list(lines)

@@ -49,7 +49,9 @@ def given_values(config: LoraopsConfig) -> dict[str, Any]:
 def chosen_overrides(config: LoraopsConfig, prefilled: dict[str, Any]) -> dict[str, Any]:
     """The given settings whose values differ from ``prefilled`` (a nested mapping, e.g. the form's defaults)."""
     try:
-        baseline = flatten(config_from_dict(prefilled, source="the deployment's default config").model_dump(mode="json"))
+        baseline = flatten(
+            config_from_dict(prefilled, source="the deployment's default config").model_dump(mode="json")
+        )
     except ConfigError:  # defaults deployed by an older version of the code: compare with them as written
         baseline = flatten(prefilled)
     missing = object()
@@ -68,7 +70,9 @@ def resolve_run_config(config: LoraopsConfig | None, root: Path, prefilled: dict
     current = load_config(params)
     overrides = chosen_overrides(config, current.model_dump(mode="json") if prefilled is None else prefilled)
     if overrides:
-        log.info("this run's settings: params.yaml with %s", ", ".join(f"{k}={v!r}" for k, v in sorted(overrides.items())))
+        log.info(
+            "this run's settings: params.yaml with %s", ", ".join(f"{k}={v!r}" for k, v in sorted(overrides.items()))
+        )
     else:
         log.info("this run's settings: params.yaml as it is")
     return load_config(params, overrides)

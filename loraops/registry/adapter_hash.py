@@ -19,7 +19,9 @@ _CONFIG = "adapter_config.json"
 def adapter_files(adapter_dir: str | Path) -> list[Path]:
     """``adapter_config.json`` and the weight files of a PEFT adapter folder, in a stable order."""
     folder = Path(adapter_dir)
-    files = [path for path in folder.iterdir() if path.is_file() and _determines_adapter(path)] if folder.is_dir() else []
+    files = (
+        [path for path in folder.iterdir() if path.is_file() and _determines_adapter(path)] if folder.is_dir() else []
+    )
     return sorted(files, key=lambda path: path.name)
 
 
@@ -36,4 +38,3 @@ def adapter_key(adapter_dir: str | Path) -> str:
     for path in files:
         digest.update(path.name.encode() + b"\0" + file_sha256(path).encode() + b"\n")
     return digest.hexdigest()
-

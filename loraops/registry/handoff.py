@@ -20,15 +20,10 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from loraops import stages
-
-from loraops.registry import integrity
-
-from loraops.registry import runs as registry
-
-from loraops.registry import tracking
-
-from loraops.lineage import versioning
 from loraops.config import LoraopsConfig
+from loraops.lineage import versioning
+from loraops.registry import integrity, tracking
+from loraops.registry import runs as registry
 from loraops.results import TrainResult
 
 log = logging.getLogger(__name__)
@@ -69,9 +64,7 @@ def prepare_handoff(cfg: LoraopsConfig, root: Path) -> TrainingHandoff:
             "orchestration": cfg.orchestration.model_copy(update={"train_deployment": None}),
         }
     )
-    return TrainingHandoff(
-        config=worker_cfg, data_dvc=(root / "data.dvc").read_text(), train_key=uuid.uuid4().hex
-    )
+    return TrainingHandoff(config=worker_cfg, data_dvc=(root / "data.dvc").read_text(), train_key=uuid.uuid4().hex)
 
 
 def receive_inputs(root: Path, data_dvc: str) -> str:

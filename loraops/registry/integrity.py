@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING
 import yaml
 
 if TYPE_CHECKING:
-    from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
+
+    from mlflow import MlflowClient
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +57,9 @@ def file_sha256(path: Path) -> str:
 def adapter_digests(folder: str | Path) -> dict[str, str]:
     """sha256 of every file under ``folder``, keyed by its POSIX path relative to ``folder``."""
     folder = Path(folder)
-    return {path.relative_to(folder).as_posix(): file_sha256(path) for path in sorted(folder.rglob("*")) if path.is_file()}
+    return {
+        path.relative_to(folder).as_posix(): file_sha256(path) for path in sorted(folder.rglob("*")) if path.is_file()
+    }
 
 
 def digest_tags(folder: str | Path) -> dict[str, str]:
@@ -97,7 +100,9 @@ def verify_adapter(folder: Path, tags: Mapping[str, str], label: str, remedy: st
     """
     recorded = tags.get(ADAPTER_SHA256_TAG)
     if recorded is None:
-        logger.warning("%s carries no content hashes (no %s tag: made before loraops recorded them)", label, ADAPTER_SHA256_TAG)
+        logger.warning(
+            "%s carries no content hashes (no %s tag: made before loraops recorded them)", label, ADAPTER_SHA256_TAG
+        )
     else:
         problems = digest_problems(_recorded_digests(recorded, label), adapter_digests(folder))
         if problems:

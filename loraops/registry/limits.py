@@ -107,4 +107,3 @@ def reports_lost_server(stage: str) -> Callable[[F], F]:
         return wrapper  # type: ignore[return-value]
 
     return decorate
-

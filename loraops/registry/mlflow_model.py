@@ -16,13 +16,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import mlflow
-from mlflow import MlflowClient
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 
+import mlflow
 from loraops.config import LoraopsConfig
 from loraops.results import Lineage
+from mlflow import MlflowClient
 
 logger = logging.getLogger(__name__)
 

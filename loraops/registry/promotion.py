@@ -19,16 +19,15 @@ import logging
 import tempfile
 from pathlib import Path
 
-from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
 
-from loraops.registry import integrity
-
-from loraops.registry import runs as registry
 from loraops.config import LoraopsConfig
+from loraops.registry import integrity
+from loraops.registry import runs as registry
 from loraops.registry.export import EquivalenceReport
+from mlflow import MlflowClient
 
 logger = logging.getLogger(__name__)
 

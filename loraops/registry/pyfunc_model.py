@@ -19,8 +19,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import mlflow
 from mlflow.pyfunc import PythonModel
+
+import mlflow
 
 _PYPI_PREFIX = "pypi:"
 _CONVERTED_MARKER = "loraops-base.json"
@@ -115,7 +116,9 @@ def load_peft_model(adapter_dir: Path, config: dict[str, Any]):
                 module.support_avx512bf16_for_cpu = False
     has_tokenizer = (adapter_dir / "tokenizer_config.json").is_file()
     tokenizer = (  # training saves its tokenizer (and chat template) with the adapter
-        AutoTokenizer.from_pretrained(adapter_dir) if has_tokenizer else AutoTokenizer.from_pretrained(base_path, revision=revision)
+        AutoTokenizer.from_pretrained(adapter_dir)
+        if has_tokenizer
+        else AutoTokenizer.from_pretrained(base_path, revision=revision)
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -136,8 +139,8 @@ def as_messages(row: Any) -> list[dict[str, str]]:
         if row and all(isinstance(m, dict) and "role" in m and "content" in m for m in row):
             return [{"role": str(m["role"]), "content": str(m["content"])} for m in row]
     raise ValueError(
-        f"unsupported input row {row!r}: send {{\"messages\": [{{\"role\": \"user\", \"content\": \"...\"}}]}} "
-        "or {\"prompt\": \"...\"} rows"
+        f'unsupported input row {row!r}: send {{"messages": [{{"role": "user", "content": "..."}}]}} '
+        'or {"prompt": "..."} rows'
     )
 
 
@@ -179,7 +182,7 @@ class LoraAdapterModel(PythonModel):
                 pad_token_id=self.tokenizer.pad_token_id,
                 **sampling,
             )
-        return self.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        return self.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 mlflow.models.set_model(LoraAdapterModel())

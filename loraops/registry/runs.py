@@ -21,17 +21,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from loraops.config import LoraopsConfig, RegistryConfig
+from loraops.lineage.versioning import file_md5
 from loraops.registry import tracking
 from loraops.registry.adapter_hash import adapter_key
-from loraops.config import LoraopsConfig, RegistryConfig
 from loraops.registry.integrity import digest_tags
 from loraops.results import ChampionRef, EvalMetrics, GateDecision, Lineage, Registration, TrainResult
-from loraops.lineage.versioning import file_md5
+from mlflow import MlflowClient
 
 if TYPE_CHECKING:
     from loraops.serve.serving import SampleAnswer
@@ -261,7 +261,9 @@ def log_and_register(
 def _register_and_publish(client: MlflowClient, cfg: LoraopsConfig, record: RunRecord, run: Run) -> Registration:
     decision = record.decision
     if decision.passed:
-        registration = register_adapter(client, cfg.registry.model_name, run, record, cfg.registry.auto_promote, cfg=cfg)
+        registration = register_adapter(
+            client, cfg.registry.model_name, run, record, cfg.registry.auto_promote, cfg=cfg
+        )
     else:
         logger.info("gate failed: run %s logged, nothing registered", run.info.run_id)
         registration = Registration(run_id=run.info.run_id, model_name=cfg.registry.model_name, version=None)
@@ -511,9 +513,7 @@ def _summary_metrics(record: RunRecord) -> list[Metric]:
     return [Metric(key, float(value), now, record.train.steps) for key, value in values.items() if is_number(value)]
 
 
-def _log_files(
-    client: MlflowClient, run_id: str, record: RunRecord, extra_files: Mapping[str, list[Path]]
-) -> None:
+def _log_files(client: MlflowClient, run_id: str, record: RunRecord, extra_files: Mapping[str, list[Path]]) -> None:
     client.log_artifacts(run_id, record.train.adapter_dir, ADAPTER_ARTIFACT_PATH)
     client.log_artifact(run_id, record.train.history_path, "training")
     if record.samples:
@@ -601,7 +601,9 @@ def _version_of_adapter(client: MlflowClient, model_name: str, key: str) -> Mode
         raise
     same = sorted((v for v in versions if v.tags.get(tracking.ADAPTER_KEY_TAG) == key), key=lambda v: int(v.version))
     if same:
-        logger.info("adapter %s is already %s version %s: finishing that version", key[:12], model_name, same[0].version)
+        logger.info(
+            "adapter %s is already %s version %s: finishing that version", key[:12], model_name, same[0].version
+        )
     return same[0] if same else None
 
 
@@ -623,7 +625,11 @@ def _create_version(
         client, run.info.run_id, cfg, record.train.adapter_dir, record.lineage, step=record.train.steps
     )
     version = mlflow_model.register_model_version(
-        client, model_name, info, run.info.run_id, version_tags(record),
+        client,
+        model_name,
+        info,
+        run.info.run_id,
+        version_tags(record),
         description=summarize(record),  # replaced by the model card once the version number is known
     )
     logger.info("registered %s version %s from run %s", model_name, version.version, run.info.run_id)
@@ -792,7 +798,9 @@ def _card_reproduce(registration: Registration, lineage: Lineage) -> str:
     if not lineage.dvc_experiment:
         return f"## How to reproduce\n\n`{rebuild}` (from the run's MLflow lineage artifacts)\n" if rebuild else ""
     name, rev = lineage.dvc_experiment, lineage.dvc_experiment_rev or ""
-    compare = f"\n{rebuild}   # rebuilds it in a temporary worktree and compares it with this version" if rebuild else ""
+    compare = (
+        f"\n{rebuild}   # rebuilds it in a temporary worktree and compares it with this version" if rebuild else ""
+    )
     return (
         f"## How to reproduce\n\nThe run is DVC experiment `{name}` (commit `{rev[:12]}`); with DVC alone:\n\n"
         f"```bash\ndvc exp pull origin {name}   # in another clone: fetch the experiment first\n"

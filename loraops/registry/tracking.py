@@ -25,9 +25,8 @@ from urllib.parse import urlsplit, urlunsplit
 from loraops.config import LoraopsConfig
 
 if TYPE_CHECKING:
-    from mlflow import MlflowClient
-
     from loraops.results import GateDecision, Registration
+    from mlflow import MlflowClient
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +190,9 @@ def metrics_callback(live: LiveRun):
                 return
             stamp = int(time.time() * 1000)
             step = state.global_step
-            metrics = [Metric(key, float(value), stamp, step) for key, value in (logs or {}).items() if is_number(value)]
+            metrics = [
+                Metric(key, float(value), stamp, step) for key, value in (logs or {}).items() if is_number(value)
+            ]
             if metrics:
                 live.client.log_batch(live.run_id, metrics=metrics)
 

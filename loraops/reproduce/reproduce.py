@@ -31,14 +31,13 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from loraops.registry import runs as registry
-
-from loraops.lineage import versioning
 from loraops.config import PathsConfig, RegistryConfig
+from loraops.lineage import versioning
 from loraops.lineage.experiments import EXPERIMENT_REV_TAG, EXPERIMENT_TAG
+from loraops.lineage.versioning import VersioningError
+from loraops.registry import runs as registry
 from loraops.results import EvalMetrics
 from loraops.stages import ADAPTER_METRICS, BASELINE_METRICS
-from loraops.lineage.versioning import VersioningError
 
 logger = logging.getLogger(__name__)
 
@@ -306,7 +305,9 @@ def download_registered_adapter(client, recorded: RecordedVersion, destination: 
     from loraops.registry.integrity import AdapterIntegrityError, download_verified
 
     try:
-        return download_verified(client, registry.get_version(client, recorded.model_name, recorded.version), destination)
+        return download_verified(
+            client, registry.get_version(client, recorded.model_name, recorded.version), destination
+        )
     except (AdapterIntegrityError, LookupError) as error:  # changed files, or the version deleted meanwhile
         raise ReproduceError(str(error)) from None
     except (MlflowException, OSError) as error:
@@ -409,7 +410,9 @@ def untrack_outputs(project: Path) -> None:
     tracked = versioning.run_git(project, "ls-files", "--", *outs).split() if outs else []
     if tracked:
         versioning.run_git(project, "rm", "-r", "--cached", "--quiet", "--", *tracked)
-        logger.info("untracked %s in the worktree's git index (DVC outputs the experiment commit holds)", ", ".join(tracked))
+        logger.info(
+            "untracked %s in the worktree's git index (DVC outputs the experiment commit holds)", ", ".join(tracked)
+        )
 
 
 def pull_recorded_outputs(project: Path) -> None:
@@ -543,7 +546,11 @@ def tensors_check(tensors: list[TensorDiff], weight_tolerance: float | None) -> 
 def compare_adapters(rebuilt: Path, registered: Path) -> list[TensorDiff]:
     """Per tensor of every ``*.safetensors`` file: max absolute difference, or why it cannot be compared."""
     files = sorted(
-        {path.relative_to(folder).as_posix() for folder in (rebuilt, registered) for path in folder.rglob("*.safetensors")}
+        {
+            path.relative_to(folder).as_posix()
+            for folder in (rebuilt, registered)
+            for path in folder.rglob("*.safetensors")
+        }
     )
     if not files:
         return [TensorDiff(file="*.safetensors", name="*", problem="no adapter weights in either adapter")]

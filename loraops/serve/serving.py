@@ -110,8 +110,8 @@ def project_base(cfg: LoraopsConfig, root: Path) -> BaseModelRef:
 
 def base_for_version(cfg: LoraopsConfig, root: Path, tags: Mapping[str, str]) -> BaseModelRef:
     """The base model named by a version's lineage tags, resolved the way training resolved it."""
-    from loraops.train import base_model as modeling
     from loraops.registry.runs import BASE_MODEL_TAG
+    from loraops.train import base_model as modeling
 
     source = tags.get(BASE_MODEL_TAG)
     if not source:
@@ -286,7 +286,7 @@ def load_adapters(sources: Mapping[str, AdapterSource], model_cfg: ModelConfig, 
     from loraops.train import base_model as modeling
 
     first = next(iter(sources.values()))
-    for name, source in sources.items():
+    for source in sources.values():
         same_base = (source.base.path, source.base.revision) == (first.base.path, first.base.revision)
         if not same_base or source.quant != first.quant:
             raise ConfigError(

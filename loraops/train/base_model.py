@@ -269,7 +269,9 @@ def build_quant_config(quant_cfg: QuantConfig, storage_dtype=None):
     )
 
 
-def prepare_quantized_for_training(model, quant_cfg: QuantConfig, gradient_checkpointing: bool, every_n_layers: int = 1):
+def prepare_quantized_for_training(
+    model, quant_cfg: QuantConfig, gradient_checkpointing: bool, every_n_layers: int = 1
+):
     """Freeze a 4-bit base for LoRA training, without or (``quant.upcast_non_quantized``) with float32 upcasts.
 
     peft's ``prepare_model_for_kbit_training`` (the seed recipe) casts every non-quantized weight to

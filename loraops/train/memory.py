@@ -117,8 +117,14 @@ class ModelShape(BaseModel):
 
 def _shape(hidden, intermediate, layers, heads, kv_heads, vocab, tied, head_dim=None) -> ModelShape:
     return ModelShape(
-        hidden=hidden, intermediate=intermediate, layers=layers, heads=heads, kv_heads=kv_heads,
-        vocab=vocab, tied_embeddings=tied, head_dim=head_dim,
+        hidden=hidden,
+        intermediate=intermediate,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        vocab=vocab,
+        tied_embeddings=tied,
+        head_dim=head_dim,
     )
 
 
@@ -183,7 +189,9 @@ def shape_from_config(config: dict) -> ModelShape:
         ) from None
 
 
-def resolve_model_shape(source: str, base_model_dir: str | Path | None = None, revision: str | None = None) -> ModelShape:
+def resolve_model_shape(
+    source: str, base_model_dir: str | Path | None = None, revision: str | None = None
+) -> ModelShape:
     """The shape of ``model.base``: a local folder, a built-in hub id, the pypi GGUF default, or the hub.
 
     ``base_model_dir`` (``paths.base_model_dir``) is used when it already holds the converted ``source``.
@@ -236,9 +244,19 @@ def _hub_shape(source: str, revision: str | None) -> ModelShape:
 
 
 _UNITS = {
-    "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40,
-    "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "k": 1 << 10,
+    "m": 1 << 20,
+    "g": 1 << 30,
+    "t": 1 << 40,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
 }
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]+)\s*$")
 
@@ -404,7 +422,11 @@ def estimate_peak_memory(
         checkpoints = checked * residual * shape.hidden * tokens
         recompute = layer + 3 * residual * shape.hidden * tokens  # + the hidden-state gradients in flight
         at_loss = (checkpoints + unchecked * layer, loss, head_copy + unchecked * layer_copy)
-        at_recompute = (checkpoints + unchecked_before_last * layer + recompute, 0, (unchecked_before_last + 1) * layer_copy)
+        at_recompute = (
+            checkpoints + unchecked_before_last * layer + recompute,
+            0,
+            (unchecked_before_last + 1) * layer_copy,
+        )
         activations, logits, copies = at_loss if sum(at_loss) >= sum(at_recompute) else at_recompute
     else:
         activations = shape.layers * layer
@@ -412,15 +434,27 @@ def estimate_peak_memory(
     runtime = CUDA_CONTEXT_BYTES if device == "cuda" else CPU_RUNTIME_BYTES
     per_param = 2 if bf16_adapter else 4
     parts = dict(
-        weights=weights, adapter=per_param * adapter_params, gradients=per_param * adapter_params,
-        optimizer=2 * per_param * adapter_params, activations=int(activations), logits=int(logits),
-        compute_copies=copies, runtime=runtime,
+        weights=weights,
+        adapter=per_param * adapter_params,
+        gradients=per_param * adapter_params,
+        optimizer=2 * per_param * adapter_params,
+        activations=int(activations),
+        logits=int(logits),
+        compute_copies=copies,
+        runtime=runtime,
     )
-    return MemoryEstimate(weights_detail=detail, adapter_params=adapter_params,
-                          adapter_dtype="bf16" if bf16_adapter else "fp32", total=sum(parts.values()), **parts)
+    return MemoryEstimate(
+        weights_detail=detail,
+        adapter_params=adapter_params,
+        adapter_dtype="bf16" if bf16_adapter else "fp32",
+        total=sum(parts.values()),
+        **parts,
+    )
 
 
-def estimate_for_config(shape: ModelShape, cfg: LoraopsConfig, device: Device, seq_len: int | None = None) -> MemoryEstimate:
+def estimate_for_config(
+    shape: ModelShape, cfg: LoraopsConfig, device: Device, seq_len: int | None = None
+) -> MemoryEstimate:
     """The estimate of the loraops training path for the configured settings (``data.max_length`` unless given).
 
     TRL's chunked LM head computes the loss (Liger, when on, contributes its layer kernels only); a
@@ -492,9 +526,12 @@ def _variant(cfg: LoraopsConfig, quant_mode: str, checkpointing: bool, batch: in
     """``cfg`` with other quantisation, checkpointing (of every layer) and batch size (not validated: see ``_refusal``)."""
     train = {"gradient_checkpointing": checkpointing, "checkpoint_every_n_layers": 1}
     train.update({"batch_size": batch} if batch else {})
-    return cfg.model_copy(update={
-        "quant": cfg.quant.model_copy(update={"mode": quant_mode}), "train": cfg.train.model_copy(update=train),
-    })
+    return cfg.model_copy(
+        update={
+            "quant": cfg.quant.model_copy(update={"mode": quant_mode}),
+            "train": cfg.train.model_copy(update=train),
+        }
+    )
 
 
 def _refusal(cfg: LoraopsConfig) -> str:
@@ -550,18 +587,32 @@ def _consider(
     shape: ModelShape, cfg: LoraopsConfig, mode: Mode, usable: int, seq_len: int, device: Device, max_batch_size: int
 ) -> PlanOption:
     """The largest batch at which ``cfg`` fits in ``usable`` bytes (None when not even batch 1 fits)."""
+
     def at(batch: int) -> MemoryEstimate:
-        return estimate_for_config(shape, _variant(cfg, cfg.quant.mode, cfg.train.gradient_checkpointing, batch), device, seq_len)
+        return estimate_for_config(
+            shape, _variant(cfg, cfg.quant.mode, cfg.train.gradient_checkpointing, batch), device, seq_len
+        )
 
     refusal = _refusal(cfg)
     batch = None if refusal else _largest_batch(lambda b: at(b).total <= usable, max_batch_size)
-    return PlanOption(mode=mode, gradient_checkpointing=cfg.train.gradient_checkpointing, batch_size=batch,
-                      estimate=at(batch or 1), note=refusal)
+    return PlanOption(
+        mode=mode,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        batch_size=batch,
+        estimate=at(batch or 1),
+        note=refusal,
+    )
 
 
 def _make_plan(
-    base_cfg: LoraopsConfig, chosen: PlanOption, options: list[PlanOption], memory_bytes: int, usable: int,
-    headroom: float, seq_len: int, device: Device,
+    base_cfg: LoraopsConfig,
+    chosen: PlanOption,
+    options: list[PlanOption],
+    memory_bytes: int,
+    usable: int,
+    headroom: float,
+    seq_len: int,
+    device: Device,
 ) -> Plan:
     quant_mode = "none" if chosen.mode == "lora" else _qlora_mode(base_cfg)
     effective = base_cfg.train.batch_size * base_cfg.train.gradient_accumulation_steps
@@ -577,9 +628,19 @@ def _make_plan(
     if seq_len != base_cfg.data.max_length:
         overrides.append(f"data.max_length={seq_len}")
     return Plan(
-        memory=memory_bytes, usable=usable, headroom=headroom, seq_len=seq_len, device=device, mode=chosen.mode,
-        quant_mode=quant_mode, gradient_checkpointing=chosen.gradient_checkpointing, batch_size=chosen.batch_size,
-        gradient_accumulation_steps=accumulation, estimate=chosen.estimate, alternatives=options, overrides=overrides,
+        memory=memory_bytes,
+        usable=usable,
+        headroom=headroom,
+        seq_len=seq_len,
+        device=device,
+        mode=chosen.mode,
+        quant_mode=quant_mode,
+        gradient_checkpointing=chosen.gradient_checkpointing,
+        batch_size=chosen.batch_size,
+        gradient_accumulation_steps=accumulation,
+        estimate=chosen.estimate,
+        alternatives=options,
+        overrides=overrides,
     )
 
 
@@ -590,15 +651,19 @@ def _nothing_fits(
     smallest = _variant(cfg, _qlora_mode(cfg), checkpointing=True, batch=1)
     needed = estimate_for_config(shape, smallest, device, seq_len).total
     where = "GPU memory" if device == "cuda" else "RAM"
-    ways = [f"more {where}: QLoRA with gradient checkpointing at batch 1 needs about {format_gib(needed / (1 - headroom))} "
-            f"({format_gib(needed)} estimated + {headroom:.0%} headroom)"]
+    ways = [
+        f"more {where}: QLoRA with gradient checkpointing at batch 1 needs about {format_gib(needed / (1 - headroom))} "
+        f"({format_gib(needed)} estimated + {headroom:.0%} headroom)"
+    ]
     longest = _largest_batch(lambda n: estimate_for_config(shape, smallest, device, n).total <= usable, seq_len)
     if longest:
         ways.insert(0, f"a shorter sequence: data.max_length={longest} or less fits (QLoRA, checkpointing, batch 1)")
     ways.append("a smaller model (model.base)")
-    lines = [f"no training setting fits in {format_gib(memory_bytes)} of {where} at sequence length {seq_len} "
-             f"(usable {format_gib(usable)} after {headroom:.0%} headroom); even QLoRA with gradient checkpointing "
-             f"at batch 1 needs {format_gib(needed)}. Change one of:"]
+    lines = [
+        f"no training setting fits in {format_gib(memory_bytes)} of {where} at sequence length {seq_len} "
+        f"(usable {format_gib(usable)} after {headroom:.0%} headroom); even QLoRA with gradient checkpointing "
+        f"at batch 1 needs {format_gib(needed)}. Change one of:"
+    ]
     return "\n".join(lines + [f"  - {way}" for way in ways])
 
 
@@ -618,8 +683,10 @@ class MemoryCheck(BaseModel):
 
     def summary(self) -> str:
         where = "GPU memory" if self.device == "cuda" else "RAM"
-        return (f"estimated peak {format_gib(self.estimate.total)} of {format_gib(self.available)} {where} "
-                f"(batch {self.batch_size} x {self.seq_len} tokens)")
+        return (
+            f"estimated peak {format_gib(self.estimate.total)} of {format_gib(self.available)} {where} "
+            f"(batch {self.batch_size} x {self.seq_len} tokens)"
+        )
 
 
 def system_memory_bytes() -> int:
@@ -635,7 +702,11 @@ def device_memory_bytes(device: Device) -> int:
 
     free, total = torch.cuda.mem_get_info()
     if free < total * (1 - DEFAULT_HEADROOM):
-        log.warning("memory pre-flight: only %s of %s GPU memory is free (other processes?)", format_gib(free), format_gib(total))
+        log.warning(
+            "memory pre-flight: only %s of %s GPU memory is free (other processes?)",
+            format_gib(free),
+            format_gib(total),
+        )
     return total
 
 
@@ -648,25 +719,41 @@ def check_memory(shape: ModelShape, cfg: LoraopsConfig, device: Device, availabl
     """
     estimate = estimate_for_config(shape, cfg, device)
     limit = available if device == "cpu" else int(available * (1 - DEFAULT_HEADROOM))
-    check = MemoryCheck(device=device, available=available, seq_len=cfg.data.max_length,
-                        batch_size=cfg.train.batch_size, estimate=estimate, fits=estimate.total <= limit)
+    check = MemoryCheck(
+        device=device,
+        available=available,
+        seq_len=cfg.data.max_length,
+        batch_size=cfg.train.batch_size,
+        estimate=estimate,
+        fits=estimate.total <= limit,
+    )
     if check.fits:
         log.info("memory pre-flight: %s", check.summary())
         return check
     every_n = cfg.train.checkpoint_every_n_layers
-    current = (f"quant.mode={cfg.quant.mode}, train.batch_size={cfg.train.batch_size}, "
-               f"train.gradient_checkpointing={str(cfg.train.gradient_checkpointing).lower()}, "
-               f"{f'train.checkpoint_every_n_layers={every_n}, ' if every_n > 1 else ''}"
-               f"data.max_length={cfg.data.max_length}")
+    current = (
+        f"quant.mode={cfg.quant.mode}, train.batch_size={cfg.train.batch_size}, "
+        f"train.gradient_checkpointing={str(cfg.train.gradient_checkpointing).lower()}, "
+        f"{f'train.checkpoint_every_n_layers={every_n}, ' if every_n > 1 else ''}"
+        f"data.max_length={cfg.data.max_length}"
+    )
     problem = f"memory pre-flight: {check.summary()} does not fit with {current}"
     try:
-        better = plan(shape, available, cfg, cfg.data.max_length, device=device,
-                      headroom=0.0 if device == "cpu" else DEFAULT_HEADROOM)
+        better = plan(
+            shape,
+            available,
+            cfg,
+            cfg.data.max_length,
+            device=device,
+            headroom=0.0 if device == "cpu" else DEFAULT_HEADROOM,
+        )
     except MemoryPlanError as error:
         refusal = MemoryPlanError(f"{problem}.\n{error}")
     else:
-        refusal = MemoryPlanError(f"{problem}; set {' '.join('-S ' + item for item in better.overrides)} "
-                                  f"(estimated {format_gib(better.estimate.total)}; `loraops plan` explains)")
+        refusal = MemoryPlanError(
+            f"{problem}; set {' '.join('-S ' + item for item in better.overrides)} "
+            f"(estimated {format_gib(better.estimate.total)}; `loraops plan` explains)"
+        )
     if device == "cpu":
         log.warning("%s (worst case: every sequence at data.max_length; continuing on CPU)", refusal)
         return check

@@ -19,8 +19,8 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from loraops.config import LoraopsConfig
-from loraops.results import BaseModelRef
 from loraops.data.tokenization import IGNORE_INDEX
+from loraops.results import BaseModelRef
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +86,16 @@ def check_overfit(cfg: LoraopsConfig, base: BaseModelRef, dataset, device: str |
     from peft.utils.error import NoMatchingPeftModuleError
 
     from loraops.train import base_model as modeling
-
     from loraops.train import trainer as training
 
     limit = cfg.sanity.max_final_ratio
     targets = target_token_count(dataset)
     if targets == 0:
         return SanityResult(
-            passed=False, examples=len(dataset), target_tokens=0, max_final_ratio=limit,
+            passed=False,
+            examples=len(dataset),
+            target_tokens=0,
+            max_final_ratio=limit,
             causes=[_no_targets_cause(cfg, dataset)],
         )
     device = device or modeling.resolve_device(cfg.train)
@@ -107,20 +109,27 @@ def check_overfit(cfg: LoraopsConfig, base: BaseModelRef, dataset, device: str |
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad) if trainer else 0
         if trainable == 0:
             return SanityResult(
-                passed=False, examples=len(dataset), target_tokens=targets, max_final_ratio=limit,
-                causes=[f"no trainable parameters: lora.target_modules ({cfg.lora.target_modules!r}) gave the model "
-                        f"no adapter weights to train ({why if trainer is None else 'all frozen'}); use all-linear "
-                        "or names of the model's linear layers (e.g. q_proj, v_proj)"],
+                passed=False,
+                examples=len(dataset),
+                target_tokens=targets,
+                max_final_ratio=limit,
+                causes=[
+                    f"no trainable parameters: lora.target_modules ({cfg.lora.target_modules!r}) gave the model "
+                    f"no adapter weights to train ({why if trainer is None else 'all frozen'}); use all-linear "
+                    "or names of the model's linear layers (e.g. q_proj, v_proj)"
+                ],
             )
         before = trainer.evaluate()["eval_loss"]  # the loss over the sanity examples before any step
         trainer.train()  # evaluates them again after the last step (eval_steps = steps); starts a new log
         history = [{"step": 0, "eval_loss": before}, *trainer.state.log_history]
-    return judge(history, cfg, examples=len(dataset), targets=targets, trainable=trainable,
-                 seconds=time.monotonic() - started)
+    return judge(
+        history, cfg, examples=len(dataset), targets=targets, trainable=trainable, seconds=time.monotonic() - started
+    )
 
 
-def judge(history: list[dict], cfg: LoraopsConfig, *, examples: int, targets: int, trainable: int,
-          seconds: float = 0.0) -> SanityResult:
+def judge(
+    history: list[dict], cfg: LoraopsConfig, *, examples: int, targets: int, trainable: int, seconds: float = 0.0
+) -> SanityResult:
     """Pass when the loss over the sanity examples after training is below sanity.max_final_ratio of the loss before.
 
     Both are the gate's token-weighted loss over all the examples (the first and last ``eval_loss`` rows), so
@@ -132,8 +141,15 @@ def judge(history: list[dict], cfg: LoraopsConfig, *, examples: int, targets: in
     first, final = (evaluations[0], evaluations[-1]) if len(evaluations) >= 2 else (None, None)
     passed = first is not None and final is not None and first > 0 and final < limit * first
     result = SanityResult(
-        passed=passed, examples=examples, target_tokens=targets, steps=len(rows), trainable_parameters=trainable,
-        first_loss=first, final_loss=final, max_final_ratio=limit, seconds=round(seconds, 2),
+        passed=passed,
+        examples=examples,
+        target_tokens=targets,
+        steps=len(rows),
+        trainable_parameters=trainable,
+        first_loss=first,
+        final_loss=final,
+        max_final_ratio=limit,
+        seconds=round(seconds, 2),
     )
     if not passed:
         result.causes = _training_causes(rows, cfg)

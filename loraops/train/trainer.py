@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from loraops.config import ConfigError, LoraopsConfig
+from loraops.results import BaseModelRef, TrainResult
 from loraops.train.base_model import (
     build_lora_config,
     load_base_model,
@@ -22,7 +23,6 @@ from loraops.train.base_model import (
     prepare_quantized_for_training,
     resolve_device,
 )
-from loraops.results import BaseModelRef, TrainResult
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,8 @@ def build_sft_config(cfg: LoraopsConfig, output_dir: str | Path, device: str):
         activation_checkpointing=train.gradient_checkpointing,
         # The Trainer enables checkpointing on the model with these (TRL reads the alias gradient_checkpointing_kwargs).
         activation_checkpointing_kwargs={"every_n_layers": train.checkpoint_every_n_layers, "use_reentrant": False}
-        if train.gradient_checkpointing else None,
+        if train.gradient_checkpointing
+        else None,
         eval_strategy="steps",
         eval_steps=train.eval_steps,
         save_strategy="steps",
@@ -139,7 +140,13 @@ def _progress_log():
             rate = (tokens - self.start_tokens) / elapsed
             logger.info(
                 "step %d/%d  loss %.4f  lr %.2e  %.0f tok/s  %s elapsed, %s left",
-                step, total, logs["loss"], logs.get("learning_rate", 0.0), rate, _clock(elapsed), _clock(left),
+                step,
+                total,
+                logs["loss"],
+                logs.get("learning_rate", 0.0),
+                rate,
+                _clock(elapsed),
+                _clock(left),
             )
 
     return ProgressLog()
@@ -254,7 +261,10 @@ def train_adapter(
         _remove_checkpoints(output_dir)  # the adapter is saved: a rerun starts afresh
     logger.info(
         "Adapter saved to %s: %d steps, best validation loss %s (per completion token, as the gate) at step %s",
-        adapter_dir, result.steps, result.best_eval_loss, result.best_step,
+        adapter_dir,
+        result.steps,
+        result.best_eval_loss,
+        result.best_step,
     )
     return result
 
@@ -265,9 +275,13 @@ def _check_device_features(cfg: LoraopsConfig, device: str) -> None:
 
     if cfg.train.use_liger_kernel:
         if device != "cuda":
-            raise ConfigError(f"train.use_liger_kernel=true needs a CUDA device (this run uses {device}): set it to false")
+            raise ConfigError(
+                f"train.use_liger_kernel=true needs a CUDA device (this run uses {device}): set it to false"
+            )
         if importlib.util.find_spec("liger_kernel") is None:
-            raise ConfigError("train.use_liger_kernel=true but liger-kernel is not installed: pip install 'loraops[gpu]'")
+            raise ConfigError(
+                "train.use_liger_kernel=true but liger-kernel is not installed: pip install 'loraops[gpu]'"
+            )
     if cfg.model.attn_implementation == "flash_attention_2":
         if device != "cuda":
             raise ConfigError(
