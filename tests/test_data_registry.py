@@ -219,5 +219,5 @@ def test_freshness_matches_all_four_inputs_of_the_last_finished_run_and_never_un
     train.write_bytes(original + original.splitlines(keepends=True)[0])  # edited, not `dvc add`ed
     assert current_inputs(cfg, tiny_project) is None and not check_freshness(cfg, tiny_project, client).unchanged
     train.write_bytes(original)
-    (tiny_project / "loraops" / "gate.py").write_text("# an uncommitted edit\n", encoding="utf-8")
+    (tiny_project / "loraops" / "evaluate" / "gate.py").write_text("# an uncommitted edit\n", encoding="utf-8")
     assert current_inputs(cfg, tiny_project) is None and not check_freshness(cfg, tiny_project, client).unchanged
