@@ -63,9 +63,8 @@ def retrain(
         if cfg.train.sanity_check:  # a setup that cannot overfit a few examples stops here, before the full run
             pipeline.sanity_check(cfg, root)
         baseline = pipeline.evaluate_baseline(cfg, root)
-        if (
-            cfg.orchestration.train_deployment
-        ):  # its own run on the GPU pool; inputs and adapter travel via DVC and MLflow
+        # With a train deployment, training is its own run on the GPU pool; inputs and adapter travel via DVC and MLflow.
+        if cfg.orchestration.train_deployment:
             trained = pipeline.train_on_deployment(cfg, root)
         else:
             trained = pipeline.train_adapter(cfg, root)
