@@ -28,15 +28,16 @@ def normalize_text(value: Any) -> str:
     return "" if value is None else " ".join(str(value).casefold().split())
 
 
-def digests(texts: Iterable[Any]) -> np.ndarray:
+def digests(texts: Iterable[str | None]) -> np.ndarray:
     """uint64 blake2b digest of each text's UTF-8 (a lone surrogate passes through); 0 for None."""
     import numpy as np
 
+    blake2b = hashlib.blake2b
     data = b"".join(
-        _NO_TEXT
-        if text is None
-        else hashlib.blake2b(str(text).encode("utf-8", "surrogatepass"), digest_size=8).digest()
-        for text in texts
+        [
+            _NO_TEXT if text is None else blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+            for text in texts
+        ]
     )
     return np.frombuffer(data, dtype="<u8").astype(np.uint64)
 
@@ -109,7 +110,8 @@ def example_key(example: dict[str, Any]) -> int:
     else:
         turns = [(TEXT_ROLE, example.get("text"))]
     contents = digests(None if content is None else normalize_text(content) for _, content in turns)
-    salts = turn_salts(digests(role for role, _ in turns), np.arange(len(turns)))
+    roles = digests(None if role is None else str(role) for role, _ in turns)
+    salts = turn_salts(roles, np.arange(len(turns)))
     return int(mix(contents ^ salts).sum(dtype=np.uint64))
 
 
