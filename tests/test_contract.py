@@ -347,7 +347,9 @@ def test_turn_keys_agree_with_normalize_text():
 
     import pyarrow as pa
 
-    from loraops.contract import SplitFacts, Turns, _keys, _unusual_turns, normalized_hashes
+    from loraops.contract import SplitFacts, Turns, normalized_hashes
+    from loraops.contract.keys import keys_of as _keys
+    from loraops.contract.patterns import unusual_turns as _unusual_turns
     from loraops.data.keys import normalize_text
 
     texts = ["Hello there", "hello  there", " hello there", "HELLO\tthere", "hello there\n", "hello\x1fthere",
