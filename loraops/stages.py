@@ -103,7 +103,7 @@ def check_servers(cfg: LoraopsConfig, root: Path) -> str:
 
 def import_data(cfg: LoraopsConfig, root: Path) -> dict:
     """Rebuild the embedded default dataset (deterministic: same bytes as data.dvc records)."""
-    from loraops.data.reader import import_chatterbot
+    from loraops.data.chatterbot import import_chatterbot
 
     settings = cfg.data_import.model_copy(update={"output_dir": str(_path(root, cfg.data_import.output_dir))})
     return import_chatterbot(settings)

@@ -22,7 +22,7 @@ from loraops.contract import (
     scan_split,
     validate_dataset,
 )
-from loraops.data.reader import DataError
+from loraops.data.formats import DataError
 from loraops.results import ContractCheck, ContractReport
 
 BAD = Path(__file__).parent / "fixtures" / "bad"
@@ -281,7 +281,7 @@ def test_template_that_raises_is_reported_per_row(tiny_data_dir, tiny_tokenizer,
 
 def test_imported_chatterbot_data_passes(tiny_tokenizer, tmp_path):
     from loraops.config import ImportConfig
-    from loraops.data.reader import import_chatterbot
+    from loraops.data.chatterbot import import_chatterbot
 
     summary = import_chatterbot(ImportConfig(output_dir=str(tmp_path / "data")))
 
@@ -347,8 +347,10 @@ def test_turn_keys_agree_with_normalize_text():
 
     import pyarrow as pa
 
-    from loraops.contract import SplitFacts, Turns, _keys, _unusual_turns, normalized_hashes
-    from loraops.data.reader import normalize_text
+    from loraops.contract import SplitFacts, Turns, normalized_hashes
+    from loraops.contract.keys import keys_of as _keys
+    from loraops.contract.patterns import unusual_turns as _unusual_turns
+    from loraops.data.keys import normalize_text
 
     texts = ["Hello there", "hello  there", " hello there", "HELLO\tthere", "hello there\n", "hello\x1fthere",
              "Straße", "STRASSE", "strasse", "café", "CAFÉ", "sk-x", "a@b.co", "hello there", "  Hello \r\n There ",

@@ -14,7 +14,7 @@ from conftest import make_project
 
 from loraops.config import DataConfig
 from loraops.contract import DataContractError, format_report, validate_dataset
-from loraops.data.reader import DataError
+from loraops.data.formats import DataError
 from loraops.results import ContractCheck, ContractReport
 
 REPO = Path(__file__).resolve().parent.parent

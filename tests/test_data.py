@@ -10,14 +10,10 @@ import pandas as pd
 import pytest
 
 from loraops.config import ImportConfig
-from loraops.data.reader import (
-    DataError,
-    import_chatterbot,
-    load_split,
-    normalize_text,
-    overlap_keys,
-    split_without_overlap,
-)
+from loraops.data.chatterbot import import_chatterbot, split_without_overlap
+from loraops.data.formats import DataError
+from loraops.data.keys import normalize_text, overlap_keys
+from loraops.data.reader import load_split
 
 BAD = Path(__file__).parent / "fixtures" / "bad"
 
@@ -318,7 +314,7 @@ def test_jsonl_messages_string_is_left_for_the_contract(tmp_path):
 
 
 def batch_turns(path: Path, fmt: str = "auto", chunk_bytes: int = 64 << 20) -> tuple[list[list[dict]], list[int]]:
-    from loraops.data.reader import read_batches
+    from loraops.data.batches import read_batches
 
     batches = list(read_batches(path, fmt, chunk_bytes))
     return [turns for batch in batches for turns in batch.messages.to_pylist()], [
@@ -345,7 +341,7 @@ def test_read_batches_matches_load_split(tmp_path, fmt, suffix):
 
 
 def test_read_batches_uses_pyarrow_for_clean_jsonl_and_rows_otherwise(tmp_path):
-    from loraops.data.reader import read_batches
+    from loraops.data.batches import read_batches
 
     clean = write_rows(tmp_path / "clean.jsonl", CHAT_ROWS)
     odd = tmp_path / "odd.jsonl"
@@ -361,7 +357,7 @@ def test_read_batches_uses_pyarrow_for_clean_jsonl_and_rows_otherwise(tmp_path):
 
 
 def test_jsonl_line_numbers_and_offsets_survive_blank_lines_crlf_and_bom(tmp_path):
-    from loraops.data.reader import read_batches
+    from loraops.data.batches import read_batches
 
     body = [json.dumps(row).encode() for row in TEXT_ROWS * 2]
     data = b"\xef\xbb\xbf" + body[0] + b"\r\n\r\n   \n" + body[1] + b"\n\n" + body[2] + b"\n" + body[3]
@@ -381,7 +377,7 @@ def test_read_batches_streams_parquet_in_chunks(tmp_path):
     rows = [{"instruction": f"Count to {index}", "input": "", "output": f"1 ... {index}"} for index in range(3000)]
     pd.DataFrame(rows).to_parquet(path, row_group_size=1000)
 
-    from loraops.data.reader import read_batches
+    from loraops.data.batches import read_batches
 
     batches = list(read_batches(path, "auto", chunk_bytes=20_000))
     assert len(batches) > 1 and sum(len(batch) for batch in batches) == 3000
@@ -389,7 +385,7 @@ def test_read_batches_streams_parquet_in_chunks(tmp_path):
 
 
 def test_a_later_chunk_in_another_format_names_its_lines(tmp_path):
-    from loraops.data.reader import read_batches
+    from loraops.data.batches import read_batches
 
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in CHAT_ROWS * 3 + ALPACA_ROWS))
@@ -399,7 +395,7 @@ def test_a_later_chunk_in_another_format_names_its_lines(tmp_path):
 
 
 def test_invalid_utf8_loads_replaced_in_jsonl_and_is_named_in_json_and_csv(tmp_path):
-    from loraops.data.reader import read_batches
+    from loraops.data.batches import read_batches
 
     jsonl = tmp_path / "train.jsonl"
     jsonl.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
@@ -417,7 +413,7 @@ def test_invalid_utf8_loads_replaced_in_jsonl_and_is_named_in_json_and_csv(tmp_p
 
 
 def test_lone_surrogate_escape_is_an_encoding_problem(tmp_path):
-    from loraops.data.reader import read_batches
+    from loraops.data.batches import read_batches
 
     path = tmp_path / "train.jsonl"
     path.write_text('{"text": "bad \\ud800 escape"}\n')

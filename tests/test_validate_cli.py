@@ -193,7 +193,8 @@ EXPECTED = {
 def test_a_data_path_that_is_no_readable_file_is_named_precisely(kind, odd_paths, tmp_path, monkeypatch):
     from loraops.config import DataConfig
     from loraops.contract import scan_split
-    from loraops.data.reader import DataError, load_split
+    from loraops.data.formats import DataError
+    from loraops.data.reader import load_split
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     path, expected = odd_paths[kind], EXPECTED[kind].format(tmp=tmp_path)

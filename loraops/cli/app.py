@@ -30,7 +30,7 @@ class UserError(Exception):
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from loraops.contract import DataContractError
-    from loraops.data.reader import DataError
+    from loraops.data.formats import DataError
     from loraops.lineage.versioning import DvcLockedError
     from loraops.project.lock import ProjectLockedError
     from loraops.project.servers import ServerUnreachableError

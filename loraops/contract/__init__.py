@@ -1,6 +1,6 @@
 """The data contract: Great Expectations suites over a per-example table of each split.
 
-Each split is streamed in Arrow batches (``data.read_batches``) into a table with one row per
+Each split is streamed in Arrow batches (``data.batches.read_batches``, on the reader training uses) into a table with one row per
 example (``table.py``: ``prompt``, ``completion``, ``text``, ``roles``, ``n_tokens``, ...). The
 suites in the GX file context ``gx/`` (one per data format) check that table through a
 checkpoint: native expectations (regexes, nulls, value bounds, row counts) and custom ones for
@@ -16,9 +16,7 @@ the same lines before tokenising (``quarantined_lines``).
 from loraops.contract.context import for_project
 from loraops.contract.facts import SplitFacts, Turns
 from loraops.contract.keys import TrainIndex, mark_duplicates, normalized_hashes
-from loraops.contract.keys import keys_of as _keys
 from loraops.contract.patterns import SECRET_PATTERNS
-from loraops.contract.patterns import unusual_turns as _unusual_turns
 from loraops.contract.quarantine import QUARANTINE_DIR, SUMMARY_FILE, quarantine, quarantined_lines
 from loraops.contract.report import DataContractError, format_report
 from loraops.contract.scan import role_problem, scan_split
@@ -26,6 +24,6 @@ from loraops.contract.validate import DOCS_DIR, validate_dataset
 
 __all__ = [
     "DOCS_DIR", "QUARANTINE_DIR", "SECRET_PATTERNS", "SUMMARY_FILE", "DataContractError", "SplitFacts", "TrainIndex",
-    "Turns", "_keys", "for_project", "_unusual_turns", "format_report", "mark_duplicates", "normalized_hashes", "quarantine",
+    "Turns", "for_project", "format_report", "mark_duplicates", "normalized_hashes", "quarantine",
     "quarantined_lines", "role_problem", "scan_split", "validate_dataset",
 ]  # fmt: skip

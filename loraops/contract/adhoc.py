@@ -19,7 +19,7 @@ from pathlib import Path
 
 from loraops.config import LoraopsConfig
 from loraops.data.files import unreadable_reason
-from loraops.data.reader import EXTENSIONS, DataError
+from loraops.data.formats import EXTENSIONS, DataError
 from loraops.results import BaseModelRef, ContractReport
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraops.config import DataConfig
-from loraops.data.reader import DataError
+from loraops.data.formats import DataError
 
 if TYPE_CHECKING:
     import pandas as pd

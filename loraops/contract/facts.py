@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from loraops.data.reader import TEXT_ROLE
+from loraops.data.formats import TEXT_ROLE
 
 if TYPE_CHECKING:
     import numpy as np

@@ -1,7 +1,7 @@
 """64-bit keys per example, question and answer: duplicates within a split and train/validation leakage.
 
-Keys are Python string hashes (per process, 64-bit): two different examples share one with a
-probability of about n²/2⁶⁵, a false duplicate in ~10⁻⁸ of million-row runs.
+Vectorised over a batch's turns, with the one key scheme of ``data.keys`` (blake2b digests mixed
+with role and position), so a row's keys here equal ``data.keys.overlap_keys`` of that row.
 """
 
 from __future__ import annotations
@@ -11,35 +11,20 @@ from typing import TYPE_CHECKING
 
 from loraops.contract.facts import SplitFacts, Turns, snippet
 from loraops.contract.patterns import ASCII_WHITESPACE_RUN
-from loraops.data.reader import RowBatch, normalize_text
+from loraops.data.batches import RowBatch
+from loraops.data.keys import digests, mix, normalize_text, tagged, turn_salts
 
 if TYPE_CHECKING:
     import numpy as np
     import pyarrow as pa
 
-_TAGS = {"question": 0x9E3779B97F4A7C15, "answer": 0xC2B2AE3D27D4EB4F, "whole": 0x165667B19E3779F9}
-
-
-def _mix(values: np.ndarray) -> np.ndarray:
-    """splitmix64's finaliser: spreads every input bit over the whole 64-bit key."""
-    import numpy as np
-
-    values = values ^ (values >> np.uint64(30))
-    values = values * np.uint64(0xBF58476D1CE4E5B9)
-    values = values ^ (values >> np.uint64(27))
-    values = values * np.uint64(0x94D049BB133111EB)
-    return values ^ (values >> np.uint64(31))
-
 
 def _hash_strings(array: pa.Array) -> np.ndarray:
-    import numpy as np
-
-    values = array.to_numpy(zero_copy_only=False)
-    return np.fromiter(map(hash, values), dtype=np.int64, count=len(values)).view(np.uint64)
+    return digests(array.to_numpy(zero_copy_only=False))
 
 
 def normalized_hashes(content: pa.Array, unusual: np.ndarray) -> np.ndarray:
-    """``hash(normalize_text(s))`` of every turn, computed by Arrow except for non-ASCII turns.
+    """``digests([normalize_text(s)])`` of every turn, computed by Arrow except for non-ASCII turns.
 
     For plain ASCII text ``normalize_text`` (casefold, split on whitespace, join with one space)
     is lower-casing; unusual ASCII turns also get their whitespace runs collapsed by Arrow, and
@@ -57,9 +42,7 @@ def normalized_hashes(content: pa.Array, unusual: np.ndarray) -> np.ndarray:
     foreign = np.flatnonzero(~pc.fill_null(pc.string_is_ascii(odd), True).to_numpy(zero_copy_only=False))
     if len(foreign):
         texts = odd.take(foreign).to_pylist()
-        hashes[unusual[foreign]] = np.fromiter(
-            (hash(normalize_text(text)) for text in texts), np.int64, len(texts)
-        ).view(np.uint64)
+        hashes[unusual[foreign]] = digests(normalize_text(text) for text in texts)
     return hashes
 
 
@@ -85,10 +68,13 @@ class BatchKeys:
         """Keys as one array, each kind tagged so a question never matches a whole example."""
         import numpy as np
 
-        question, answer, whole = (np.uint64(_TAGS[kind]) for kind in ("question", "answer", "whole"))
         rows = self.rows()
         return np.concatenate(
-            [_mix(self.question[rows[0]] ^ question), _mix(self.answers ^ answer), _mix(self.whole[rows[2]] ^ whole)]
+            [
+                tagged("question", self.question[rows[0]]),
+                tagged("answer", self.answers),
+                tagged("whole", self.whole[rows[2]]),
+            ]
         )
 
 
@@ -102,9 +88,9 @@ def keys_of(facts: SplitFacts, turns: Turns, well_formed: np.ndarray, unusual: n
     role_hash = (
         _hash_strings(encoded.dictionary)[encoded.indices.to_numpy()] if len(turns.role) else np.zeros(0, np.uint64)
     )
-    salt = _mix(role_hash ^ turns.position.astype(np.uint64))
-    whole = _per_row_sum(turns, _mix(normalised ^ salt))
-    exact_whole = _per_row_sum(turns, _mix(_hash_strings(turns.content) ^ salt))
+    salt = turn_salts(role_hash, turns.position)
+    whole = _per_row_sum(turns, mix(normalised ^ salt))
+    exact_whole = _per_row_sum(turns, mix(_hash_strings(turns.content) ^ salt))
     whole[~well_formed] = 0
     exact_whole[~well_formed] = 0
     facts.add("key", whole)

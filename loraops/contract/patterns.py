@@ -6,7 +6,7 @@ import re
 from typing import TYPE_CHECKING
 
 from loraops.contract.facts import SplitFacts, Turns, turn_name
-from loraops.data.reader import RowBatch
+from loraops.data.batches import RowBatch
 
 if TYPE_CHECKING:
     import numpy as np

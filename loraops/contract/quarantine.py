@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loraops.contract.facts import SplitFacts
-from loraops.data.reader import DataError
+from loraops.data.formats import DataError
 from loraops.results import ContractReport, QuarantineRecord
 
 if TYPE_CHECKING:

@@ -6,7 +6,7 @@ from typing import Any
 
 from loraops.contract.context import SuiteEntry, entry_name
 from loraops.contract.facts import MAX_EXAMPLES, SplitFacts, snippet
-from loraops.data.reader import EMPTY_FORMAT
+from loraops.data.formats import EMPTY_FORMAT
 from loraops.results import ContractCheck, ContractReport
 
 HINTS = {

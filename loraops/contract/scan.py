@@ -11,7 +11,8 @@ from loraops.contract.keys import TrainIndex, keys_of, leakage
 from loraops.contract.patterns import content_patterns, unusual_turns
 from loraops.contract.table import LAST_ROLE, ROLE_ORDER, batch_columns
 from loraops.contract.tokens import token_lengths
-from loraops.data.reader import EMPTY_FORMAT, RowBatch, read_batches
+from loraops.data.batches import RowBatch, read_batches
+from loraops.data.formats import EMPTY_FORMAT
 
 if TYPE_CHECKING:
     import numpy as np

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from loraops.contract.facts import SplitFacts
-from loraops.data.reader import TEXT_ROLE, RowBatch
+from loraops.data.batches import RowBatch
+from loraops.data.formats import TEXT_ROLE
 
 if TYPE_CHECKING:
     import numpy as np

@@ -14,7 +14,7 @@ from loraops.contract.quarantine import SUMMARY_FILE, quarantine
 from loraops.contract.report import format_check, not_checked_without_validation, to_checks
 from loraops.contract.scan import scan_split
 from loraops.contract.table import example_frame
-from loraops.data.reader import EMPTY_FORMAT
+from loraops.data.formats import EMPTY_FORMAT
 from loraops.results import ContractCheck, ContractReport, QuarantineRecord
 
 logger = logging.getLogger(__name__)

@@ -53,7 +53,9 @@ class DataDiff(BaseModel):
 
 
 def _rows_by_question(path: Path, fmt: str) -> dict[str, set[str]]:
-    from loraops.data.reader import dedup_key, load_split, normalize_row, question_key
+    from loraops.data.formats import normalize_row
+    from loraops.data.keys import dedup_key, question_key
+    from loraops.data.reader import load_split
 
     if not path.is_file():
         return {}
