@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from loraops.config import LoraopsConfig, write_params
 from loraops.project.lock import project_lock
 from loraops.registry.limits import bounded_requests, reports_lost_server
-from loraops.train.memory import MemoryCheck
+from loraops.train.plan import MemoryCheck
 
 if TYPE_CHECKING:  # imported by the stages that use them
     from loraops.inputs.data_diff import DataDiff
@@ -238,13 +238,14 @@ def check_memory(cfg: LoraopsConfig, root: Path, available: int | None = None) -
     ``available`` (bytes) defaults to the GPU's total memory on CUDA and to the system RAM on CPU.
     """
     from loraops.train import base_model as modeling
-    from loraops.train import memory
+    from loraops.train import plan
+    from loraops.train.shape import resolve_model_shape
 
     device = modeling.resolve_device(cfg.train)
     base = modeling.read_base_model_ref(_path(root, cfg.paths.base_model_dir))
-    shape = memory.resolve_model_shape(base.path, revision=base.revision)
-    budget = memory.device_memory_bytes(device) if available is None else available
-    return memory.check_memory(shape, cfg, device, budget)
+    shape = resolve_model_shape(base.path, revision=base.revision)
+    budget = plan.device_memory_bytes(device) if available is None else available
+    return plan.check_memory(shape, cfg, device, budget)
 
 
 def sanity_check(cfg: LoraopsConfig, root: Path):
