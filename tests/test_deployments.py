@@ -277,7 +277,7 @@ def test_a_crashed_gpu_worker_fails_retrain_and_the_rerun_resumes_its_training(s
 
     from loraops import stages
     from loraops.config import load_config
-    from loraops.train import trainer as training
+    from loraops.train.checkpoints import last_complete_checkpoint
 
     project = _checkout(tmp_path, tiny_model_dir, servers["mlflow"], max_steps=150, eval_steps=10)
     env, gpu_checkout = _deploy(servers, tmp_path, project)
@@ -295,7 +295,7 @@ def test_a_crashed_gpu_worker_fails_retrain_and_the_rerun_resumes_its_training(s
         started = time.monotonic()
         with _server("cpu worker", cpu_worker, cpu_host, tmp_path / "cpu-worker-1.log") as waiting_retrain:
             with _server("gpu worker", gpu_worker, gpu_host, tmp_path / "gpu-worker-1.log") as gpu:
-                while training.last_complete_checkpoint(gpu_checkout / "checkpoints") is None:
+                while last_complete_checkpoint(gpu_checkout / "checkpoints") is None:
                     assert time.monotonic() < started + RUN_S, (tmp_path / "gpu-worker-1.log").read_text()[-3000:]
                     assert gpu.poll() is None, (tmp_path / "gpu-worker-1.log").read_text()[-3000:]
                     time.sleep(0.05)
@@ -303,7 +303,7 @@ def test_a_crashed_gpu_worker_fails_retrain_and_the_rerun_resumes_its_training(s
                 # The host dies: the worker and the training process (its own session) at once.
                 os.killpg(gpu.pid, signal.SIGKILL)
                 assert _kill_processes_of_flow_run(crashed.id) >= 1
-            survivor = training.last_complete_checkpoint(gpu_checkout / "checkpoints")
+            survivor = last_complete_checkpoint(gpu_checkout / "checkpoints")
             crashed = client.read_flow_run(crashed.id)
             assert crashed.state.is_running()  # nothing reports a dead host's end ...
             # ... until the heartbeat automation (infra/automations.py) marks it, as here:
