@@ -21,7 +21,7 @@ if str(REPO) not in sys.path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from loraops.config import load_config
+    from loraops.project.params_file import load_config
     from loraops.train.datasets import tokenized_splits
     from loraops.train.packing import padding_report
 

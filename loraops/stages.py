@@ -15,8 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loraops.config import LoraopsConfig, write_params
+from loraops.config import LoraopsConfig
 from loraops.project.lock import project_lock
+from loraops.project.params_file import write_params
 from loraops.registry.limits import bounded_requests, reports_lost_server
 from loraops.train.plan import MemoryCheck
 

@@ -238,7 +238,7 @@ def test_scheduled_retrain_deploys_runs_on_a_worker_and_registers_through_the_se
     version = _mlflow_get(servers["mlflow"], "model-versions/get", name="tiny-adapter", version="1")["model_version"]
     tags = {t["key"]: t["value"] for t in version["tags"]}
     git_head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout
-    from loraops.config import load_config
+    from loraops.project.params_file import load_config
 
     cfg = load_config(project / "params.yaml")
     assert {"champion", "challenger"} <= set(version["aliases"])
@@ -276,7 +276,7 @@ def test_a_crashed_gpu_worker_fails_retrain_and_the_rerun_resumes_its_training(s
     from prefect.states import Crashed
 
     from loraops import stages
-    from loraops.config import load_config
+    from loraops.project.params_file import load_config
     from loraops.train.checkpoints import last_complete_checkpoint
 
     project = _checkout(tmp_path, tiny_model_dir, servers["mlflow"], max_steps=150, eval_steps=10)
@@ -342,7 +342,7 @@ def test_the_retrain_form_means_params_yaml_and_a_form_run_changes_only_the_fiel
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from loraops.config import load_config
+    from loraops.project.params_file import load_config
 
     project = make_project(tmp_path / "project", tiny_model_dir, registry={"tracking_uri": servers["mlflow"]})
     params = project / "params.yaml"

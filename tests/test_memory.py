@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from loraops import stages
 from loraops.cli.app import app
-from loraops.config import ConfigError, LoraConfig, LoraopsConfig, QuantConfig, apply_overrides, config_from_dict
+from loraops.config import ConfigError, LoraConfig, LoraopsConfig, QuantConfig, config_from_dict
+from loraops.project.params_file import apply_overrides
 from loraops.train import memory
 from loraops.train.memory import estimate_peak_memory
 from loraops.train.plan import DEFAULT_HEADROOM, MemoryPlanError, check_memory, plan, system_memory_bytes
@@ -250,7 +251,7 @@ def test_parse_memory_size_errors_are_clear(text, message):
 
 
 def _with(cfg: LoraopsConfig, overrides: list[str]) -> LoraopsConfig:
-    from loraops.config import parse_override
+    from loraops.project.params_file import parse_override
 
     return config_from_dict(apply_overrides(cfg.model_dump(mode="json"), dict(parse_override(o) for o in overrides)))
 

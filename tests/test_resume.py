@@ -239,7 +239,7 @@ def test_rerunning_a_killed_train_stage_resumes_from_its_checkpoint(tmp_path, ti
 
     rerun = subprocess.run(stage("train-adapter"), cwd=project, capture_output=True, text=True, env=env)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    from loraops.config import load_config
+    from loraops.project.params_file import load_config
     from loraops.stages import read_training
 
     result = read_training(load_config(project / "params.yaml"), project)
@@ -249,7 +249,7 @@ def test_rerunning_a_killed_train_stage_resumes_from_its_checkpoint(tmp_path, ti
     assert [row["step"] for row in history if "loss" in row] == list(range(1, 121))
 
     # MLflow: the killed attempt's run (left RUNNING by SIGKILL) is marked FAILED; the rerun's run is FINISHED.
-    from loraops.config import load_config
+    from loraops.project.params_file import load_config
     from loraops.registry import runs as registry
 
     cfg = load_config(project / "params.yaml")

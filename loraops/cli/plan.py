@@ -9,7 +9,8 @@ from typing import Annotated
 
 import typer
 
-from loraops.config import LoraopsConfig, apply_overrides, config_from_dict, load_config, parse_override
+from loraops.config import LoraopsConfig, config_from_dict
+from loraops.project.params_file import apply_overrides, load_config, parse_override
 from loraops.train.plan import Plan, plan
 from loraops.train.shape import GIB, format_gib, parse_memory_size, resolve_model_shape
 
