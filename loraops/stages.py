@@ -66,32 +66,6 @@ def guarded_run(cfg: LoraopsConfig, root: Path, command: str) -> Iterator[None]:
         yield
 
 
-@contextmanager
-def params_restored_on_failure(root: Path) -> Iterator[None]:
-    """A run that fails leaves params.yaml as it found it, so its -S overrides don't leak into later runs.
-
-    Once the run has recorded dvc.lock (``version_outputs``), params.yaml stays: the lock describes it.
-    """
-    params, lock = _path(root, "params.yaml"), _path(root, "dvc.lock")
-    before = params.read_bytes() if params.is_file() else None
-    lock_before = lock.read_bytes() if lock.is_file() else None
-    try:
-        yield
-    except BaseException:
-        now = params.read_bytes() if params.is_file() else None
-        if before is None or now == before:
-            raise
-        if (lock.read_bytes() if lock.is_file() else None) == lock_before:
-            params.write_bytes(before)
-            log.warning("run failed: params.yaml restored to what it was before the run (its overrides dropped)")
-        else:
-            log.warning(
-                "run failed after dvc.lock recorded its settings: params.yaml keeps them; "
-                "`git checkout params.yaml dvc.lock` restores both"
-            )
-        raise
-
-
 def check_servers(cfg: LoraopsConfig, root: Path) -> str:
     """The MLflow tracking server must answer before any GPU time is spent; returns the tracking URI."""
     from loraops.project.servers import check_mlflow_server
@@ -175,13 +149,9 @@ def validate_dataset(cfg: LoraopsConfig, root: Path) -> ContractReport:
 
 def evaluate_baseline(cfg: LoraopsConfig, root: Path) -> EvalMetrics:
     """Validation loss of the base model (quantised as training will see it) on the target tokens."""
-    from loraops.evaluate.loss import evaluate_model, example_losses_path
-    from loraops.train import base_model as modeling
+    from loraops.evaluate.loss import evaluate_base_model, example_losses_path
 
-    base = modeling.read_base_model_ref(_path(root, cfg.paths.base_model_dir))
-    device = modeling.resolve_device(cfg.train)
-    model = modeling.load_base_model(base, cfg.model, cfg.quant, device)
-    metrics, examples = evaluate_model(cfg, root, model)
+    metrics, examples = evaluate_base_model(cfg, root)
     metrics.write_json(_path(root, cfg.paths.metrics_dir) / BASELINE_METRICS)
     examples.write_json(example_losses_path(_path(root, cfg.paths.reports_dir), "baseline"))
     log.info(
@@ -199,28 +169,20 @@ def check_memory(cfg: LoraopsConfig, root: Path, available: int | None = None) -
     ``available`` (bytes) defaults to the GPU's total memory on CUDA and to the system RAM on CPU.
     """
     from loraops.train import base_model as modeling
-    from loraops.train import plan
-    from loraops.train.shape import resolve_model_shape
+    from loraops.train.plan import check_base_model_memory
 
-    device = modeling.resolve_device(cfg.train)
     base = modeling.read_base_model_ref(_path(root, cfg.paths.base_model_dir))
-    shape = resolve_model_shape(base.path, revision=base.revision)
-    budget = plan.device_memory_bytes(device) if available is None else available
-    return plan.check_memory(shape, cfg, device, budget)
+    return check_base_model_memory(cfg, base, modeling.resolve_device(cfg.train), available)
 
 
 def sanity_check(cfg: LoraopsConfig, root: Path):
     """The overfit check on the first sanity.examples training examples (loraops/train/sanity.py); returns SanityResult."""
-    from loraops.data.tokenization import build_dataset
     from loraops.train import base_model as modeling
     from loraops.train import sanity
-    from loraops.train.datasets import load_splits, project_tokenizer
+    from loraops.train.datasets import sanity_dataset
 
-    train, _ = load_splits(cfg, root)
-    examples = train.examples[: cfg.sanity.examples]
-    dataset = build_dataset(project_tokenizer(cfg, root), examples, cfg.data.max_length)
     base = modeling.read_base_model_ref(_path(root, cfg.paths.base_model_dir))
-    result = sanity.check_overfit(cfg, base, dataset)
+    result = sanity.check_overfit(cfg, base, sanity_dataset(cfg, root))
     log.info("%s", result.summary())
     return result
 

@@ -20,6 +20,15 @@ def example_losses_path(reports_dir: Path, name: str) -> Path:
     return Path(reports_dir) / EXAMPLE_LOSSES_DIR / f"{name}.json"
 
 
+def evaluate_base_model(cfg: LoraopsConfig, root: Path) -> tuple[EvalMetrics, ExampleLosses]:
+    """``evaluate_model`` for the prepared base model, quantised as training will see it."""
+    from loraops.train import base_model as modeling
+
+    base = modeling.read_base_model_ref(Path(root) / cfg.paths.base_model_dir)
+    device = modeling.resolve_device(cfg.train)
+    return evaluate_model(cfg, root, modeling.load_base_model(base, cfg.model, cfg.quant, device))
+
+
 def evaluate_adapter_dir(cfg: LoraopsConfig, root: Path, adapter_dir: Path) -> tuple[EvalMetrics, ExampleLosses]:
     """``evaluate_model`` for the adapter in ``adapter_dir`` on the prepared base model."""
     from loraops.train import base_model as modeling

@@ -11,13 +11,18 @@ from __future__ import annotations
 import difflib
 import io
 import json
+import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from loraops.config import ConfigError, LoraopsConfig, config_from_dict
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PARAMS_FILE = "params.yaml"
 _EXPLICIT_NULL = re.compile(r":\s+(null|~)\s*(#.*)?$", re.MULTILINE)
@@ -95,6 +100,32 @@ def write_params(config: LoraopsConfig, path: str | Path = DEFAULT_PARAMS_FILE) 
         recorded = flatten(raw)
     missing = object()
     return set_values(path, {key: value for key, value in wanted.items() if recorded.get(key, missing) != value})
+
+
+@contextmanager
+def params_restored_on_failure(root: Path) -> Iterator[None]:
+    """A run that fails leaves params.yaml as it found it, so its -S overrides don't leak into later runs.
+
+    Once the run has recorded dvc.lock (``version_outputs``), params.yaml stays: the lock describes it.
+    """
+    params, lock = Path(root) / "params.yaml", Path(root) / "dvc.lock"
+    before = params.read_bytes() if params.is_file() else None
+    lock_before = lock.read_bytes() if lock.is_file() else None
+    try:
+        yield
+    except BaseException:
+        now = params.read_bytes() if params.is_file() else None
+        if before is None or now == before:
+            raise
+        if (lock.read_bytes() if lock.is_file() else None) == lock_before:
+            params.write_bytes(before)
+            log.warning("run failed: params.yaml restored to what it was before the run (its overrides dropped)")
+        else:
+            log.warning(
+                "run failed after dvc.lock recorded its settings: params.yaml keeps them; "
+                "`git checkout params.yaml dvc.lock` restores both"
+            )
+        raise
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:

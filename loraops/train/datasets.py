@@ -45,6 +45,15 @@ def tokenized_splits(cfg: LoraopsConfig, root: Path):
     )
 
 
+def sanity_dataset(cfg: LoraopsConfig, root: Path):
+    """The first ``sanity.examples`` training examples, tokenized, for the overfit check."""
+    from loraops.data.tokenization import build_dataset
+
+    train, _ = load_splits(cfg, root)
+    examples = train.examples[: cfg.sanity.examples]
+    return build_dataset(project_tokenizer(cfg, root), examples, cfg.data.max_length)
+
+
 def validation_dataset(cfg: LoraopsConfig, root: Path):
     from loraops.data.tokenization import build_dataset
 

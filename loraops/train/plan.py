@@ -15,8 +15,9 @@ from typing import Literal
 from pydantic import BaseModel, ValidationError
 
 from loraops.config import ConfigError, LoraopsConfig
+from loraops.results import BaseModelRef
 from loraops.train.memory import Device, MemoryEstimate, estimate_for_config
-from loraops.train.shape import ModelShape, format_gib
+from loraops.train.shape import ModelShape, format_gib, resolve_model_shape
 
 log = logging.getLogger(__name__)
 
@@ -304,3 +305,12 @@ def check_memory(shape: ModelShape, cfg: LoraopsConfig, device: Device, availabl
         log.warning("%s (worst case: every sequence at data.max_length; continuing on CPU)", refusal)
         return check
     raise refusal
+
+
+def check_base_model_memory(
+    cfg: LoraopsConfig, base: BaseModelRef, device: Device, available: int | None = None
+) -> MemoryCheck:
+    """``check_memory`` for the prepared base model; ``available`` defaults to the GPU's memory or the RAM."""
+    shape = resolve_model_shape(base.path, revision=base.revision)
+    budget = device_memory_bytes(device) if available is None else available
+    return check_memory(shape, cfg, device, budget)
