@@ -11,7 +11,7 @@ import re
 import sys
 from pathlib import Path
 
-from loraops.config import load_config
+from loraops.project.params_file import load_config
 from loraops.registry.runs import BASELINE_LOSS_TAG, GATE_TAG, VAL_LOSS_TAG, make_client, resolve_tracking_uri
 from loraops.reproduce.reproduce import LINEAGE_TAGS
 

@@ -9,9 +9,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from loraops.config import load_config
 from loraops.data.reader import load_split
 from loraops.evaluate.forgetting import general_loss
+from loraops.project.params_file import load_config
 from loraops.serve.serving import generate_text
 from loraops.train import base_model as modeling
 

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/padding_report.py            # params.yaml, data/, models/base (prepare it first)
 
-Tokenises the train split exactly as training does (``loraops.stages._tokenized_splits``: chat
+Tokenises the train split exactly as training does (``loraops.train.datasets.tokenized_splits``: chat
 template, final-assistant-turn labels, ``data.max_length``) and reports, at ``train.batch_size``, the
 share of pad tokens in padded batches (random order, seed ``train.seed``), in padding-free batches
 (none), and in best-fit-decreasing rows of ``data.max_length`` tokens.
@@ -21,8 +21,8 @@ if str(REPO) not in sys.path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from loraops.config import load_config
-    from loraops.stages import _tokenized_splits
+    from loraops.project.params_file import load_config
+    from loraops.train.datasets import tokenized_splits
     from loraops.train.packing import padding_report
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, help="default: train.batch_size")
     args = parser.parse_args(argv)
     cfg = load_config(args.params)
-    train, _ = _tokenized_splits(cfg, args.params.resolve().parent)
+    train, _ = tokenized_splits(cfg, args.params.resolve().parent)
     lengths = [len(ids) for ids in train["input_ids"]]
     batch_size = args.batch_size or cfg.train.batch_size
     report = padding_report(lengths, batch_size, cfg.data.max_length, seed=cfg.train.seed)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from prefect import flow
 
-from loraops.config import LoraopsConfig, load_config
+from loraops.config import LoraopsConfig
+from loraops.project.params_file import load_config
 from loraops.registry.promotion import AliasState
 from tasks import promotion
 

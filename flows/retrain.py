@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from loraops import stages
 from loraops.config import LoraopsConfig
 from loraops.inputs.freshness import Freshness
+from loraops.project.params_file import params_restored_on_failure
 from loraops.registry import tracking
 from loraops.results import EvalMetrics, GateDecision, Registration
 from tasks import pipeline, run_context
@@ -47,7 +48,7 @@ def retrain(
     # One run per checkout; a failed run's overrides don't stay in params.yaml; its MLflow run ends FAILED, not RUNNING.
     with (
         stages.guarded_run(cfg, root, "retrain flow"),
-        stages.params_restored_on_failure(root),
+        params_restored_on_failure(root),
         tracking.flow_runs_failed_on_error(cfg, root),
     ):
         pipeline.check_servers(cfg, root)  # before anything is written: an unreachable server changes nothing

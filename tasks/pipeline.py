@@ -24,7 +24,7 @@ from loraops.results import (
     Registration,
     TrainResult,
 )
-from loraops.train.memory import MemoryCheck
+from loraops.train.plan import MemoryCheck
 
 # Stages read and write the project's files, so Prefect's input-hash caching would hide reruns.
 _stage = dict(cache_policy=NO_CACHE, persist_result=False)

@@ -6,15 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from loraops.config import (
-    ConfigError,
-    LoraopsConfig,
-    apply_overrides,
-    config_from_dict,
-    load_config,
-    parse_override,
-    write_params,
-)
+from loraops.config import ConfigError, LoraopsConfig, config_from_dict
+from loraops.project.params_file import apply_overrides, load_config, parse_override, write_params
 
 REPO = Path(__file__).resolve().parent.parent
 

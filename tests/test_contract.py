@@ -210,9 +210,9 @@ def test_quarantine_sets_rows_aside_and_training_drops_them(tiny_tokenizer, tmp_
     assert report.quarantine["validation"].rows == 0
     assert f"Quarantined 3 train rows (duplicates 2, over_length 1): {record.path}" in format_report(report)
 
-    from loraops.stages import _load_splits
+    from loraops.train.datasets import load_splits
 
-    train, validation = _load_splits(cfg, tmp_path)
+    train, validation = load_splits(cfg, tmp_path)
     assert train.lines == [1, 5] and len(train.examples) == 2 and len(validation) == 12
 
 

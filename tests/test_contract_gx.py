@@ -223,8 +223,8 @@ def test_the_pipeline_stage_enforces_the_projects_suite_and_dvc_sees_the_edit(tm
     import sys
 
     from loraops import stages
-    from loraops.config import load_config
     from loraops.lineage.versioning import record_pipeline_state
+    from loraops.project.params_file import load_config
 
     root = make_project(tmp_path / "project", tiny_model_dir)
     cfg = load_config(root / "params.yaml")

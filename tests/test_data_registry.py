@@ -13,8 +13,8 @@ import pytest
 import yaml
 from conftest import GIT, TINY_DATA
 
-from loraops.config import load_config
 from loraops.inputs.data_registry import DataRegistryError, read_data_version, refresh_data
+from loraops.project.params_file import load_config
 
 DVC = str(Path(sys.executable).parent / "dvc")
 DATASET = "datasets/chat"

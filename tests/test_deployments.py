@@ -238,7 +238,7 @@ def test_scheduled_retrain_deploys_runs_on_a_worker_and_registers_through_the_se
     version = _mlflow_get(servers["mlflow"], "model-versions/get", name="tiny-adapter", version="1")["model_version"]
     tags = {t["key"]: t["value"] for t in version["tags"]}
     git_head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True).stdout
-    from loraops.config import load_config
+    from loraops.project.params_file import load_config
 
     cfg = load_config(project / "params.yaml")
     assert {"champion", "challenger"} <= set(version["aliases"])
@@ -276,8 +276,8 @@ def test_a_crashed_gpu_worker_fails_retrain_and_the_rerun_resumes_its_training(s
     from prefect.states import Crashed
 
     from loraops import stages
-    from loraops.config import load_config
-    from loraops.train import trainer as training
+    from loraops.project.params_file import load_config
+    from loraops.train.checkpoints import last_complete_checkpoint
 
     project = _checkout(tmp_path, tiny_model_dir, servers["mlflow"], max_steps=150, eval_steps=10)
     env, gpu_checkout = _deploy(servers, tmp_path, project)
@@ -295,7 +295,7 @@ def test_a_crashed_gpu_worker_fails_retrain_and_the_rerun_resumes_its_training(s
         started = time.monotonic()
         with _server("cpu worker", cpu_worker, cpu_host, tmp_path / "cpu-worker-1.log") as waiting_retrain:
             with _server("gpu worker", gpu_worker, gpu_host, tmp_path / "gpu-worker-1.log") as gpu:
-                while training.last_complete_checkpoint(gpu_checkout / "checkpoints") is None:
+                while last_complete_checkpoint(gpu_checkout / "checkpoints") is None:
                     assert time.monotonic() < started + RUN_S, (tmp_path / "gpu-worker-1.log").read_text()[-3000:]
                     assert gpu.poll() is None, (tmp_path / "gpu-worker-1.log").read_text()[-3000:]
                     time.sleep(0.05)
@@ -303,7 +303,7 @@ def test_a_crashed_gpu_worker_fails_retrain_and_the_rerun_resumes_its_training(s
                 # The host dies: the worker and the training process (its own session) at once.
                 os.killpg(gpu.pid, signal.SIGKILL)
                 assert _kill_processes_of_flow_run(crashed.id) >= 1
-            survivor = training.last_complete_checkpoint(gpu_checkout / "checkpoints")
+            survivor = last_complete_checkpoint(gpu_checkout / "checkpoints")
             crashed = client.read_flow_run(crashed.id)
             assert crashed.state.is_running()  # nothing reports a dead host's end ...
             # ... until the heartbeat automation (infra/automations.py) marks it, as here:
@@ -342,7 +342,7 @@ def test_the_retrain_form_means_params_yaml_and_a_form_run_changes_only_the_fiel
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from loraops.config import load_config
+    from loraops.project.params_file import load_config
 
     project = make_project(tmp_path / "project", tiny_model_dir, registry={"tracking_uri": servers["mlflow"]})
     params = project / "params.yaml"

@@ -11,7 +11,7 @@ import torch
 from datasets import Dataset
 
 from loraops.data.tokenization import IGNORE_INDEX, build_dataset
-from loraops.evaluate.loss import evaluate_loss
+from loraops.train.token_loss import evaluate_loss
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ import pytest
 import yaml
 from conftest import GIT, make_project
 
-from loraops.config import load_config
 from loraops.lineage import experiments, versioning
+from loraops.project.params_file import load_config
 from loraops.results import GateDecision, TrainResult, write_metrics
 
 DVC = str(Path(sys.executable).parent / "dvc")

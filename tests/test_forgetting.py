@@ -14,7 +14,7 @@ from loraops.data.tokenization import build_dataset
 from loraops.evaluate.evidence import interval
 from loraops.evaluate.forgetting import GeneralTextError, general_loss, general_texts
 from loraops.evaluate.gate import GateEvidence, gate_candidate
-from loraops.evaluate.loss import evaluate_example_losses
+from loraops.train.token_loss import evaluate_example_losses
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 GENERAL = [

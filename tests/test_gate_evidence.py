@@ -8,8 +8,8 @@ import json
 import pytest
 
 from loraops import stages
-from loraops.config import load_config
 from loraops.evaluate.loss import example_losses_path
+from loraops.project.params_file import load_config
 from loraops.results import ExampleLosses
 
 

@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from loraops import stages
-from loraops.config import load_config
 from loraops.lineage import versioning
+from loraops.project.params_file import load_config
 from loraops.registry import handoff
 from loraops.results import TrainResult
 

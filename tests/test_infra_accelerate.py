@@ -53,6 +53,7 @@ def test_launch_runs_the_dvc_training_stage_with_the_fsdp_settings():
 def test_under_the_launch_environment_each_rank_loads_bf16_stored_4bit_weights_on_its_own_gpu(monkeypatch):
     from loraops.config import ModelConfig, QuantConfig
     from loraops.train import base_model as modeling
+    from loraops.train import builders
 
     _, env = _launch_env()
     for key, value in env.items():
@@ -62,7 +63,7 @@ def test_under_the_launch_environment_each_rank_loads_bf16_stored_4bit_weights_o
     assert modeling.distributed_env() == (2, 1)
     assert modeling.device_map_for("cuda") == {"": 1}
     dtype = modeling.resolve_dtype(ModelConfig(), "cuda", QuantConfig(mode="nf4"))
-    assert modeling.build_quant_config(QuantConfig(mode="nf4"), storage_dtype=dtype).bnb_4bit_quant_storage == dtype
+    assert builders.build_quant_config(QuantConfig(mode="nf4"), storage_dtype=dtype).bnb_4bit_quant_storage == dtype
 
 
 @pytest.mark.gpu

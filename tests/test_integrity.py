@@ -307,7 +307,7 @@ def test_registration_refuses_a_workspace_adapter_that_differs_from_dvc_lock(pro
 
 
 def test_the_hand_off_fetch_refuses_an_adapter_changed_after_the_worker_published_it(tiny_project, adapters):
-    from loraops.config import load_config
+    from loraops.project.params_file import load_config
     from loraops.registry import handoff
 
     cfg = load_config(tiny_project / "params.yaml")

@@ -12,17 +12,12 @@ from typer.testing import CliRunner
 
 from loraops import stages
 from loraops.cli.app import app
-from loraops.config import ConfigError, LoraConfig, LoraopsConfig, QuantConfig, apply_overrides, config_from_dict
+from loraops.config import ConfigError, LoraConfig, LoraopsConfig, QuantConfig, config_from_dict
+from loraops.project.params_file import apply_overrides
 from loraops.train import memory
-from loraops.train.memory import (
-    GIB,
-    KNOWN_MODELS,
-    MemoryPlanError,
-    estimate_peak_memory,
-    parse_memory_size,
-    plan,
-    resolve_model_shape,
-)
+from loraops.train.memory import estimate_peak_memory
+from loraops.train.plan import DEFAULT_HEADROOM, MemoryPlanError, check_memory, plan, system_memory_bytes
+from loraops.train.shape import GIB, KNOWN_MODELS, parse_memory_size, resolve_model_shape, shape_from_config
 
 LLAMA_8B = KNOWN_MODELS["meta-llama/Llama-3.1-8B"]
 LLAMA_70B = KNOWN_MODELS["meta-llama/Llama-3.1-70B"]
@@ -188,7 +183,7 @@ def test_shape_from_a_transformers_config_object():
         vocab_size=128256,
         tie_word_embeddings=False,
     )
-    assert memory.shape_from_config(config.to_dict()).parameters == LLAMA_8B.parameters
+    assert shape_from_config(config.to_dict()).parameters == LLAMA_8B.parameters
 
 
 def test_unknown_model_id_says_to_pass_a_local_folder():
@@ -256,7 +251,7 @@ def test_parse_memory_size_errors_are_clear(text, message):
 
 
 def _with(cfg: LoraopsConfig, overrides: list[str]) -> LoraopsConfig:
-    from loraops.config import parse_override
+    from loraops.project.params_file import parse_override
 
     return config_from_dict(apply_overrides(cfg.model_dump(mode="json"), dict(parse_override(o) for o in overrides)))
 
@@ -412,7 +407,7 @@ def test_stage_passes_the_tiny_model_on_cpu(tmp_path, tiny_model_dir):
     cfg = _tiny_project(tmp_path, tiny_model_dir)
     check = stages.check_memory(cfg, tmp_path)
     assert check.fits and check.device == "cpu"
-    assert check.available == memory.system_memory_bytes()
+    assert check.available == system_memory_bytes()
     assert (check.batch_size, check.seq_len) == (8, 64)
 
 
@@ -420,9 +415,9 @@ def test_stage_refuses_what_cannot_fit_and_names_the_settings(tmp_path, tiny_mod
     cfg = _tiny_project(tmp_path, tiny_model_dir, data={"max_length": 512}, train={"batch_size": 64})
     shape = resolve_model_shape(str(tiny_model_dir))
     small = cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": 4})})
-    budget = int(memory.estimate_for_config(shape, small, "cuda").total / (1 - memory.DEFAULT_HEADROOM))
+    budget = int(memory.estimate_for_config(shape, small, "cuda").total / (1 - DEFAULT_HEADROOM))
     with pytest.raises(MemoryPlanError) as refused:  # room for batch 4, not 64
-        memory.check_memory(shape, cfg, "cuda", budget)
+        check_memory(shape, cfg, "cuda", budget)
     message = str(refused.value)
     assert "does not fit with quant.mode=none, train.batch_size=64" in message
     assert "-S train.batch_size=" in message
@@ -432,7 +427,7 @@ def test_stage_refuses_what_cannot_fit_and_names_the_settings(tmp_path, tiny_mod
 
 def test_on_cpu_an_estimate_above_ram_only_warns(tmp_path, tiny_model_dir, caplog):
     cfg = _tiny_project(tmp_path, tiny_model_dir, data={"max_length": 512}, train={"batch_size": 64})
-    with caplog.at_level("WARNING", logger="loraops.train.memory"):
+    with caplog.at_level("WARNING", logger="loraops.train.plan"):
         check = stages.check_memory(cfg, tmp_path, available=64 << 20)
     assert not check.fits and check.device == "cpu"
     assert (
@@ -444,14 +439,12 @@ def test_stage_refuses_hopeless_settings_with_the_ways_out(tmp_path, tiny_model_
     cfg = _tiny_project(tmp_path, tiny_model_dir)
     shape = resolve_model_shape(str(tiny_model_dir))
     with pytest.raises(MemoryPlanError, match="no training setting fits"):
-        memory.check_memory(shape, cfg, "cuda", 64 << 20)
+        check_memory(shape, cfg, "cuda", 64 << 20)
 
 
 def test_gpu_check_names_the_plans_settings():
     with pytest.raises(MemoryPlanError) as refused:
-        memory.check_memory(
-            LLAMA_8B, _with(LoraopsConfig(), ["data.max_length=2048"]), "cuda", parse_memory_size("24GiB")
-        )
+        check_memory(LLAMA_8B, _with(LoraopsConfig(), ["data.max_length=2048"]), "cuda", parse_memory_size("24GiB"))
     assert "-S quant.mode=none -S train.gradient_checkpointing=true -S train.batch_size=5" in str(refused.value)
 
 

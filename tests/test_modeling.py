@@ -13,6 +13,7 @@ import torch
 from loraops.config import ConfigError, LoraConfig, ModelConfig, QuantConfig, TrainConfig
 from loraops.results import BaseModelRef
 from loraops.train import base_model as modeling
+from loraops.train import builders
 
 
 def _local_ref(model_dir) -> BaseModelRef:
@@ -23,7 +24,7 @@ def _local_ref(model_dir) -> BaseModelRef:
 
 
 def test_lora_config_carries_the_settings():
-    peft_cfg = modeling.build_lora_config(LoraConfig(r=8, alpha=24, dropout=0.1))
+    peft_cfg = builders.build_lora_config(LoraConfig(r=8, alpha=24, dropout=0.1))
     assert (peft_cfg.r, peft_cfg.lora_alpha, peft_cfg.lora_dropout) == (8, 24, 0.1)
     assert peft_cfg.task_type == "CAUSAL_LM"
     assert peft_cfg.target_modules == "all-linear"
@@ -32,27 +33,27 @@ def test_lora_config_carries_the_settings():
 
 @pytest.mark.parametrize(("variant", "dora", "rslora"), [("dora", True, False), ("rslora", False, True)])
 def test_lora_variants_map_to_peft_flags(variant, dora, rslora):
-    peft_cfg = modeling.build_lora_config(LoraConfig(variant=variant, target_modules=["q_proj", "v_proj"]))
+    peft_cfg = builders.build_lora_config(LoraConfig(variant=variant, target_modules=["q_proj", "v_proj"]))
     assert (peft_cfg.use_dora, peft_cfg.use_rslora) == (dora, rslora)
     assert set(peft_cfg.target_modules) == {"q_proj", "v_proj"}
 
 
 def test_quant_config_nf4_double_quant_bf16():
-    bnb_cfg = modeling.build_quant_config(QuantConfig(mode="nf4", double_quant=True, compute_dtype="bfloat16"))
+    bnb_cfg = builders.build_quant_config(QuantConfig(mode="nf4", double_quant=True, compute_dtype="bfloat16"))
     assert bnb_cfg.load_in_4bit and bnb_cfg.bnb_4bit_quant_type == "nf4"
     assert bnb_cfg.bnb_4bit_use_double_quant is True
     assert bnb_cfg.bnb_4bit_compute_dtype == torch.bfloat16
 
 
 def test_quant_config_fp4_and_none():
-    assert modeling.build_quant_config(QuantConfig(mode="fp4", double_quant=False)).bnb_4bit_quant_type == "fp4"
-    assert modeling.build_quant_config(QuantConfig(mode="none")) is None
+    assert builders.build_quant_config(QuantConfig(mode="fp4", double_quant=False)).bnb_4bit_quant_type == "fp4"
+    assert builders.build_quant_config(QuantConfig(mode="none")) is None
 
 
 def test_single_process_keeps_4bit_weights_in_uint8_on_the_chosen_device(monkeypatch):
     for key in ("WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_USE_FSDP"):
         monkeypatch.delenv(key, raising=False)
-    assert modeling.build_quant_config(QuantConfig(mode="nf4")).bnb_4bit_quant_storage == torch.uint8
+    assert builders.build_quant_config(QuantConfig(mode="nf4")).bnb_4bit_quant_storage == torch.uint8
     assert modeling.device_map_for("cuda") == {"": "cuda"} and modeling.device_map_for("cpu") == {"": "cpu"}
 
 
@@ -99,7 +100,7 @@ def test_attn_implementation_auto_keeps_the_transformers_default(tiny_model_dir)
 def test_quant_without_bitsandbytes_names_the_setting(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` fail
     with pytest.raises(ConfigError, match=r"quant\.mode.*quant\.mode: none"):
-        modeling.build_quant_config(QuantConfig(mode="nf4"))
+        builders.build_quant_config(QuantConfig(mode="nf4"))
 
 
 def test_resolve_device(monkeypatch):

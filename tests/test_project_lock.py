@@ -154,7 +154,7 @@ def test_two_train_adapter_stages_on_one_checkout_one_is_refused_naming_the_othe
 
 def test_a_retrain_flow_is_refused_while_another_run_holds_the_checkout(tiny_project, prefect_harness):
     from flows.retrain import retrain
-    from loraops.config import load_config
+    from loraops.project.params_file import load_config
 
     params_before = (tiny_project / "params.yaml").read_bytes()
     release = tiny_project / "release"

@@ -22,7 +22,7 @@ from conftest import GIT, make_project
 from typer.testing import CliRunner
 
 from loraops.cli.app import app
-from loraops.config import load_config
+from loraops.project.params_file import load_config
 from loraops.registry.mlflow_model import tracking_uri_set
 from loraops.reproduce.reproduce import (
     Check,

@@ -21,6 +21,8 @@ from safetensors.torch import load_file
 from loraops.config import ConfigError, config_from_dict
 from loraops.results import BaseModelRef, TrainResult
 from loraops.train import trainer as training
+from loraops.train.builders import build_sft_config
+from loraops.train.checkpoints import last_complete_checkpoint, prepare_checkpoint_dir, run_fingerprint
 
 DATA = Path(__file__).parent / "fixtures" / "data"
 KILL_AT_STEP = 5  # after checkpoint-4 is written, before checkpoint-6
@@ -107,7 +109,7 @@ def test_a_sigkilled_run_resumes_to_the_uninterrupted_adapter(tmp_path, tiny_mod
     killed = _train_in_subprocess(tiny_model_dir, tmp_path, kill_at=KILL_AT_STEP)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert not (tmp_path / "adapter").exists()  # nothing half-done where the stage's output goes
-    assert training.last_complete_checkpoint(tmp_path / "checkpoints").name == "checkpoint-4"
+    assert last_complete_checkpoint(tmp_path / "checkpoints").name == "checkpoint-4"
 
     (tmp_path / "steps-run.log").unlink()
     rerun = _train_in_subprocess(tiny_model_dir, tmp_path)
@@ -145,32 +147,32 @@ def _checkpoint(output_dir: Path, step: int, complete: bool = True) -> Path:
 
 
 def test_the_newest_complete_checkpoint_of_the_same_run_is_resumed(tmp_path):
-    assert training.prepare_checkpoint_dir(tmp_path, "run-a", resume=True) is None
+    assert prepare_checkpoint_dir(tmp_path, "run-a", resume=True) is None
     _checkpoint(tmp_path, 4)
     _checkpoint(tmp_path, 10)
     _checkpoint(tmp_path, 12, complete=False)  # killed while writing its state
-    assert training.prepare_checkpoint_dir(tmp_path, "run-a", resume=True) == tmp_path / "checkpoint-10"
+    assert prepare_checkpoint_dir(tmp_path, "run-a", resume=True) == tmp_path / "checkpoint-10"
 
 
 def test_checkpoints_of_another_run_are_cleared_not_resumed(tmp_path):
-    training.prepare_checkpoint_dir(tmp_path, "run-a", resume=True)
+    prepare_checkpoint_dir(tmp_path, "run-a", resume=True)
     _checkpoint(tmp_path, 4)
     (tmp_path / "keep-me.txt").write_text("a user's file")
-    assert training.prepare_checkpoint_dir(tmp_path, "run-b", resume=True) is None
+    assert prepare_checkpoint_dir(tmp_path, "run-b", resume=True) is None
     assert not list(tmp_path.glob("checkpoint-*")) and (tmp_path / "keep-me.txt").exists()
 
 
 def test_resume_false_starts_afresh(tmp_path):
-    training.prepare_checkpoint_dir(tmp_path, "run-a", resume=True)
+    prepare_checkpoint_dir(tmp_path, "run-a", resume=True)
     _checkpoint(tmp_path, 4)
-    assert training.prepare_checkpoint_dir(tmp_path, "run-a", resume=False) is None
+    assert prepare_checkpoint_dir(tmp_path, "run-a", resume=False) is None
     assert not list(tmp_path.glob("checkpoint-*"))
 
 
 def test_a_checkpoint_missing_its_optimizer_state_is_not_resumed(tmp_path):
-    training.prepare_checkpoint_dir(tmp_path, "run-a", resume=True)
+    prepare_checkpoint_dir(tmp_path, "run-a", resume=True)
     (_checkpoint(tmp_path, 6) / "optimizer.pt").unlink()
-    assert training.prepare_checkpoint_dir(tmp_path, "run-a", resume=True) is None
+    assert prepare_checkpoint_dir(tmp_path, "run-a", resume=True) is None
 
 
 def test_fingerprint_follows_settings_and_tokens_but_not_checkpoint_placement(tmp_path, tiny_tokenizer):
@@ -182,7 +184,7 @@ def test_fingerprint_follows_settings_and_tokens_but_not_checkpoint_placement(tm
 
     def fingerprint(train_dataset=train, **overrides):
         cfg = config_from_dict(_raw_config(Path("tiny"), tmp_path, **overrides))
-        return training.run_fingerprint(cfg, ref, train_dataset, validation, "cpu")
+        return run_fingerprint(cfg, ref, train_dataset, validation, "cpu")
 
     reference = fingerprint()
     assert fingerprint(save_total_limit=5, save_steps=4, output_dir="/elsewhere") == reference
@@ -193,7 +195,7 @@ def test_fingerprint_follows_settings_and_tokens_but_not_checkpoint_placement(tm
 def test_save_steps_must_be_a_multiple_of_eval_steps(tmp_path):
     with pytest.raises(ConfigError, match=r"train.save_steps \(3\) is not a multiple of train.eval_steps \(2\)"):
         config_from_dict(_raw_config(Path("tiny"), tmp_path, save_steps=3))
-    args = training.build_sft_config(config_from_dict(_raw_config(Path("t"), tmp_path, save_steps=4)), tmp_path, "cpu")
+    args = build_sft_config(config_from_dict(_raw_config(Path("t"), tmp_path, save_steps=4)), tmp_path, "cpu")
     assert args.save_steps == 4 and args.eval_steps == 2 and not args.save_only_model
 
 
@@ -225,19 +227,19 @@ def test_rerunning_a_killed_train_stage_resumes_from_its_checkpoint(tmp_path, ti
         first = subprocess.Popen(stage("train-adapter"), cwd=project, stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and first.poll() is None:
-        if training.last_complete_checkpoint(checkpoints) is not None:
+        if last_complete_checkpoint(checkpoints) is not None:
             break
         time.sleep(0.05)
     first.send_signal(signal.SIGKILL)
     assert first.wait(timeout=30) == -signal.SIGKILL, (tmp_path / "first.log").read_text()[-3000:]
-    survivor = training.last_complete_checkpoint(checkpoints)
+    survivor = last_complete_checkpoint(checkpoints)
     assert survivor is not None, "the first run was killed before any checkpoint was complete"
     saved_at = int(survivor.name.split("-")[1])
     assert saved_at < 120
 
     rerun = subprocess.run(stage("train-adapter"), cwd=project, capture_output=True, text=True, env=env)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    from loraops.config import load_config
+    from loraops.project.params_file import load_config
     from loraops.stages import read_training
 
     result = read_training(load_config(project / "params.yaml"), project)
@@ -247,7 +249,7 @@ def test_rerunning_a_killed_train_stage_resumes_from_its_checkpoint(tmp_path, ti
     assert [row["step"] for row in history if "loss" in row] == list(range(1, 121))
 
     # MLflow: the killed attempt's run (left RUNNING by SIGKILL) is marked FAILED; the rerun's run is FINISHED.
-    from loraops.config import load_config
+    from loraops.project.params_file import load_config
     from loraops.registry import runs as registry
 
     cfg = load_config(project / "params.yaml")

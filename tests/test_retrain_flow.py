@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loraops.config import load_config
+from loraops.project.params_file import load_config
 
 DVC = str(Path(sys.executable).parent / "dvc")
 

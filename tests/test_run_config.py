@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loraops.config import ConfigError, LoraopsConfig, load_config, write_params
-from loraops.project.params_file import set_values
+from loraops.config import ConfigError, LoraopsConfig
+from loraops.project.params_file import load_config, set_values, write_params
 from loraops.project.run_config import chosen_overrides, form_defaults, given_values, resolve_run_config
 
 REPO = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ from conftest import TINY_DATA, tiny_params
 from typer.testing import CliRunner
 
 from loraops import stages
-from loraops.config import load_config
+from loraops.project.params_file import load_config
 
 
 @pytest.fixture

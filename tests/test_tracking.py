@@ -16,7 +16,7 @@ import pytest
 from transformers import TrainerCallback
 
 from loraops import stages
-from loraops.config import load_config
+from loraops.project.params_file import load_config
 from loraops.registry import runs as registry
 from loraops.registry import tracking
 from loraops.results import EvalMetrics, GateDecision, Lineage, TrainResult

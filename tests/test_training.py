@@ -16,10 +16,11 @@ from safetensors.torch import load_file
 
 from loraops.config import ConfigError, LoraopsConfig, ModelConfig, QuantConfig, config_from_dict
 from loraops.data.tokenization import build_dataset
-from loraops.evaluate.loss import evaluate_loss
 from loraops.results import BaseModelRef
 from loraops.train import base_model as modeling
+from loraops.train import builders, checkpoints
 from loraops.train import trainer as training
+from loraops.train.token_loss import evaluate_loss
 
 DATA = Path(__file__).parent / "fixtures" / "data"
 TINY_LORA_PARAMS = 16_384  # r=8 on the 7 projections of 2 layers (hidden 64, kv 32, mlp 128)
@@ -80,7 +81,7 @@ def manual(tmp_path_factory, tiny_model_dir, splits):
     trainer = training.build_trainer(cfg, _ref(tiny_model_dir), *splits, device="cpu")
     before = {name: param.detach().clone() for name, param in trainer.model.named_parameters()}
     trainer.train()
-    adapter_dir = training.save_adapter(trainer.model, trainer.processing_class, workdir / "adapter")
+    adapter_dir = checkpoints.save_adapter(trainer.model, trainer.processing_class, workdir / "adapter")
     return trainer, before, adapter_dir
 
 
@@ -90,7 +91,7 @@ def manual(tmp_path_factory, tiny_model_dir, splits):
 def test_sft_config_checkpoints_every_evaluation_and_keeps_the_best(tmp_path):
     train = {"warmup_ratio": 0.1, "save_total_limit": 3, "gradient_accumulation_steps": 2}
     cfg = _config("unused", tmp_path, train=train)
-    args = training.build_sft_config(cfg, tmp_path / "ckpt", device="cpu")
+    args = builders.build_sft_config(cfg, tmp_path / "ckpt", device="cpu")
     assert (args.eval_strategy, args.save_strategy) == ("steps", "steps")
     assert args.eval_steps == args.save_steps == 3
     assert args.load_best_model_at_end and args.metric_for_best_model == "eval_loss" and not args.greater_is_better
@@ -103,17 +104,17 @@ def test_sft_config_checkpoints_every_evaluation_and_keeps_the_best(tmp_path):
 
 
 def test_sft_config_on_cpu_is_fp32_without_checkpointing(tmp_path):
-    args = training.build_sft_config(_config("unused", tmp_path), tmp_path, device="cpu")
+    args = builders.build_sft_config(_config("unused", tmp_path), tmp_path, device="cpu")
     assert args.use_cpu and not args.bf16 and not args.fp16
     assert not args.gradient_checkpointing  # the config default; SFTConfig's own default is on
     assert not args.torch_compile
-    compiled = training.build_sft_config(_config("unused", tmp_path, train={"torch_compile": True}), tmp_path, "cpu")
+    compiled = builders.build_sft_config(_config("unused", tmp_path, train={"torch_compile": True}), tmp_path, "cpu")
     assert compiled.torch_compile
 
 
 def test_sft_config_passes_the_checkpointed_layers_to_the_trainer(tmp_path):
     cfg = _config("unused", tmp_path, train={"gradient_checkpointing": True, "checkpoint_every_n_layers": 2})
-    args = training.build_sft_config(cfg, tmp_path, device="cpu")
+    args = builders.build_sft_config(cfg, tmp_path, device="cpu")
     assert args.activation_checkpointing and args.gradient_checkpointing
     assert args.activation_checkpointing_kwargs == {"every_n_layers": 2, "use_reentrant": False}
     assert args.gradient_checkpointing_kwargs is args.activation_checkpointing_kwargs  # the alias TRL reads
@@ -247,7 +248,7 @@ def test_under_fsdp_every_rank_gathers_and_only_the_main_process_writes(manual, 
     trainer, _, reference_dir = manual
     for main in (False, True):
         rank = _FsdpRank(main)
-        training.save_adapter(trainer.model, trainer.processing_class, tmp_path / "adapter", accelerator=rank)
+        checkpoints.save_adapter(trainer.model, trainer.processing_class, tmp_path / "adapter", accelerator=rank)
         assert rank.calls == [("state_dict_type", "FULL_STATE_DICT"), ("gather",), ("barrier",)]
         assert (tmp_path / "adapter").exists() == main
     written, reference = _lora_tensors(tmp_path / "adapter"), _lora_tensors(reference_dir)
@@ -412,7 +413,7 @@ def _with_random_lora(model):
     from peft import get_peft_model
 
     torch.manual_seed(0)
-    model = get_peft_model(model, modeling.build_lora_config(LoraopsConfig().lora.model_copy(update={"dropout": 0.0})))
+    model = get_peft_model(model, builders.build_lora_config(LoraopsConfig().lora.model_copy(update={"dropout": 0.0})))
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.02)

@@ -50,8 +50,8 @@ def _snapshot(project: Path) -> dict:
 def project(tmp_path_factory, tiny_model_dir) -> Path:
     """A tiny project whose prepare_base_model and validate_dataset stages ran and are recorded in dvc.lock."""
     from loraops import stages
-    from loraops.config import load_config
     from loraops.lineage.versioning import record_pipeline_state
+    from loraops.project.params_file import load_config
 
     root = make_project(tmp_path_factory.mktemp("validate") / "project", tiny_model_dir)
     cfg = load_config(root / "params.yaml")

@@ -13,7 +13,8 @@ from typing import Annotated
 
 import typer
 
-from loraops.config import ConfigError, LoraopsConfig, load_config, parse_override
+from loraops.config import ConfigError, LoraopsConfig
+from loraops.project.params_file import load_config, parse_override
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 
@@ -223,7 +224,8 @@ def validate(
 
 
 def _defaults_with(overrides: dict[str, object]) -> LoraopsConfig:
-    from loraops.config import apply_overrides, config_from_dict
+    from loraops.config import config_from_dict
+    from loraops.project.params_file import apply_overrides
 
     return config_from_dict(apply_overrides({}, overrides), source="defaults")
 

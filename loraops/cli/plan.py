@@ -9,8 +9,10 @@ from typing import Annotated
 
 import typer
 
-from loraops.config import LoraopsConfig, apply_overrides, config_from_dict, load_config, parse_override
-from loraops.train.memory import GIB, Plan, format_gib, parse_memory_size, plan, resolve_model_shape
+from loraops.config import LoraopsConfig, config_from_dict
+from loraops.project.params_file import apply_overrides, load_config, parse_override
+from loraops.train.plan import Plan, plan
+from loraops.train.shape import GIB, format_gib, parse_memory_size, resolve_model_shape
 
 ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="The parameters file (DVC-tracked)")]
 SetOption = Annotated[
@@ -52,7 +54,7 @@ def _config(params: Path, overrides: list[str] | None) -> LoraopsConfig:
 def _local_gpu_memory() -> int:
     import torch
 
-    from loraops.train.memory import device_memory_bytes
+    from loraops.train.plan import device_memory_bytes
 
     if not torch.cuda.is_available():
         from loraops.cli.app import UserError

@@ -10,7 +10,8 @@ from typing import Annotated
 
 import typer
 
-from loraops.config import LoraopsConfig, load_config, parse_override
+from loraops.config import LoraopsConfig
+from loraops.project.params_file import load_config, parse_override
 
 ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="The parameters file (DVC-tracked)")]
 SetOption = Annotated[

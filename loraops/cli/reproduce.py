@@ -36,7 +36,8 @@ def add_commands(app: typer.Typer, exit_cleanly_on_user_error: Callable[[], Abst
         Exit 0 when the rebuilt metrics (and adapter weights, with --weight-tolerance) match, 1 when they
         differ, 2 when the version cannot be rebuilt. The current checkout is never modified.
         """
-        from loraops.config import ConfigError, load_config
+        from loraops.config import ConfigError
+        from loraops.project.params_file import load_config
         from loraops.reproduce.reproduce import ReproduceError, format_report, reproduce_version
 
         with exit_cleanly_on_user_error():

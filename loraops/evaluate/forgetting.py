@@ -79,7 +79,7 @@ def general_dataset(tokenizer, texts: list[str], max_length: int):
 
 def general_loss(cfg: EvalConfig, root: Path, model, tokenizer) -> float | None:
     """Plain-text loss on the general set (same tokens for base and adapter); None when switched off."""
-    from loraops.evaluate.loss import evaluate_loss
+    from loraops.train.token_loss import evaluate_loss
 
     if cfg.general_examples == 0:
         return None

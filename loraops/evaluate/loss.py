@@ -1,21 +1,16 @@
-"""The one validation loss that the gate compares for the base model and the adapter.
+"""The one validation loss that the gate compares, for the base model and for an adapter.
 
-Token-weighted mean negative log-likelihood over the target tokens (``labels != -100``) of a dataset
-built by ``loraops.data.tokenization.build_dataset``. Every target token weighs the same whatever batch it
-lands in, so the number does not depend on the batch size or on how examples are grouped.
+The loss itself is ``loraops.train.token_loss`` (training picks its best checkpoint by the same number);
+here it is measured on the project's validation split, with each example's share for the bootstrap
+and the general-text loss of the forgetting check.
 """
 
 from __future__ import annotations
 
-import logging
-import math
-from collections.abc import Iterator
 from pathlib import Path
 
-from loraops.data.tokenization import IGNORE_INDEX
+from loraops.config import LoraopsConfig
 from loraops.results import EvalMetrics, ExampleLosses
-
-logger = logging.getLogger(__name__)
 
 EXAMPLE_LOSSES_DIR = "example_losses"
 
@@ -25,90 +20,31 @@ def example_losses_path(reports_dir: Path, name: str) -> Path:
     return Path(reports_dir) / EXAMPLE_LOSSES_DIR / f"{name}.json"
 
 
-def evaluate_loss(model, dataset, batch_size: int) -> EvalMetrics:
-    """Mean NLL per target token of ``model`` on ``dataset`` (``input_ids`` and ``labels`` columns)."""
-    return evaluate_example_losses(model, dataset, batch_size)[0]
+def evaluate_base_model(cfg: LoraopsConfig, root: Path) -> tuple[EvalMetrics, ExampleLosses]:
+    """``evaluate_model`` for the prepared base model, quantised as training will see it."""
+    from loraops.train import base_model as modeling
+
+    base = modeling.read_base_model_ref(Path(root) / cfg.paths.base_model_dir)
+    device = modeling.resolve_device(cfg.train)
+    return evaluate_model(cfg, root, modeling.load_base_model(base, cfg.model, cfg.quant, device))
 
 
-def evaluate_example_losses(model, dataset, batch_size: int) -> tuple[EvalMetrics, ExampleLosses]:
-    """The loss, and each example's summed NLL and target tokens (in dataset order) for the bootstrap."""
-    import torch
+def evaluate_adapter_dir(cfg: LoraopsConfig, root: Path, adapter_dir: Path) -> tuple[EvalMetrics, ExampleLosses]:
+    """``evaluate_model`` for the adapter in ``adapter_dir`` on the prepared base model."""
+    from loraops.train import base_model as modeling
 
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    was_training = model.training
-    model.eval()
-    example_nll, example_tokens = [0.0] * len(dataset), [0] * len(dataset)
-    try:
-        with torch.no_grad():
-            for indices, batch in _length_sorted_batches(dataset, batch_size):
-                for index, (nll, count) in zip(indices, _batch_nll(model, batch)):
-                    example_nll[index], example_tokens[index] = nll, count
-    finally:
-        model.train(was_training)
-    tokens = sum(example_tokens)
-    metrics = EvalMetrics.from_totals(math.fsum(example_nll), tokens, examples=len(dataset))
-    logger.info("Loss %.4f (perplexity %.2f) over %d target tokens", metrics.loss, metrics.perplexity, tokens)
-    return metrics, ExampleLosses(nll=example_nll, tokens=example_tokens)
+    base = modeling.read_base_model_ref(Path(root) / cfg.paths.base_model_dir)
+    device = modeling.resolve_device(cfg.train)
+    model = modeling.load_adapter_model(base, adapter_dir, cfg.model, cfg.quant, device)
+    return evaluate_model(cfg, root, model)
 
 
-def _length_sorted_batches(dataset, batch_size: int) -> Iterator[tuple[list[int], list[dict]]]:
-    """Longest first, so similar lengths share a batch and an out-of-memory error shows up at once."""
-    order = sorted(range(len(dataset)), key=lambda index: len(dataset[index]["input_ids"]), reverse=True)
-    for start in range(0, len(order), batch_size):
-        indices = order[start : start + batch_size]
-        yield indices, [dataset[index] for index in indices]
+def evaluate_model(cfg: LoraopsConfig, root: Path, model) -> tuple[EvalMetrics, ExampleLosses]:
+    """Validation loss (with each example's share, for the bootstrap) and the general-text loss."""
+    from loraops.evaluate.forgetting import general_loss
+    from loraops.train.datasets import project_tokenizer, validation_dataset
+    from loraops.train.token_loss import evaluate_example_losses
 
-
-def _pad_right(examples: list[dict], device) -> dict:
-    import torch
-
-    width = max(len(example["input_ids"]) for example in examples)
-    input_ids = torch.zeros((len(examples), width), dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, example in enumerate(examples):
-        length = len(example["input_ids"])
-        input_ids[row, :length] = torch.tensor(example["input_ids"])
-        labels[row, :length] = torch.tensor(example["labels"])
-        attention_mask[row, :length] = 1
-    return {"input_ids": input_ids.to(device), "labels": labels.to(device), "attention_mask": attention_mask.to(device)}
-
-
-def _batch_nll(model, examples: list[dict]) -> list[tuple[float, int]]:
-    """Each example's summed NLL and count of target tokens (token t predicts label t + 1)."""
-    import torch
-
-    batch = _pad_right(examples, _input_device(model))
-    targets = batch["labels"][:, 1:]
-    mask = targets != IGNORE_INDEX
-    if not mask.any():
-        return [(0.0, 0)] * len(examples)
-    # Logits only where a target is predicted: the full (batch, length, vocab) tensor is large.
-    keep = _prediction_positions(mask)
-    outputs = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, logits_to_keep=keep
-    )
-    logits = outputs.logits
-    if logits.dim() == 3:  # a model that ignores a mask in logits_to_keep returns every position
-        logits = logits[keep]
-    nll = torch.nn.functional.cross_entropy(logits.float(), targets[mask], reduction="none").double()
-    rows = mask.nonzero()[:, 0]
-    per_row = torch.zeros(len(examples), dtype=torch.float64, device=nll.device).index_add_(0, rows, nll)
-    if not torch.isfinite(per_row).all():
-        logger.warning("Non-finite loss in an evaluation batch of %d examples", len(examples))
-    counts = mask.sum(dim=1)
-    return [(float(total), int(count)) for total, count in zip(per_row.tolist(), counts.tolist())]
-
-
-def _prediction_positions(target_mask):
-    """Boolean (batch, length) mask of the positions whose next token is a target."""
-    import torch
-
-    keep = torch.zeros((target_mask.size(0), target_mask.size(1) + 1), dtype=torch.bool, device=target_mask.device)
-    keep[:, :-1] = target_mask
-    return keep
-
-
-def _input_device(model):
-    return next(model.parameters()).device
+    metrics, examples = evaluate_example_losses(model, validation_dataset(cfg, root), cfg.eval.batch_size)
+    metrics.general_loss = general_loss(cfg.eval, root, model, project_tokenizer(cfg, root))
+    return metrics, examples

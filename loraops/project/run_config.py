@@ -14,8 +14,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from loraops.config import ConfigError, LoraopsConfig, config_from_dict, load_config
-from loraops.project.params_file import flatten
+from loraops.config import ConfigError, LoraopsConfig, config_from_dict
+from loraops.project.params_file import flatten, load_config
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from loraops.config import ConfigError, LoraConfig, ModelConfig, QuantConfig, TrainConfig
+from loraops.config import ConfigError, ModelConfig, QuantConfig, TrainConfig
 from loraops.results import BaseModelRef
+from loraops.train.builders import build_quant_config
 
 logger = logging.getLogger(__name__)
 
@@ -233,42 +234,6 @@ def device_map_for(device: str) -> dict[str, Any]:
     return {"": device}
 
 
-def build_lora_config(lora_cfg: LoraConfig):
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import TaskType
-
-    return PeftLoraConfig(
-        task_type=TaskType.CAUSAL_LM,
-        r=lora_cfg.r,
-        lora_alpha=lora_cfg.alpha,
-        lora_dropout=lora_cfg.dropout,
-        target_modules=lora_cfg.target_modules,
-        use_dora=lora_cfg.variant == "dora",
-        use_rslora=lora_cfg.variant == "rslora",
-    )
-
-
-def build_quant_config(quant_cfg: QuantConfig, storage_dtype=None):
-    """A 4-bit ``BitsAndBytesConfig`` for QLoRA, or None when ``quant.mode`` is none.
-
-    ``storage_dtype`` stores the packed 4-bit weights in a float dtype (``bnb_4bit_quant_storage``):
-    FSDP only shards floating-point tensors, all of one dtype, so it must be the model's load dtype.
-    """
-    if not quant_cfg.enabled:
-        return None
-    _require_bitsandbytes()
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type=quant_cfg.mode,
-        bnb_4bit_use_double_quant=quant_cfg.double_quant,
-        bnb_4bit_compute_dtype=getattr(torch, quant_cfg.compute_dtype),
-        bnb_4bit_quant_storage=storage_dtype,  # None: uint8
-    )
-
-
 def prepare_quantized_for_training(
     model, quant_cfg: QuantConfig, gradient_checkpointing: bool, every_n_layers: int = 1
 ):
@@ -295,16 +260,6 @@ def prepare_quantized_for_training(
             activation_checkpointing_kwargs={"use_reentrant": False}, every_n_layers=every_n_layers
         )
     return model
-
-
-def _require_bitsandbytes() -> None:
-    try:
-        importlib.import_module("bitsandbytes")
-    except Exception as error:  # ImportError, or the native library failing to load
-        raise ConfigError(
-            f"quant.mode: 4-bit loading needs bitsandbytes, which could not be loaded ({error}); "
-            "set quant.mode: none for plain LoRA or install bitsandbytes"
-        ) from None
 
 
 # --------------------------------------------------------------------------------------------------

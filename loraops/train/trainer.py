@@ -7,22 +7,23 @@ Imports only the ML stack: no prefect, no mlflow.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
-import shutil
 from pathlib import Path
 
 from loraops.config import ConfigError, LoraopsConfig
 from loraops.results import BaseModelRef, TrainResult
-from loraops.train.base_model import (
-    build_lora_config,
-    load_base_model,
-    load_tokenizer,
-    prepare_quantized_for_training,
-    resolve_device,
+from loraops.train.base_model import load_base_model, load_tokenizer, prepare_quantized_for_training, resolve_device
+from loraops.train.builders import build_lora_config, build_sft_config
+from loraops.train.checkpoints import (
+    checkpoint_step,
+    prepare_checkpoint_dir,
+    remove_checkpoints,
+    run_fingerprint,
+    save_adapter,
 )
+from loraops.train.history import write_history
 
 logger = logging.getLogger(__name__)
 
@@ -48,54 +49,6 @@ def _divergence_guard():
                     )
 
     return DivergenceGuard()
-
-
-def build_sft_config(cfg: LoraopsConfig, output_dir: str | Path, device: str):
-    """SFTConfig from the config sections; checkpoints every evaluation, the best one restored at the end."""
-    from trl import SFTConfig
-
-    train = cfg.train
-    return SFTConfig(
-        output_dir=str(output_dir),
-        learning_rate=train.learning_rate,
-        max_steps=train.max_steps,
-        per_device_train_batch_size=train.batch_size,
-        per_device_eval_batch_size=cfg.eval.batch_size,
-        gradient_accumulation_steps=train.gradient_accumulation_steps,
-        lr_scheduler_type=train.lr_scheduler,
-        warmup_steps=train.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of max_steps
-        weight_decay=train.weight_decay,
-        activation_checkpointing=train.gradient_checkpointing,
-        # The Trainer enables checkpointing on the model with these (TRL reads the alias gradient_checkpointing_kwargs).
-        activation_checkpointing_kwargs={"every_n_layers": train.checkpoint_every_n_layers, "use_reentrant": False}
-        if train.gradient_checkpointing
-        else None,
-        eval_strategy="steps",
-        eval_steps=train.eval_steps,
-        save_strategy="steps",
-        save_steps=train.checkpoint_steps,
-        save_total_limit=train.save_total_limit,
-        save_only_model=False,  # optimizer, scheduler and RNG state too: an interrupted run resumes exactly
-        load_best_model_at_end=True,
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
-        # Examples arrive truncated to data.max_length (loraops.data.tokenization); TRL refuses max_length with padding_free.
-        max_length=None if train.padding_free else cfg.data.max_length,
-        padding_free=train.padding_free,
-        logging_steps=1,
-        logging_nan_inf_filter=False,  # the filter hides a NaN loss from the divergence guard
-        use_cpu=device == "cpu",
-        bf16=device == "cuda",  # SFTConfig turns bf16 on by default; on CPU it is slow and changes results
-        seed=train.seed,
-        data_seed=train.seed,
-        # TRL >= 1.16 computes the loss through its own chunked LM head: the [tokens x vocab] logits are never
-        # built in training (Liger's fused cross-entropy is switched off in its favour; its layer kernels stay).
-        use_liger_kernel=train.use_liger_kernel,
-        torch_compile=train.torch_compile,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        report_to=[],
-    )
 
 
 def build_trainer(cfg: LoraopsConfig, base: BaseModelRef, train_dataset, eval_dataset, device: str):
@@ -158,7 +111,7 @@ def _clock(seconds: float) -> str:
 
 
 def _token_weighted_evaluation(trainer_class):
-    """``trainer_class`` whose evaluation is the gate's: ``loraops.evaluate.loss.evaluate_loss``.
+    """``trainer_class`` whose evaluation is the gate's: ``loraops.train.token_loss.evaluate_loss``.
 
     The Trainer's own eval loss (TRL's collator and loss) is another number: SmolLM2 after 4 steps
     measured 2.878 there and 2.509 here, the gate's. This one weighs every completion token the
@@ -168,7 +121,7 @@ def _token_weighted_evaluation(trainer_class):
     """
     import time
 
-    from loraops.evaluate.loss import evaluate_loss
+    from loraops.train.token_loss import evaluate_loss
 
     class TokenWeightedEvaluation(trainer_class):
         def __init__(self, *args, eval_loss_dataset=None, **kwargs):
@@ -249,16 +202,16 @@ def train_adapter(
     for callback in extra_callbacks:
         trainer.add_callback(callback)
     if resume_from is not None:
-        logger.info("Resuming from %s (step %d of %d)", resume_from, _checkpoint_step(resume_from), cfg.train.max_steps)
+        logger.info("Resuming from %s (step %d of %d)", resume_from, checkpoint_step(resume_from), cfg.train.max_steps)
     else:
         logger.info("Training on %s for up to %d steps", device, cfg.train.max_steps)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     save_adapter(trainer.model, trainer.processing_class, adapter_dir, accelerator=trainer.accelerator)
     result = _train_result(trainer, cfg, adapter_dir, history_path)
-    result.resumed_from_step = _checkpoint_step(resume_from) if resume_from else None
+    result.resumed_from_step = checkpoint_step(resume_from) if resume_from else None
     if trainer.accelerator.is_main_process:
-        _write_history(trainer.state.log_history, history_path)
-        _remove_checkpoints(output_dir)  # the adapter is saved: a rerun starts afresh
+        write_history(trainer.state.log_history, history_path)
+        remove_checkpoints(output_dir)  # the adapter is saved: a rerun starts afresh
     logger.info(
         "Adapter saved to %s: %d steps, best validation loss %s (per completion token, as the gate) at step %s",
         adapter_dir,
@@ -293,145 +246,6 @@ def _check_device_features(cfg: LoraopsConfig, device: str) -> None:
                 "model.attn_implementation=flash_attention_2 but flash-attn is not installed: pip install flash-attn, "
                 "or set it to flex_attention (also skips the masked blocks of padding-free batches) or sdpa"
             )
-
-
-# ------------------------------------------------------------------------------ resume
-
-
-RUN_FILE = "loraops-run.json"
-_NOT_TRAJECTORY = {"resume", "output_dir", "save_steps", "save_total_limit"}  # settings that leave the weights alone
-
-
-def run_fingerprint(cfg: LoraopsConfig, base: BaseModelRef, train_dataset, eval_dataset, device: str) -> str:
-    """What decides the trajectory of a run: settings, base model, device and the exact tokens."""
-    import hashlib
-
-    settings = {
-        "model": cfg.model.model_dump(mode="json"),
-        "lora": cfg.lora.model_dump(mode="json"),
-        "quant": cfg.quant.model_dump(mode="json"),
-        "train": cfg.train.model_dump(mode="json", exclude=_NOT_TRAJECTORY),
-        "eval": cfg.eval.model_dump(mode="json"),
-        "max_length": cfg.data.max_length,
-        "base": base.model_dump(mode="json", exclude={"path"}),
-        "device": device,
-    }
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for dataset in (train_dataset, eval_dataset):
-        for column in ("input_ids", "labels"):
-            for row in dataset[column]:
-                digest.update(json.dumps(row, separators=(",", ":")).encode())
-            digest.update(b"|")
-    return digest.hexdigest()[:24]
-
-
-def prepare_checkpoint_dir(output_dir: Path, fingerprint: str, resume: bool) -> Path | None:
-    """The checkpoint to resume from, or None after clearing checkpoints of other runs.
-
-    Only a complete checkpoint of a run with the same fingerprint is resumed; anything else in
-    ``output_dir`` named checkpoint-* is removed so it cannot mix into this run's rotation.
-    """
-    run_file = output_dir / RUN_FILE
-    same_run = run_file.exists() and _read_fingerprint(run_file) == fingerprint
-    checkpoint = last_complete_checkpoint(output_dir) if same_run and resume else None
-    if checkpoint is None:
-        _remove_checkpoints(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    run_file.write_text(json.dumps({"fingerprint": fingerprint}) + "\n")
-    return checkpoint
-
-
-def last_complete_checkpoint(output_dir: Path) -> Path | None:
-    """The newest checkpoint whose state files were all written (a kill mid-save leaves one incomplete)."""
-    candidates = sorted(
-        (path for path in output_dir.glob("checkpoint-*") if path.is_dir() and _checkpoint_step(path) is not None),
-        key=_checkpoint_step,
-        reverse=True,
-    )
-    for checkpoint in candidates:
-        if _is_complete(checkpoint):
-            return checkpoint
-        logger.warning("%s is incomplete (interrupted while saving): skipped", checkpoint)
-    return None
-
-
-def _is_complete(checkpoint: Path) -> bool:
-    required = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json")
-    if not all((checkpoint / name).is_file() for name in required) or not any(checkpoint.glob("rng_state*.pth")):
-        return False
-    try:  # written last by the trainer; a kill while writing it leaves broken JSON
-        json.loads((checkpoint / "trainer_state.json").read_text())
-    except ValueError:
-        return False
-    return True
-
-
-def _read_fingerprint(run_file: Path) -> str | None:
-    try:
-        return json.loads(run_file.read_text()).get("fingerprint")
-    except (ValueError, AttributeError):
-        return None
-
-
-def _checkpoint_step(path: Path) -> int | None:
-    match = re.fullmatch(r"checkpoint-(\d+)", path.name)
-    return int(match.group(1)) if match else None
-
-
-def save_adapter(model, tokenizer, adapter_dir: str | Path, accelerator=None) -> Path:
-    """Write the adapter (adapter_config.json + adapter_model.safetensors) and tokenizer, replacing atomically.
-
-    Everything is written to a sibling folder first, so a failure never leaves a half-written adapter.
-    Under FSDP (``accelerator`` of an FSDP run) every rank takes part in gathering the full state dict,
-    and only the main process writes it.
-    """
-    from accelerate.utils import DistributedType
-
-    state_dict = None
-    if accelerator is not None and accelerator.distributed_type == DistributedType.FSDP:
-        accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")  # checkpoints may be sharded
-        state_dict = accelerator.get_state_dict(model)  # a collective: every rank must call it
-        model = accelerator.unwrap_model(model)
-    if accelerator is None or accelerator.is_main_process:
-        _write_adapter(model, tokenizer, Path(adapter_dir), state_dict)
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    return Path(adapter_dir)
-
-
-def _write_adapter(model, tokenizer, adapter_dir: Path, state_dict: dict | None) -> None:
-    staging = adapter_dir.with_name(f".{adapter_dir.name}.writing")
-    previous = adapter_dir.with_name(f".{adapter_dir.name}.previous")
-    for leftover in (staging, previous):
-        shutil.rmtree(leftover, ignore_errors=True)
-    staging.parent.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(staging, safe_serialization=True, state_dict=state_dict)  # None: the model's own
-    _sort_target_modules(staging / "adapter_config.json")
-    tokenizer.save_pretrained(staging)
-    if adapter_dir.exists():
-        adapter_dir.rename(previous)
-    staging.rename(adapter_dir)
-    shutil.rmtree(previous, ignore_errors=True)
-
-
-def _sort_target_modules(config_path: Path) -> None:
-    """peft writes target_modules from a set, in hash-seed order; sorted, equal adapters have equal bytes (DVC md5)."""
-    config = json.loads(config_path.read_text())
-    if isinstance(config.get("target_modules"), list):
-        config["target_modules"] = sorted(config["target_modules"])
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def _remove_checkpoints(output_dir: Path) -> None:
-    """Only checkpoint-* folders are removed: output_dir may be a shared, durable volume."""
-    for stale in output_dir.glob("checkpoint-*"):
-        if stale.is_dir():
-            shutil.rmtree(stale)
-
-
-def _write_history(log_history: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(log_history, indent=2) + "\n")
 
 
 def _train_result(trainer, cfg: LoraopsConfig, adapter_dir: str | Path, history_path: Path) -> TrainResult:
