@@ -19,13 +19,14 @@ from loraops import stages
 from loraops.config import load_config
 from loraops.registry import runs as registry
 from loraops.registry import tracking
+from loraops.registry.store import client_for
 from loraops.results import EvalMetrics, GateDecision, Lineage, TrainResult
 
 TESTS = Path(__file__).parent
 
 
 def _client(project: Path):
-    return registry.client_for(load_config(project / "params.yaml").registry, project)
+    return client_for(load_config(project / "params.yaml").registry, project)
 
 
 class _Watch(TrainerCallback):
@@ -208,21 +209,21 @@ import sys, time
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from loraops.registry import runs as registry
-from loraops.registry import tracking
+from loraops.registry import tracking, versions
 from loraops.config import LoraopsConfig
 from test_tracking import outcome
 
 cfg = LoraopsConfig.model_validate_json(Path({config!r}).read_text())
 root, adapter, marker = Path({root!r}), Path({adapter!r}), Path({marker!r})
 live = tracking.start_run(cfg, root)
-create_version = registry._create_version
+create_version = versions._create_version
 
 def create_then_wait(*args, **kwargs):
     version = create_version(*args, **kwargs)
     marker.write_text(live.run_id)  # the version row exists; aliases and card are not set yet
     time.sleep(600)
 
-registry._create_version = create_then_wait
+versions._create_version = create_then_wait
 registry.log_and_register(cfg, root=root, **outcome(root, adapter, live.run_id))
 """
 
