@@ -24,7 +24,7 @@ from loraops.registry import integrity, promotion
 from loraops.registry.fetch import fetch_adapter
 from loraops.registry.integrity import ADAPTER_SHA256_TAG, AdapterIntegrityError
 from loraops.registry.mlflow_model import adapter_folder
-from loraops.registry.store import make_client
+from loraops.registry.store import make_client, resolve_tracking_uri
 from loraops.registry.versions import CHAMPION, promote_version
 from loraops.reproduce.reproduce import RecordedVersion, ReproduceError, download_registered_adapter
 from loraops.results import EvalMetrics, GateDecision, Lineage, TrainResult
@@ -327,7 +327,7 @@ def test_the_hand_off_fetch_refuses_an_adapter_changed_after_the_worker_publishe
         history_path=str(history),
     )
     run_id = handoff.publish_training(cfg, tiny_project, trained, "key-1")
-    client = make_client(handoff.registry.resolve_tracking_uri(cfg.registry, tiny_project))
+    client = make_client(resolve_tracking_uri(cfg.registry, tiny_project))
     stored = Path(unquote(urlparse(client.get_run(run_id).info.artifact_uri).path)) / "adapter" / WEIGHTS
     shutil.copyfile(adapters[1] / WEIGHTS, stored)
 

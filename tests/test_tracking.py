@@ -19,7 +19,7 @@ from loraops import stages
 from loraops.config import load_config
 from loraops.registry import runs as registry
 from loraops.registry import tracking
-from loraops.registry.store import client_for
+from loraops.registry.store import client_for, ensure_experiment
 from loraops.results import EvalMetrics, GateDecision, Lineage, TrainResult
 
 TESTS = Path(__file__).parent
@@ -250,7 +250,7 @@ def test_a_rerun_after_a_sigkill_between_version_and_alias_finishes_that_one_ver
         process.kill()
         process.wait()
     killed_run = marker.read_text()
-    client = registry.client_for(cfg.registry, tmp_path)
+    client = client_for(cfg.registry, tmp_path)
     name = cfg.registry.model_name
     assert client.get_run(killed_run).info.status == "RUNNING"
     assert client.get_registered_model(name).aliases == {}
@@ -267,8 +267,8 @@ def test_a_rerun_after_a_sigkill_between_version_and_alias_finishes_that_one_ver
 
 
 def test_orphans_of_the_same_adapter_end_failed_but_other_runs_stay(cfg, tmp_path):
-    client = registry.client_for(cfg.registry, tmp_path)
-    experiment_id = registry.ensure_experiment(client, cfg.registry.experiment, None)
+    client = client_for(cfg.registry, tmp_path)
+    experiment_id = ensure_experiment(client, cfg.registry.experiment, None)
     orphan = client.create_run(experiment_id, tags={tracking.ADAPTER_KEY_TAG: "a" * 64}).info.run_id
     other = client.create_run(experiment_id, tags={tracking.ADAPTER_KEY_TAG: "b" * 64}).info.run_id
     current = client.create_run(experiment_id, tags={tracking.ADAPTER_KEY_TAG: "a" * 64}).info.run_id
