@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 from loraops.project.params_file import load_config
-from loraops.registry.runs import BASELINE_LOSS_TAG, GATE_TAG, VAL_LOSS_TAG, make_client, resolve_tracking_uri
+from loraops.registry.store import make_client, resolve_tracking_uri
+from loraops.registry.versions import BASELINE_LOSS_TAG, GATE_TAG, VAL_LOSS_TAG
 from loraops.reproduce.reproduce import LINEAGE_TAGS
 
 

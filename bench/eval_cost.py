@@ -12,8 +12,8 @@ from pathlib import Path
 from loraops.data.reader import load_split
 from loraops.evaluate.forgetting import general_loss
 from loraops.project.params_file import load_config
-from loraops.serve.serving import generate_text
 from loraops.train import base_model as modeling
+from loraops.train.generate import generate_text
 
 
 def main() -> None:

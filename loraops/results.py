@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -180,3 +181,12 @@ class Registration(_Result):
     model_name: str
     version: str | None  # None when the gate failed: the run is logged, nothing is registered
     aliases: list[str] = []
+
+
+@dataclass(frozen=True)
+class SampleAnswer:
+    """Greedy answers of the base model and the adapter to one validation prompt (the model card's samples)."""
+
+    prompt: str
+    base_answer: str
+    adapter_answer: str

@@ -69,7 +69,7 @@ def guarded_run(cfg: LoraopsConfig, root: Path, command: str) -> Iterator[None]:
 def check_servers(cfg: LoraopsConfig, root: Path) -> str:
     """The MLflow tracking server must answer before any GPU time is spent; returns the tracking URI."""
     from loraops.project.servers import check_mlflow_server
-    from loraops.registry.runs import resolve_tracking_uri
+    from loraops.registry.store import resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(cfg.registry, root)
     check_mlflow_server(tracking_uri)
@@ -93,10 +93,9 @@ def refresh_data(cfg: LoraopsConfig, root: Path, data_rev: str | None = None) ->
 
 def _existing_registry(cfg: LoraopsConfig, root: Path):
     """The registry's client, or None for a local SQLite store not created yet (no earlier run; not created here)."""
-    from loraops.registry.runs import _sqlite_path, client_for, resolve_tracking_uri
+    from loraops.registry.store import client_for, store_exists
 
-    database = _sqlite_path(resolve_tracking_uri(cfg.registry, root))
-    return None if database is not None and not database.exists() else client_for(cfg.registry, root)
+    return client_for(cfg.registry, root) if store_exists(cfg.registry, root) else None
 
 
 def check_freshness(cfg: LoraopsConfig, root: Path, force: bool = False) -> Freshness:
@@ -113,7 +112,7 @@ def check_freshness(cfg: LoraopsConfig, root: Path, force: bool = False) -> Fres
 def diff_data(cfg: LoraopsConfig, root: Path) -> DataDiff:
     """Rows added, removed and changed since the champion's data; written to reports/data_diff.json."""
     from loraops.inputs.data_diff import DIFF_FILE, diff_against, write_diff
-    from loraops.registry.runs import find_champion
+    from loraops.registry.versions import find_champion
 
     client = _existing_registry(cfg, root)
     champion = find_champion(client, cfg.registry.model_name) if client is not None else None
@@ -258,10 +257,11 @@ def gate_candidate(cfg: LoraopsConfig, root: Path, baseline: EvalMetrics, candid
     """Compare the candidate with the base model and with the current champion on today's data."""
     from loraops.evaluate import evidence as gate_evidence
     from loraops.evaluate import gate
-    from loraops.registry import runs as registry
+    from loraops.registry.store import client_for
+    from loraops.registry.versions import GATE_REASONS_TAG, GATE_TAG, find_champion
 
-    client = registry.client_for(cfg.registry, root)
-    champion = registry.find_champion(client, cfg.registry.model_name)
+    client = client_for(cfg.registry, root)
+    champion = find_champion(client, cfg.registry.model_name)
     champion_loss, champion_examples = None, None
     if champion is not None:
         champion_loss, champion_examples = _champion_loss_on_current_data(cfg, root, client, champion)
@@ -273,8 +273,8 @@ def gate_candidate(cfg: LoraopsConfig, root: Path, baseline: EvalMetrics, candid
     for reason in decision.reasons:
         log.info("gate: %s", reason)
     verdict = {
-        registry.GATE_TAG: "passed" if decision.passed else "failed",
-        registry.GATE_REASONS_TAG: "; ".join(decision.reasons),
+        GATE_TAG: "passed" if decision.passed else "failed",
+        GATE_REASONS_TAG: "; ".join(decision.reasons),
     }
     numbers = {
         "baseline_val_loss": baseline.loss,
@@ -305,7 +305,7 @@ def _champion_loss_on_current_data(
     """
     from loraops.evaluate.loss import evaluate_adapter_dir
     from loraops.lineage import versioning
-    from loraops.registry import runs as registry
+    from loraops.registry.versions import download_adapter
 
     same_data = champion.data_md5 == versioning.data_md5(root)
     same_base = champion.base_model == cfg.model.base
@@ -313,7 +313,7 @@ def _champion_loss_on_current_data(
         return champion.loss, None
     log.info("champion v%s: re-evaluating it on the current split", champion.version)
     with tempfile.TemporaryDirectory() as scratch:
-        adapter_dir = registry.download_adapter(client, cfg.registry.model_name, champion, Path(scratch))
+        adapter_dir = download_adapter(client, cfg.registry.model_name, champion, Path(scratch))
         metrics, examples = evaluate_adapter_dir(cfg, root, adapter_dir)
         return metrics.loss, examples
 
@@ -350,9 +350,10 @@ def register_adapter(
 ) -> Registration:
     """Log the run to MLflow; register a version only when the gate passed (with its model card)."""
     from loraops.contract import DOCS_DIR, QUARANTINE_DIR
+    from loraops.evaluate.samples import validation_samples
     from loraops.registry import integrity
-    from loraops.registry import runs as registry
-    from loraops.serve import serving
+    from loraops.registry.runs import log_and_register
+    from loraops.registry.store import client_for
 
     integrity.check_workspace_adapter(root, cfg.paths.adapter_dir)  # still the adapter dvc.lock recorded
     extra_files = [
@@ -367,9 +368,9 @@ def register_adapter(
 
     diff = _path(root, cfg.paths.reports_dir) / DIFF_FILE  # written by the flow's diff-data task
     extra_files += [diff] if diff.is_file() else []
-    return registry.log_and_register(
+    return log_and_register(
         cfg,
-        client=registry.client_for(cfg.registry, root),
+        client=client_for(cfg.registry, root),
         root=root,
         trained=trained,
         baseline=baseline,
@@ -377,5 +378,5 @@ def register_adapter(
         decision=decision,
         lineage=lineage,
         extra_files=[path for path in extra_files if path.exists()],
-        samples=serving.validation_samples(cfg, root, trained.adapter_dir),
+        samples=validation_samples(cfg, root, trained.adapter_dir),
     )

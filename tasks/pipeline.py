@@ -231,11 +231,11 @@ def register_adapter(
     lineage: Lineage,
 ) -> Registration:
     """Retry-safe: registration is keyed on the run, so a retry never adds a second version."""
-    from loraops.registry import runs as registry
+    from loraops.registry.versions import version_url
 
     registration = stages.register_adapter(cfg, root, trained, baseline, candidate, decision, lineage)
     create_markdown_artifact(
-        reporting.registration_markdown(registration, registry.version_url(cfg.registry, root, registration)),
+        reporting.registration_markdown(registration, version_url(cfg.registry, root, registration)),
         key="registration",
     )
     markdown = tracking.run_markdown(cfg, root, registration.run_id, registration, decision)

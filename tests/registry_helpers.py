@@ -12,7 +12,8 @@ import uuid
 from pathlib import Path
 
 from loraops.config import LoraopsConfig, ModelConfig
-from loraops.registry.runs import log_and_register, make_client
+from loraops.registry.runs import log_and_register
+from loraops.registry.store import make_client
 from loraops.results import BaseModelRef, EvalMetrics, GateDecision, Lineage, Registration, TrainResult
 
 PROMPT = "What is the capital of France?"

@@ -195,7 +195,7 @@ def test_retrain_skips_unchanged_inputs_trains_when_forced_or_given_new_rows(
 
 def test_freshness_matches_all_four_inputs_of_the_last_finished_run_and_never_uncommitted_ones(tiny_project):
     from loraops.inputs.freshness import check_freshness, current_inputs
-    from loraops.registry.runs import client_for
+    from loraops.registry.store import client_for
 
     cfg = load_config(tiny_project / "params.yaml")
     client = client_for(cfg.registry, tiny_project)

@@ -352,7 +352,7 @@ def two_runs(tmp_path_factory, tiny_model_dir, prefect_harness):
 
 
 def _version_tags(project: Path, version: str) -> dict[str, str]:
-    from loraops.registry.runs import client_for
+    from loraops.registry.store import client_for
 
     return dict(
         client_for(load_config(project / "params.yaml").registry, project).get_model_version(MODEL, version).tags
@@ -396,7 +396,7 @@ def test_each_run_is_an_experiment_with_its_params_and_numeric_metrics(two_runs)
 def test_the_version_and_its_run_name_the_experiment_and_the_card_says_how_to_reproduce(two_runs):
     import mlflow.artifacts
 
-    from loraops.registry.runs import client_for
+    from loraops.registry.store import client_for
 
     project, results = two_runs
     tags = _version_tags(project, "1")

@@ -11,16 +11,10 @@ from typer.testing import CliRunner
 
 from loraops.config import ExportConfig, ModelConfig, QuantConfig
 from loraops.registry.export import EXPORT_MANIFEST, ExportMismatchError, check_merge, compare, export_merged
-from loraops.registry.runs import make_client
+from loraops.registry.store import make_client
 from loraops.results import BaseModelRef
-from loraops.serve.serving import (
-    AdapterSource,
-    UnsafeArtifactError,
-    chat_inputs,
-    generate_text,
-    load_adapter,
-    load_merged,
-)
+from loraops.train.adapters import AdapterSource, UnsafeArtifactError, load_adapter, load_merged
+from loraops.train.generate import chat_inputs, generate_text
 
 
 @pytest.fixture(scope="module")

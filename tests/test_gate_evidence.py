@@ -47,7 +47,7 @@ def test_the_gate_stage_records_every_check(tiny_project):
     )
     assert len(decision.reasons) == 4 and "95% CI" in decision.reasons[0]
     assert decision.reasons[2].startswith("general-text loss") and decision.reasons[3].startswith("ROUGE-L")
-    from loraops.registry.runs import client_for
+    from loraops.registry.store import client_for
 
     run = client_for(cfg.registry, root).get_run(trained.mlflow_run_id)
     assert run.data.metrics["gate_general_candidate_loss"] == pytest.approx(candidate.general_loss)

@@ -21,12 +21,15 @@ from typer.testing import CliRunner
 
 from loraops import stages
 from loraops.registry import integrity, promotion
+from loraops.registry.fetch import fetch_adapter
 from loraops.registry.integrity import ADAPTER_SHA256_TAG, AdapterIntegrityError
 from loraops.registry.mlflow_model import adapter_folder
-from loraops.registry.runs import CHAMPION, make_client, promote_version
+from loraops.registry.store import make_client, resolve_tracking_uri
+from loraops.registry.versions import CHAMPION, promote_version
 from loraops.reproduce.reproduce import RecordedVersion, ReproduceError, download_registered_adapter
 from loraops.results import EvalMetrics, GateDecision, Lineage, TrainResult
-from loraops.serve.serving import fetch_adapter, generate_text, load_adapter
+from loraops.train.adapters import load_adapter
+from loraops.train.generate import generate_text
 
 WEIGHTS = "adapter_model.safetensors"
 
@@ -223,7 +226,7 @@ def test_a_version_without_hashes_loads_with_a_warning_and_unreadable_weights_ar
     ]
     answer = generate_text(*load_adapter(source, cfg.model, "cpu"), PROMPT, 8)
     from loraops.results import BaseModelRef
-    from loraops.serve.serving import AdapterSource
+    from loraops.train.adapters import AdapterSource
 
     local = AdapterSource("local", adapters[0], BaseModelRef(source="tiny", path=str(tiny_model_dir)), cfg.quant)
     assert answer == generate_text(*load_adapter(local, cfg.model, "cpu"), PROMPT, 8)
@@ -324,7 +327,7 @@ def test_the_hand_off_fetch_refuses_an_adapter_changed_after_the_worker_publishe
         history_path=str(history),
     )
     run_id = handoff.publish_training(cfg, tiny_project, trained, "key-1")
-    client = make_client(handoff.registry.resolve_tracking_uri(cfg.registry, tiny_project))
+    client = make_client(resolve_tracking_uri(cfg.registry, tiny_project))
     stored = Path(unquote(urlparse(client.get_run(run_id).info.artifact_uri).path)) / "adapter" / WEIGHTS
     shutil.copyfile(adapters[1] / WEIGHTS, stored)
 

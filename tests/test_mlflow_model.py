@@ -22,8 +22,11 @@ from registry_helpers import PROMPT, make_adapter, register, registry_config
 
 from loraops.config import LoraopsConfig
 from loraops.registry import mlflow_model
-from loraops.registry.runs import CHAMPION, make_client, promote_version
-from loraops.serve.serving import fetch_adapter, generate_text, load_adapter
+from loraops.registry.fetch import fetch_adapter
+from loraops.registry.store import make_client
+from loraops.registry.versions import CHAMPION, promote_version
+from loraops.train.adapters import load_adapter
+from loraops.train.generate import generate_text
 
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
 MESSAGES = [{"role": "user", "content": PROMPT}]

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 from registry_helpers import PROMPT, make_adapter, register, registry_config
 
+from loraops.registry.fetch import fetch_adapter
 from loraops.registry.promotion import apply_promotion, check_promotion, rollback
-from loraops.registry.runs import make_client
-from loraops.serve.serving import fetch_adapter, generate_text, load_adapter
+from loraops.registry.store import make_client
+from loraops.train.adapters import load_adapter
+from loraops.train.generate import generate_text
 
 
 @pytest.mark.integration

@@ -14,11 +14,13 @@ from registry_helpers import make_adapter, register, registry_config, shared_sto
 from typer.testing import CliRunner
 
 from loraops.registry import promotion
-from loraops.registry import runs as registry
+from loraops.registry import versions as registry_versions
+from loraops.registry.card import card_description
 from loraops.registry.mlflow_model import tracking_uri_set
 from loraops.registry.promotion import PromotionRefused, alias_state, apply_promotion, check_promotion, rollback
-from loraops.registry.runs import make_client
-from loraops.serve.serving import SampleAnswer
+from loraops.registry.store import make_client
+from loraops.registry.values import flatten_params
+from loraops.results import SampleAnswer
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +77,7 @@ def test_promote_keeps_previous_and_rollback_swaps_back(store_uri, adapters, tin
     assert client.get_model_version(name, "3").tags[promotion.ROLLBACK_TAG] == "answers got worse"
     assert _aliases(rollback(cfg, tmp_path, name)) == ("3", "2"), "a second rollback undoes the first"
     assert alias_state(client, name).challenger == "3"
-    assert registry.find_champion(client, name).version == "3"
+    assert registry_versions.find_champion(client, name).version == "3"
 
 
 def test_rollback_without_a_previous_champion_is_refused(store_uri, adapters, tiny_model_dir, tmp_path):
@@ -97,7 +99,7 @@ def test_failed_or_unrecorded_gate_is_refused_unless_forced_with_a_reason(
     name = cfg.registry.model_name
     register(cfg, tmp_path, adapters[0], str(tiny_model_dir))
     _promote(cfg, tmp_path, "1")
-    gate_failed = {registry.GATE_TAG: "failed", registry.GATE_REASONS_TAG: "worse by 0.2"}
+    gate_failed = {registry_versions.GATE_TAG: "failed", registry_versions.GATE_REASONS_TAG: "worse by 0.2"}
     failed = _unchecked_version(client, name, "1", gate_failed)
     untagged = _unchecked_version(client, name, "1", {})
 
@@ -142,19 +144,19 @@ def test_registration_retried_after_a_crash_before_the_alias_creates_no_second_v
 ):
     cfg = registry_config(store_uri, tmp_path)
     name = cfg.registry.model_name
-    real_promote = registry.promote_version
+    real_promote = registry_versions.promote_version
 
     def crash(*args, **kwargs):
         raise ConnectionError("tracking server went away")
 
-    monkeypatch.setattr(registry, "promote_version", crash)
+    monkeypatch.setattr(registry_versions, "promote_version", crash)
     with pytest.raises(ConnectionError):
         register(cfg, tmp_path, adapters[0], str(tiny_model_dir))
     versions = client.search_model_versions(f"name = '{name}'")
     assert [str(v.version) for v in versions] == ["1"], "the crash came after create_model_version"
     assert client.get_registered_model(name).aliases == {}
 
-    monkeypatch.setattr(registry, "promote_version", real_promote)
+    monkeypatch.setattr(registry_versions, "promote_version", real_promote)
     retried = register(cfg, tmp_path, adapters[0], str(tiny_model_dir))
     again = register(cfg, tmp_path, adapters[0], str(tiny_model_dir))
 
@@ -196,7 +198,7 @@ def test_model_card_samples_table_and_loss_curves_are_logged(store_uri, adapters
         assert expected in card, expected
     assert version.description.startswith(f"# {name} version 1\n")
     assert "## How to load" in version.description and len(version.description) <= 5000
-    assert version.tags[registry.GATE_TAG] == "passed"
+    assert version.tags[registry_versions.GATE_TAG] == "passed"
     table = json.loads(
         Path(
             mlflow.artifacts.download_artifacts(
@@ -213,7 +215,7 @@ def test_model_card_samples_table_and_loss_curves_are_logged(store_uri, adapters
     assert plot["training/loss_curves.png"] > 1000
 
     too_long = "# t\n\nsummary\n\n## a\n\n" + "x" * 3000 + "\n\n## b\n\n" + "y" * 3000
-    description = registry.card_description(too_long)
+    description = card_description(too_long)
     assert "## a" in description and "## b" not in description, "whole sections, cut to fit 5000 characters"
     assert description.endswith("The full model card is the run artifact `model_card.md`.\n")
 
@@ -224,7 +226,7 @@ def test_cli_promote_refuses_then_forces_and_rolls_back(store_uri, adapters, tin
     cfg = registry_config(store_uri, tmp_path)
     name = cfg.registry.model_name
     register(cfg, tmp_path, adapters[0], str(tiny_model_dir))
-    failed = _unchecked_version(client, name, "1", {registry.GATE_TAG: "failed"})
+    failed = _unchecked_version(client, name, "1", {registry_versions.GATE_TAG: "failed"})
     params = tmp_path / "params.yaml"
     params.write_text(json.dumps(cfg.model_dump(mode="json")))
     run = lambda *args: CliRunner().invoke(app, [*args, "--params", str(params)])  # noqa: E731
@@ -258,7 +260,7 @@ def test_promote_and_rollback_flows(store_uri, adapters, tiny_model_dir, tmp_pat
 
 
 def test_params_redact_secret_keys_but_not_token_counts():
-    flat = registry.flatten_params(
+    flat = flatten_params(
         {"hub": {"hf_token": "hf_abc", "api_key": "k", "password": "p"}, "gen": {"max_tokens": 64, "tokenizes": "fail"}}
     )
     assert flat == {
@@ -272,6 +274,6 @@ def test_params_redact_secret_keys_but_not_token_counts():
 
 def test_secret_looking_values_in_free_text_settings_are_redacted_by_value():
     token = "ghp_" + "A1b2C3d4" * 4 + "Zz9y"
-    flat = registry.flatten_params({"export": {"probe_prompts": [f"use {token} please", "What is your name?"]}})
+    flat = flatten_params({"export": {"probe_prompts": [f"use {token} please", "What is your name?"]}})
     assert token not in flat["export.probe_prompts"]
     assert json.loads(flat["export.probe_prompts"]) == ["use *** please", "What is your name?"]

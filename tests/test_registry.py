@@ -20,19 +20,10 @@ from mlflow.exceptions import MlflowException
 
 from loraops.config import LoraopsConfig, RegistryConfig
 from loraops.registry.mlflow_model import adapter_folder
-from loraops.registry.runs import (
-    artifact_root_for,
-    client_for,
-    download_adapter,
-    ensure_experiment,
-    find_champion,
-    flatten_params,
-    log_and_register,
-    make_client,
-    promote_version,
-    resolve_tracking_uri,
-    version_url,
-)
+from loraops.registry.runs import log_and_register
+from loraops.registry.store import artifact_root_for, client_for, ensure_experiment, make_client, resolve_tracking_uri
+from loraops.registry.values import flatten_params
+from loraops.registry.versions import download_adapter, find_champion, promote_version, version_url
 from loraops.results import EvalMetrics, GateDecision, Lineage, TrainResult
 
 HISTORY = [

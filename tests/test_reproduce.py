@@ -237,7 +237,7 @@ def test_reproduce_refuses_uncommitted_code_unless_allowed(untouched):
 
 
 def test_allow_dirty_lets_a_dirty_version_past_the_checks(untouched):
-    from loraops.registry.runs import client_for
+    from loraops.registry.store import client_for
     from loraops.reproduce.reproduce import check_reproducible, fetch_recorded_version
 
     version = _version_with(untouched, loraops__git_dirty="True", **BEFORE_EXPERIMENTS)

@@ -250,10 +250,10 @@ def test_rerunning_a_killed_train_stage_resumes_from_its_checkpoint(tmp_path, ti
 
     # MLflow: the killed attempt's run (left RUNNING by SIGKILL) is marked FAILED; the rerun's run is FINISHED.
     from loraops.project.params_file import load_config
-    from loraops.registry import runs as registry
+    from loraops.registry.store import client_for
 
     cfg = load_config(project / "params.yaml")
-    client = registry.client_for(cfg.registry, project)
+    client = client_for(cfg.registry, project)
     runs = client.search_runs([client.get_experiment_by_name(cfg.registry.experiment).experiment_id])
     assert sorted(run.info.status for run in runs) == ["FAILED", "FINISHED"]
     finished = next(run for run in runs if run.info.status == "FINISHED")  # train.json holds numbers only, no run id

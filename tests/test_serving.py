@@ -16,20 +16,14 @@ from typer.testing import CliRunner
 
 from loraops.config import ConfigError, LoraopsConfig, ModelConfig, QuantConfig
 from loraops.data.tokenization import tokenize_example
-from loraops.registry.runs import make_client, promote_version
+from loraops.evaluate.samples import validation_samples
+from loraops.registry.fetch import base_for_version, fetch_adapter
+from loraops.registry.store import make_client
+from loraops.registry.versions import promote_version
 from loraops.results import BaseModelRef
-from loraops.serve.serving import (
-    AdapterSource,
-    UnsafeArtifactError,
-    base_for_version,
-    chat_inputs,
-    fetch_adapter,
-    generate_ids,
-    generate_text,
-    load_adapter,
-    load_adapters,
-    validation_samples,
-)
+from loraops.serve.serving import load_adapters
+from loraops.train.adapters import AdapterSource, UnsafeArtifactError, load_adapter
+from loraops.train.generate import chat_inputs, generate_ids, generate_text
 
 # --- fixtures -----------------------------------------------------------------------------------
 
@@ -201,7 +195,7 @@ def test_model_card_samples_answer_validation_prompts_with_base_and_adapter(adap
 
 
 def test_model_card_samples_use_distinct_prompts_in_file_order():
-    from loraops.serve.serving import distinct_prompts
+    from loraops.evaluate.samples import distinct_prompts
 
     def chat(question: str) -> list[dict]:
         return [{"role": "user", "content": question}]

@@ -17,7 +17,7 @@ OPEN_AT_THE_BARRIER = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from loraops.registry.runs import make_client
+    from loraops.registry.store import make_client
 
     uri, ready, barrier = sys.argv[1:4]
     Path(ready).touch()
@@ -31,7 +31,7 @@ OPEN_AT_THE_BARRIER = textwrap.dedent(
 
 @pytest.mark.slow  # four processes importing MLflow: ~40 s on 2 busy cores
 def test_processes_opening_a_fresh_sqlite_store_together_all_succeed(tmp_path):
-    from loraops.registry.runs import make_client
+    from loraops.registry.store import make_client
 
     uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
     barrier = tmp_path / "go"

@@ -19,13 +19,14 @@ from loraops import stages
 from loraops.project.params_file import load_config
 from loraops.registry import runs as registry
 from loraops.registry import tracking
+from loraops.registry.store import client_for, ensure_experiment
 from loraops.results import EvalMetrics, GateDecision, Lineage, TrainResult
 
 TESTS = Path(__file__).parent
 
 
 def _client(project: Path):
-    return registry.client_for(load_config(project / "params.yaml").registry, project)
+    return client_for(load_config(project / "params.yaml").registry, project)
 
 
 class _Watch(TrainerCallback):
@@ -208,21 +209,21 @@ import sys, time
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from loraops.registry import runs as registry
-from loraops.registry import tracking
+from loraops.registry import tracking, versions
 from loraops.config import LoraopsConfig
 from test_tracking import outcome
 
 cfg = LoraopsConfig.model_validate_json(Path({config!r}).read_text())
 root, adapter, marker = Path({root!r}), Path({adapter!r}), Path({marker!r})
 live = tracking.start_run(cfg, root)
-create_version = registry._create_version
+create_version = versions._create_version
 
 def create_then_wait(*args, **kwargs):
     version = create_version(*args, **kwargs)
     marker.write_text(live.run_id)  # the version row exists; aliases and card are not set yet
     time.sleep(600)
 
-registry._create_version = create_then_wait
+versions._create_version = create_then_wait
 registry.log_and_register(cfg, root=root, **outcome(root, adapter, live.run_id))
 """
 
@@ -249,7 +250,7 @@ def test_a_rerun_after_a_sigkill_between_version_and_alias_finishes_that_one_ver
         process.kill()
         process.wait()
     killed_run = marker.read_text()
-    client = registry.client_for(cfg.registry, tmp_path)
+    client = client_for(cfg.registry, tmp_path)
     name = cfg.registry.model_name
     assert client.get_run(killed_run).info.status == "RUNNING"
     assert client.get_registered_model(name).aliases == {}
@@ -266,8 +267,8 @@ def test_a_rerun_after_a_sigkill_between_version_and_alias_finishes_that_one_ver
 
 
 def test_orphans_of_the_same_adapter_end_failed_but_other_runs_stay(cfg, tmp_path):
-    client = registry.client_for(cfg.registry, tmp_path)
-    experiment_id = registry.ensure_experiment(client, cfg.registry.experiment, None)
+    client = client_for(cfg.registry, tmp_path)
+    experiment_id = ensure_experiment(client, cfg.registry.experiment, None)
     orphan = client.create_run(experiment_id, tags={tracking.ADAPTER_KEY_TAG: "a" * 64}).info.run_id
     other = client.create_run(experiment_id, tags={tracking.ADAPTER_KEY_TAG: "b" * 64}).info.run_id
     current = client.create_run(experiment_id, tags={tracking.ADAPTER_KEY_TAG: "a" * 64}).info.run_id

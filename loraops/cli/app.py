@@ -157,7 +157,7 @@ def retrain(
     with _exit_cleanly_on_user_error():
         cfg = _config(params, overrides)
         from loraops.project.servers import check_mlflow_server, check_prefect_api
-        from loraops.registry.runs import resolve_tracking_uri
+        from loraops.registry.store import resolve_tracking_uri
 
         check_prefect_api()  # fail in a second, not after Prefect's own retries
         check_mlflow_server(resolve_tracking_uri(cfg.registry, params.resolve().parent))

@@ -25,7 +25,7 @@ def _registry_errors() -> Iterator[None]:
     from loraops.registry.export import ExportMismatchError
     from loraops.registry.integrity import AdapterIntegrityError
     from loraops.registry.promotion import PromotionRefused
-    from loraops.serve.serving import UnsafeArtifactError
+    from loraops.train.adapters import UnsafeArtifactError
 
     refusals = (PromotionRefused, ExportMismatchError, UnsafeArtifactError, AdapterIntegrityError)
     try:
@@ -112,13 +112,13 @@ def add_commands(app: typer.Typer, exit_cleanly_on_user_error: Callable[[], Abst
     ) -> None:
         """Merge the adapter into its base, check the logits match, and save the merged model."""
         from loraops.registry import export as exporting
-        from loraops.serve import serving
+        from loraops.registry.fetch import fetch_adapter
         from loraops.train.base_model import resolve_device
 
         with exit_cleanly_on_user_error(), _registry_errors(), tempfile.TemporaryDirectory() as scratch:
             cfg, root = _project(params, overrides)
             uri = f"models:/{name}@{version}" if not version.isdigit() else f"models:/{name}/{version}"
-            source = serving.fetch_adapter(cfg, root, uri, Path(scratch))
+            source = fetch_adapter(cfg, root, uri, Path(scratch))
             report = exporting.export_merged(source, cfg.model, cfg.export, merged, resolve_device(cfg.train))
             typer.echo(report.summary())
             typer.echo(f"merged model written to {merged} (load it with `loraops generate --model {merged} ...`)")
@@ -134,20 +134,23 @@ def _answers(
     temperature: float,
 ) -> Iterator[tuple[str, str]]:
     """(label, answer) per model; several adapters share one loaded base and are switched per request."""
-    from loraops.serve import serving
+    from loraops.registry.fetch import fetch_adapter, parse_model_uri
+    from loraops.serve.serving import adapter_name, load_adapters
+    from loraops.train.adapters import is_adapter_dir, load_merged
     from loraops.train.base_model import resolve_device
+    from loraops.train.generate import generate_text
 
     device = resolve_device(cfg.train)
-    local_merged = [m for m in models if serving.parse_model_uri(m) is None and not serving.is_adapter_dir(Path(m))]
+    local_merged = [m for m in models if parse_model_uri(m) is None and not is_adapter_dir(Path(m))]
     if local_merged:
         if len(models) > 1 or with_base:
             raise LookupError("a merged model folder is answered alone: pass it as the only --model, without --base")
-        loaded, tokenizer = serving.load_merged(Path(models[0]), cfg.model, device)
-        yield models[0], serving.generate_text(loaded, tokenizer, prompt, max_new_tokens, temperature)
+        loaded, tokenizer = load_merged(Path(models[0]), cfg.model, device)
+        yield models[0], generate_text(loaded, tokenizer, prompt, max_new_tokens, temperature)
         return
     with tempfile.TemporaryDirectory() as scratch:
-        sources = {serving.adapter_name(m): serving.fetch_adapter(cfg, root, m, Path(scratch)) for m in models}
-        switcher = serving.load_adapters(sources, cfg.model, device)
+        sources = {adapter_name(m): fetch_adapter(cfg, root, m, Path(scratch)) for m in models}
+        switcher = load_adapters(sources, cfg.model, device)
         if with_base:
             yield "base", switcher.generate(prompt, None, max_new_tokens, temperature)
         for name, source in sources.items():

@@ -58,8 +58,9 @@ def answer_scores(cfg: LoraopsConfig, root: Path):
     """Greedy answers of base and adapter to the first eval.generation_samples validation prompts, scored."""
     from loraops.data.reader import load_split
     from loraops.evaluate.answers import score_answers
-    from loraops.serve.serving import AdapterSource, generate_text, load_adapter, project_base
+    from loraops.train.adapters import AdapterSource, load_adapter, project_base
     from loraops.train.base_model import resolve_device
+    from loraops.train.generate import generate_text
 
     root = Path(root)
     split = load_split(root / cfg.data.validation_file, cfg.data.format)

@@ -94,7 +94,7 @@ def check_freshness(cfg: LoraopsConfig, root: Path, client: MlflowClient, force:
 
 def _earlier_runs(cfg: LoraopsConfig, client: MlflowClient):
     """(lineage tags, version or None, run id) of the champion, then of the last finished run."""
-    from loraops.registry.runs import CHAMPION
+    from loraops.registry.versions import CHAMPION
 
     name = cfg.registry.model_name
     try:

@@ -1,1 +1,1 @@
-"""The MLflow side: tracking runs, the pyfunc model, versions and aliases, model cards, integrity, promotion, export."""
+"""The MLflow side: the store, tracking runs, versions and aliases, model cards, fetching adapters, integrity, promotion, export."""

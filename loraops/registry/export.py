@@ -24,7 +24,8 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from loraops.config import ExportConfig, ModelConfig, QuantConfig
-from loraops.serve.serving import AdapterSource, chat_inputs, load_merged
+from loraops.train.adapters import AdapterSource, load_merged
+from loraops.train.generate import chat_inputs
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from loraops import stages
 from loraops.config import LoraopsConfig
 from loraops.lineage import versioning
 from loraops.registry import integrity, tracking
-from loraops.registry import runs as registry
+from loraops.registry.store import artifact_root_for, client_for, ensure_experiment, resolve_tracking_uri
 from loraops.results import TrainResult
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def prepare_handoff(cfg: LoraopsConfig, root: Path) -> TrainingHandoff:
     """Record the dataset on disk in data.dvc, push it to the DVC remote, and describe the run."""
     versioning.record_pipeline_state(root, ["data.dvc"])
     versioning.run_dvc(root, "push", "data.dvc", what="dvc push data.dvc (the training worker pulls it)")
-    tracking_uri = registry.resolve_tracking_uri(cfg.registry, root)
+    tracking_uri = resolve_tracking_uri(cfg.registry, root)
     if tracking_uri.startswith("sqlite:"):
         log.warning(
             "MLflow store is %s: a training worker on another host cannot reach it; "
@@ -80,10 +80,8 @@ def receive_inputs(root: Path, data_dvc: str) -> str:
 
 def publish_training(cfg: LoraopsConfig, root: Path, trained: TrainResult, train_key: str) -> str:
     """Log the adapter and the training metrics to an MLflow run tagged ``train_key``; returns its id."""
-    client = registry.client_for(cfg.registry, root)
-    experiment_id = registry.ensure_experiment(
-        client, cfg.registry.experiment, registry.artifact_root_for(client.tracking_uri)
-    )
+    client = client_for(cfg.registry, root)
+    experiment_id = ensure_experiment(client, cfg.registry.experiment, artifact_root_for(client.tracking_uri))
     tags = {TRAIN_KEY_TAG: train_key, STAGE_TAG: "train-adapter", **integrity.digest_tags(trained.adapter_dir)}
     if trained.mlflow_run_id:  # the live run training opened: the retrain run carries on in it
         run_id = trained.mlflow_run_id
@@ -104,7 +102,7 @@ def publish_training(cfg: LoraopsConfig, root: Path, trained: TrainResult, train
 
 def fetch_training(cfg: LoraopsConfig, root: Path, train_key: str) -> TrainResult:
     """Bring the published adapter and training metrics into this project; paths become local ones."""
-    client = registry.client_for(cfg.registry, root)
+    client = client_for(cfg.registry, root)
     run_id = _published_run(client, cfg.registry.experiment, train_key)
     adapter_dir = root / cfg.paths.adapter_dir
     metrics_dir = root / cfg.paths.metrics_dir

@@ -93,7 +93,7 @@ def reports_lost_server(stage: str) -> Callable[[F], F]:
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
         def wrapper(cfg, root, *args, **kwargs):
-            from loraops.registry.runs import resolve_tracking_uri
+            from loraops.registry.store import resolve_tracking_uri
 
             try:
                 return fn(cfg, root, *args, **kwargs)

@@ -24,9 +24,9 @@ from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
 
 from loraops.config import LoraopsConfig
-from loraops.registry import integrity
-from loraops.registry import runs as registry
+from loraops.registry import integrity, versions
 from loraops.registry.export import EquivalenceReport
+from loraops.registry.store import client_for
 from mlflow import MlflowClient
 
 logger = logging.getLogger(__name__)
@@ -69,19 +69,19 @@ def alias_state(client: MlflowClient, model_name: str) -> AliasState:
     aliases = {alias: str(version) for alias, version in model.aliases.items()}
     return AliasState(
         model_name=model_name,
-        champion=aliases.get(registry.CHAMPION),
+        champion=aliases.get(versions.CHAMPION),
         previous=aliases.get(PREVIOUS),
-        challenger=aliases.get(registry.CHALLENGER),
+        challenger=aliases.get(versions.CHALLENGER),
     )
 
 
 def gate_refusals(version: ModelVersion) -> list[str]:
-    gate = version.tags.get(registry.GATE_TAG)
+    gate = version.tags.get(versions.GATE_TAG)
     if gate == "passed":
         return []
     if gate is None:
-        return [f"version {version.version} has no {registry.GATE_TAG} tag: there is no record that it passed the gate"]
-    reasons = version.tags.get(registry.GATE_REASONS_TAG, "no reasons recorded")
+        return [f"version {version.version} has no {versions.GATE_TAG} tag: there is no record that it passed the gate"]
+    reasons = version.tags.get(versions.GATE_REASONS_TAG, "no reasons recorded")
     return [f"version {version.version} failed the gate ({reasons})"]
 
 
@@ -94,8 +94,8 @@ def check_promotion(
     client: MlflowClient | None = None,
 ) -> PromotionCheck:
     """Gate record, then (if configured) the merge equivalence check; a refused gate skips the costly check."""
-    client = client or registry.client_for(cfg.registry, root)
-    found = registry.get_version(client, model_name, version)
+    client = client or client_for(cfg.registry, root)
+    found = versions.get_version(client, model_name, version)
     integrity.verify_version(client, found)  # changed files raise: no --force promotes them
     refusals = gate_refusals(found)
     equivalence = None
@@ -108,12 +108,12 @@ def check_promotion(
 
 def check_equivalence(cfg: LoraopsConfig, root: Path, client: MlflowClient, version: ModelVersion) -> EquivalenceReport:
     from loraops.registry import export
-    from loraops.serve import serving
+    from loraops.registry.fetch import fetch_adapter
     from loraops.train.base_model import resolve_device
 
     with tempfile.TemporaryDirectory() as scratch:
         uri = f"models:/{version.name}/{version.version}"
-        source = serving.fetch_adapter(cfg, root, uri, Path(scratch), client=client)
+        source = fetch_adapter(cfg, root, uri, Path(scratch), client=client)
         return export.check_merge(source, cfg.model, cfg.export, resolve_device(cfg.train))
 
 
@@ -132,15 +132,15 @@ def apply_promotion(
             f"{check.model_name} version {check.version} not promoted: {'; '.join(check.refusals)}. "
             'Pass --force --reason "..." to promote it anyway'
         )
-    client = client or registry.client_for(cfg.registry, root)
+    client = client or client_for(cfg.registry, root)
     _record_promotion(client, check, force, reason)
     state = alias_state(client, check.model_name)
     if state.champion == check.version:
         logger.info("%s version %s is already the champion", check.model_name, check.version)
         return state
     if state.champion is not None:  # first: a crash between the two calls then loses nothing
-        registry.promote_version(client, check.model_name, state.champion, PREVIOUS)
-    registry.promote_version(client, check.model_name, check.version, registry.CHAMPION)
+        versions.promote_version(client, check.model_name, state.champion, PREVIOUS)
+    versions.promote_version(client, check.model_name, check.version, versions.CHAMPION)
     return alias_state(client, check.model_name)
 
 
@@ -166,7 +166,7 @@ def rollback(
     cfg: LoraopsConfig, root: Path, model_name: str, reason: str | None = None, client: MlflowClient | None = None
 ) -> AliasState:
     """``champion`` <- ``previous``; ``previous`` <- the version rolled back from (a second rollback undoes it)."""
-    client = client or registry.client_for(cfg.registry, root)
+    client = client or client_for(cfg.registry, root)
     state = alias_state(client, model_name)
     if state.previous is None or state.previous == state.champion:
         raise PromotionRefused(
@@ -174,11 +174,11 @@ def rollback(
             "promote a version explicitly with `loraops promote NAME VERSION`"
         )
     integrity.verify_version(client, client.get_model_version(model_name, state.previous))
-    registry.promote_version(client, model_name, state.previous, registry.CHAMPION)
+    versions.promote_version(client, model_name, state.previous, versions.CHAMPION)
     if state.champion is None:
         _delete_alias(client, model_name, PREVIOUS)
     else:
-        registry.promote_version(client, model_name, state.champion, PREVIOUS)
+        versions.promote_version(client, model_name, state.champion, PREVIOUS)
         client.set_model_version_tag(model_name, state.champion, ROLLBACK_TAG, reason or "rolled back")
     logger.info("%s rolled back: champion %s -> %s", model_name, state.champion, state.previous)
     return alias_state(client, model_name)

@@ -23,6 +23,16 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 from loraops.config import LoraopsConfig
+from loraops.registry.adapter_hash import adapter_key
+from loraops.registry.store import (
+    artifact_root_for,
+    client_for,
+    ensure_experiment,
+    make_client,
+    resolve_tracking_uri,
+    store_exists,
+)
+from loraops.registry.values import is_number, log_new_params
 
 if TYPE_CHECKING:
     from loraops.results import GateDecision, Registration
@@ -56,12 +66,8 @@ def start_run(cfg: LoraopsConfig, root: Path) -> LiveRun | None:
     """
     if int(os.environ.get("RANK", "0")) != 0:
         return None
-    from loraops.registry import runs as registry
-
-    client = registry.client_for(cfg.registry, root)
-    experiment_id = registry.ensure_experiment(
-        client, cfg.registry.experiment, registry.artifact_root_for(client.tracking_uri)
-    )
+    client = client_for(cfg.registry, root)
+    experiment_id = ensure_experiment(client, cfg.registry.experiment, artifact_root_for(client.tracking_uri))
     links = prefect_links()
     earlier = _run_of_flow_run(client, experiment_id, links.get(PREFECT_FLOW_RUN_ID_TAG))
     if earlier is not None:
@@ -74,7 +80,7 @@ def start_run(cfg: LoraopsConfig, root: Path) -> LiveRun | None:
     run = client.create_run(experiment_id, run_name=run_name, tags={**links, WORKSPACE_TAG: workspace})
     live = LiveRun(client, experiment_id, run.info.run_id)
     with ended_failed_on_error(live):
-        registry.log_new_params(client, run.info.run_id, cfg)
+        log_new_params(client, run.info.run_id, cfg)
     where = describe_run(client.tracking_uri, experiment_id, live.run_id)
     logger.info("MLflow run %s (%s) open: %s", live.run_id, run_name, where)
     return live
@@ -162,13 +168,9 @@ def flow_runs_failed_on_error(cfg: LoraopsConfig, root: Path) -> Iterator[None]:
 
 
 def _fail_runs_of_flow_run(cfg: LoraopsConfig, root: Path, flow_run_id: str) -> None:
-    from loraops.registry import runs as registry
-
-    tracking_uri = registry.resolve_tracking_uri(cfg.registry, root)
-    database = registry._sqlite_path(tracking_uri)
-    if database is not None and not database.exists():
+    if not store_exists(cfg.registry, root):
         return  # nothing was tracked yet (e.g. bad data): don't create a store now
-    client = registry.make_client(tracking_uri)
+    client = make_client(resolve_tracking_uri(cfg.registry, root))
     found = client.get_experiment_by_name(cfg.registry.experiment)
     if found is not None:
         fail_orphans(client, found.experiment_id, PREFECT_FLOW_RUN_ID_TAG, flow_run_id)
@@ -181,8 +183,6 @@ def metrics_callback(live: LiveRun):
     """A TrainerCallback sending each log line (loss, lr, eval loss…) to the run at its step, as it happens."""
     from mlflow.entities import Metric
     from transformers import TrainerCallback
-
-    from loraops.registry.runs import is_number
 
     class MlflowMetrics(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -201,8 +201,6 @@ def metrics_callback(live: LiveRun):
 
 def tag_adapter(live: LiveRun, adapter_dir: Path) -> str:
     """Tag the run with the adapter it produced, so a rerun that registers the same adapter finds it."""
-    from loraops.registry.adapter_hash import adapter_key
-
     key = adapter_key(adapter_dir)
     live.client.set_tag(live.run_id, ADAPTER_KEY_TAG, key)
     return key
@@ -224,12 +222,9 @@ def log_to_training_run(
     from mlflow.entities import Metric, RunTag
     from mlflow.exceptions import MlflowException
 
-    from loraops.registry import runs as registry
-    from loraops.registry.adapter_hash import adapter_key
-
     if not adapter_dir.is_dir():
         return None
-    client = registry.client_for(cfg.registry, root)
+    client = client_for(cfg.registry, root)
     experiment = client.get_experiment_by_name(cfg.registry.experiment)
     if experiment is None:
         return None
@@ -243,7 +238,7 @@ def log_to_training_run(
         return None
     run = found[0]
     stamp = int(time.time() * 1000)
-    values = {key: value for key, value in metrics.items() if registry.is_number(value)}
+    values = {key: value for key, value in metrics.items() if is_number(value)}
     try:
         client.log_batch(
             run.info.run_id,
@@ -317,9 +312,7 @@ def run_markdown(
     decision: GateDecision | None = None,
 ) -> str:
     """The Prefect artifact linking to the MLflow run: where it is, what came of it, and the gate's reasons."""
-    from loraops.registry import runs as registry
-
-    client = registry.client_for(cfg.registry, root)
+    client = client_for(cfg.registry, root)
     run = client.get_run(run_id)
     where = describe_run(client.tracking_uri, run.info.experiment_id, run_id)
     link = f"[{run_id}]({where})" if where.startswith("http") else where

@@ -35,7 +35,8 @@ from loraops.config import PathsConfig, RegistryConfig
 from loraops.lineage import versioning
 from loraops.lineage.experiments import EXPERIMENT_REV_TAG, EXPERIMENT_TAG
 from loraops.lineage.versioning import VersioningError
-from loraops.registry import runs as registry
+from loraops.registry import versions
+from loraops.registry.store import client_for
 from loraops.results import EvalMetrics
 from loraops.stages import ADAPTER_METRICS, BASELINE_METRICS
 
@@ -160,7 +161,7 @@ def reproduce_version(
     that differs returns a report whose ``matched`` is False.
     """
     root = Path(root).resolve()
-    client = registry.client_for(registry_cfg, root)
+    client = client_for(registry_cfg, root)
     model_name, which = parse_version_ref(ref)
     with tempfile.TemporaryDirectory(prefix="loraops-reproduce-") as scratch:
         recorded = fetch_recorded_version(client, model_name, which)
@@ -193,7 +194,7 @@ def parse_version_ref(ref: str) -> tuple[str, str]:
 
 def fetch_recorded_version(client, model_name: str, which: str) -> RecordedVersion:
     try:
-        version = registry.get_version(client, model_name, which)
+        version = versions.get_version(client, model_name, which)
     except LookupError as error:
         raise ReproduceError(str(error)) from None
     tags = dict(version.tags)
@@ -306,7 +307,7 @@ def download_registered_adapter(client, recorded: RecordedVersion, destination: 
 
     try:
         return download_verified(
-            client, registry.get_version(client, recorded.model_name, recorded.version), destination
+            client, versions.get_version(client, recorded.model_name, recorded.version), destination
         )
     except (AdapterIntegrityError, LookupError) as error:  # changed files, or the version deleted meanwhile
         raise ReproduceError(str(error)) from None
@@ -478,8 +479,8 @@ def compare_rebuild(
     rebuilt_lock = yaml.safe_load((project / "dvc.lock").read_text()) or {}
     tags = recorded.tags
     checks = [
-        loss_check("adapter validation loss", tags.get(registry.VAL_LOSS_TAG), adapter_metrics, tolerance),
-        loss_check("baseline validation loss", tags.get(registry.BASELINE_LOSS_TAG), baseline_metrics, tolerance),
+        loss_check("adapter validation loss", tags.get(versions.VAL_LOSS_TAG), adapter_metrics, tolerance),
+        loss_check("baseline validation loss", tags.get(versions.BASELINE_LOSS_TAG), baseline_metrics, tolerance),
         tokens_check(tags.get("loraops.val_tokens"), adapter_metrics),
         tensors_check(tensors, weight_tolerance),
         inputs_check(recorded.lock, rebuilt_lock),
