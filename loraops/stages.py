@@ -16,9 +16,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loraops.config import LoraopsConfig, write_params
+from loraops.names import (
+    ADAPTER_METRICS,
+    BASELINE_METRICS,
+    CONTRACT_DOCS_DIR,
+    CONTRACT_SUMMARY,
+    DIFF_FILE,
+    DVC_LOCK_FILE,
+    GATE_DECISION,
+    GATE_REASONS_TAG,
+    GATE_TAG,
+    PARAMS_FILE,
+    QUARANTINE_DIR,
+    TRAIN_HISTORY,
+    TRAIN_METRICS,
+)
 from loraops.project.lock import project_lock
 from loraops.registry.limits import bounded_requests, reports_lost_server
 from loraops.train.memory import MemoryCheck
+from loraops.train.records import record_training
 
 if TYPE_CHECKING:  # imported by the stages that use them
     from loraops.inputs.data_diff import DataDiff
@@ -38,13 +54,6 @@ from loraops.results import (
 
 log = logging.getLogger(__name__)
 
-BASELINE_METRICS = "baseline.json"
-ADAPTER_METRICS = "adapter.json"
-TRAIN_METRICS = "train.json"
-TRAIN_HISTORY = "train_history.json"
-GATE_DECISION = "gate.json"
-CONTRACT_SUMMARY = "data_contract_summary.json"
-
 
 def _path(root: Path, relative: str) -> Path:
     return Path(root) / relative
@@ -52,7 +61,7 @@ def _path(root: Path, relative: str) -> Path:
 
 def record_run_config(cfg: LoraopsConfig, root: Path) -> bool:
     """Write the run's effective config into params.yaml so dvc.lock and lineage describe what ran."""
-    changed = write_params(cfg, _path(root, "params.yaml"))
+    changed = write_params(cfg, _path(root, PARAMS_FILE))
     if changed:
         log.info("params.yaml updated with this run's settings (params hash %s)", cfg.params_hash())
     return changed
@@ -71,7 +80,7 @@ def params_restored_on_failure(root: Path) -> Iterator[None]:
 
     Once the run has recorded dvc.lock (``version_outputs``), params.yaml stays: the lock describes it.
     """
-    params, lock = _path(root, "params.yaml"), _path(root, "dvc.lock")
+    params, lock = _path(root, PARAMS_FILE), _path(root, DVC_LOCK_FILE)
     before = params.read_bytes() if params.is_file() else None
     lock_before = lock.read_bytes() if lock.is_file() else None
     try:
@@ -137,7 +146,7 @@ def check_freshness(cfg: LoraopsConfig, root: Path, force: bool = False) -> Fres
 
 def diff_data(cfg: LoraopsConfig, root: Path) -> DataDiff:
     """Rows added, removed and changed since the champion's data; written to reports/data_diff.json."""
-    from loraops.inputs.data_diff import DIFF_FILE, diff_against, write_diff
+    from loraops.inputs.data_diff import diff_against, write_diff
     from loraops.registry.runs import find_champion
 
     client = _existing_registry(cfg, root)
@@ -296,32 +305,12 @@ def train_adapter(cfg: LoraopsConfig, root: Path, callbacks: tuple = ()) -> Trai
     return result
 
 
-def record_training(result: TrainResult, metrics_dir: Path) -> None:
-    """metrics/train.json and the loss series ``dvc plots`` draws (also for an adapter trained elsewhere)."""
-    write_metrics(result.metrics(), metrics_dir / TRAIN_METRICS)
-    write_loss_plots(Path(result.history_path), metrics_dir / "plots")
-
-
 def read_training(cfg: LoraopsConfig, root: Path) -> TrainResult:
     """The last training's result from metrics/train.json, with the adapter and history paths of this checkout."""
     metrics_dir = _path(root, cfg.paths.metrics_dir)
     return TrainResult.from_metrics(
         metrics_dir / TRAIN_METRICS, _path(root, cfg.paths.adapter_dir), metrics_dir / TRAIN_HISTORY
     )
-
-
-def write_loss_plots(history_path: Path, plots_dir: Path) -> None:
-    """Split the trainer's log history into the two series ``dvc plots`` draws."""
-    history = json.loads(history_path.read_text())
-    series = {
-        "train_loss.json": [{"step": row["step"], "loss": row["loss"]} for row in history if "loss" in row],
-        "eval_loss.json": [
-            {"step": row["step"], "eval_loss": row["eval_loss"]} for row in history if "eval_loss" in row
-        ],
-    }
-    plots_dir.mkdir(parents=True, exist_ok=True)
-    for name, rows in series.items():
-        (plots_dir / name).write_text(json.dumps(rows, indent=1) + "\n")
 
 
 def evaluate_adapter(cfg: LoraopsConfig, root: Path) -> EvalMetrics:
@@ -378,8 +367,8 @@ def gate_candidate(cfg: LoraopsConfig, root: Path, baseline: EvalMetrics, candid
     for reason in decision.reasons:
         log.info("gate: %s", reason)
     verdict = {
-        registry.GATE_TAG: "passed" if decision.passed else "failed",
-        registry.GATE_REASONS_TAG: "; ".join(decision.reasons),
+        GATE_TAG: "passed" if decision.passed else "failed",
+        GATE_REASONS_TAG: "; ".join(decision.reasons),
     }
     numbers = {
         "baseline_val_loss": baseline.loss,
@@ -453,22 +442,19 @@ def register_adapter(
     lineage: Lineage,
 ) -> Registration:
     """Log the run to MLflow; register a version only when the gate passed (with its model card)."""
-    from loraops.contract import DOCS_DIR, QUARANTINE_DIR
     from loraops.registry import integrity
     from loraops.registry import runs as registry
     from loraops.serve import serving
 
     integrity.check_workspace_adapter(root, cfg.paths.adapter_dir)  # still the adapter dvc.lock recorded
     extra_files = [
-        _path(root, "params.yaml"),
-        _path(root, "dvc.lock"),
+        _path(root, PARAMS_FILE),
+        _path(root, DVC_LOCK_FILE),
         _path(root, cfg.paths.reports_dir) / CONTRACT_SUMMARY,
-        _path(root, cfg.paths.reports_dir) / DOCS_DIR,  # the contract's GX Data Docs (a folder of HTML)
+        _path(root, cfg.paths.reports_dir) / CONTRACT_DOCS_DIR,  # the contract's GX Data Docs (a folder of HTML)
         _path(root, cfg.paths.reports_dir) / QUARANTINE_DIR,  # rows the contract set aside (line, reasons)
         _path(root, cfg.paths.metrics_dir) / TRAIN_HISTORY,
     ]
-    from loraops.inputs.data_diff import DIFF_FILE
-
     diff = _path(root, cfg.paths.reports_dir) / DIFF_FILE  # written by the flow's diff-data task
     extra_files += [diff] if diff.is_file() else []
     return registry.log_and_register(

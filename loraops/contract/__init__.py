@@ -19,13 +19,13 @@ from loraops.contract.keys import TrainIndex, mark_duplicates, normalized_hashes
 from loraops.contract.keys import keys_of as _keys
 from loraops.contract.patterns import SECRET_PATTERNS
 from loraops.contract.patterns import unusual_turns as _unusual_turns
-from loraops.contract.quarantine import QUARANTINE_DIR, SUMMARY_FILE, quarantine, quarantined_lines
+from loraops.contract.quarantine import quarantine, quarantined_lines
 from loraops.contract.report import DataContractError, format_report
 from loraops.contract.scan import role_problem, scan_split
-from loraops.contract.validate import DOCS_DIR, validate_dataset
+from loraops.contract.validate import validate_dataset
 
 __all__ = [
-    "DOCS_DIR", "QUARANTINE_DIR", "SECRET_PATTERNS", "SUMMARY_FILE", "DataContractError", "SplitFacts", "TrainIndex",
+    "SECRET_PATTERNS", "DataContractError", "SplitFacts", "TrainIndex",
     "Turns", "_keys", "for_project", "_unusual_turns", "format_report", "mark_duplicates", "normalized_hashes", "quarantine",
     "quarantined_lines", "role_problem", "scan_split", "validate_dataset",
 ]  # fmt: skip

@@ -13,11 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from loraops.data.tokenization import IGNORE_INDEX
+from loraops.names import EXAMPLE_LOSSES_DIR
 from loraops.results import EvalMetrics, ExampleLosses
 
 logger = logging.getLogger(__name__)
-
-EXAMPLE_LOSSES_DIR = "example_losses"
 
 
 def example_losses_path(reports_dir: Path, name: str) -> Path:

@@ -24,11 +24,10 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from loraops.config import ExportConfig, ModelConfig, QuantConfig
+from loraops.names import EXPORT_MANIFEST
 from loraops.serve.serving import AdapterSource, chat_inputs, load_merged
 
 logger = logging.getLogger(__name__)
-
-EXPORT_MANIFEST = "loraops-export.json"
 
 
 class EquivalenceReport(BaseModel):

@@ -27,6 +27,28 @@ from mlflow.exceptions import MlflowException
 
 from loraops.config import LoraopsConfig, RegistryConfig
 from loraops.lineage.versioning import file_md5
+from loraops.names import (
+    ADAPTER_ARTIFACT_PATH,
+    ADAPTER_KEY_TAG,
+    BASE_MODEL_TAG,
+    BASELINE_LOSS_TAG,
+    DATA_MD5_TAG,
+    DVC_LOCK_FILE,
+    EVAL_TAG_PREFIX,
+    GATE_DECISION,
+    GATE_REASONS_TAG,
+    GATE_TAG,
+    LINEAGE_ARTIFACTS,
+    LOSS_PLOT_ARTIFACT,
+    MODEL_CARD_ARTIFACT,
+    PARAMS_FILE,
+    REPORTS_ARTIFACTS,
+    RUN_KEY_TAG,
+    SAMPLES_ARTIFACT,
+    TRAINING_ARTIFACTS,
+    VAL_LOSS_TAG,
+    VAL_TOKENS_TAG,
+)
 from loraops.registry import tracking
 from loraops.registry.adapter_hash import adapter_key
 from loraops.registry.integrity import digest_tags
@@ -40,17 +62,6 @@ logger = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-RUN_KEY_TAG = "loraops.run_key"
-GATE_TAG = "loraops.evaluate.gate"
-GATE_REASONS_TAG = "loraops.evaluate.gate.reasons"
-VAL_LOSS_TAG = "loraops.val_loss"
-BASELINE_LOSS_TAG = "loraops.baseline_val_loss"
-DATA_MD5_TAG = "loraops.data_md5"
-BASE_MODEL_TAG = "loraops.base_model"
-ADAPTER_ARTIFACT_PATH = "adapter"
-MODEL_CARD_ARTIFACT = "model_card.md"
-SAMPLES_ARTIFACT = "evaluation/samples.json"
-LOSS_PLOT_ARTIFACT = "training/loss_curves.png"
 _DESCRIPTION_LIMIT = 4500  # SQL stores cap a version description at 5000 characters
 _CARD_PARAM_SECTIONS = ("model", "data", "lora", "quant", "train", "gate")
 _SECRET_WORDS = ("password", "secret", "token", "api_key")
@@ -274,8 +285,8 @@ def _register_and_publish(client: MlflowClient, cfg: LoraopsConfig, record: RunR
 def _artifact_folders(paths: list[Path]) -> dict[str, list[Path]]:
     folders: dict[str, list[Path]] = {}
     for path in paths:
-        lineage = path.name in ("params.yaml", "dvc.lock") or path.suffix == ".dvc"
-        folders.setdefault("lineage" if lineage else "reports", []).append(path)
+        lineage = path.name in (PARAMS_FILE, DVC_LOCK_FILE) or path.suffix == ".dvc"
+        folders.setdefault(LINEAGE_ARTIFACTS if lineage else REPORTS_ARTIFACTS, []).append(path)
     return folders
 
 
@@ -413,7 +424,7 @@ def _run_tags(record: RunRecord, run_key: str) -> dict[str, str]:
     return {
         **record.lineage.as_tags(),
         RUN_KEY_TAG: run_key,
-        tracking.ADAPTER_KEY_TAG: record.adapter_key,
+        ADAPTER_KEY_TAG: record.adapter_key,
         GATE_TAG: "passed" if record.decision.passed else "failed",
         GATE_REASONS_TAG: "; ".join(record.decision.reasons),
         "mlflow.note.content": summarize(record),
@@ -515,7 +526,7 @@ def _summary_metrics(record: RunRecord) -> list[Metric]:
 
 def _log_files(client: MlflowClient, run_id: str, record: RunRecord, extra_files: Mapping[str, list[Path]]) -> None:
     client.log_artifacts(run_id, record.train.adapter_dir, ADAPTER_ARTIFACT_PATH)
-    client.log_artifact(run_id, record.train.history_path, "training")
+    client.log_artifact(run_id, record.train.history_path, TRAINING_ARTIFACTS)
     if record.samples:
         client.log_table(run_id, data=samples_table(record.samples), artifact_file=SAMPLES_ARTIFACT)
     for folder, paths in extra_files.items():
@@ -525,7 +536,7 @@ def _log_files(client: MlflowClient, run_id: str, record: RunRecord, extra_files
             else:
                 client.log_artifact(run_id, str(path), folder)
     with tempfile.TemporaryDirectory() as scratch:
-        client.log_artifact(run_id, str(record.decision.write_json(Path(scratch) / "gate.json")))
+        client.log_artifact(run_id, str(record.decision.write_json(Path(scratch) / GATE_DECISION)))
         plot = loss_curves_png(Path(record.train.history_path), Path(scratch) / Path(LOSS_PLOT_ARTIFACT).name)
         if plot is not None:
             client.log_artifact(run_id, str(plot), str(Path(LOSS_PLOT_ARTIFACT).parent))
@@ -574,7 +585,7 @@ def register_adapter(
     """
     if record.adapter_key:
         experiment_id, run_id = run.info.experiment_id, run.info.run_id
-        tracking.fail_orphans(client, experiment_id, tracking.ADAPTER_KEY_TAG, record.adapter_key, keep=run_id)
+        tracking.fail_orphans(client, experiment_id, ADAPTER_KEY_TAG, record.adapter_key, keep=run_id)
     version = _version_of_adapter(client, model_name, record.adapter_key) or _version_of_run(
         client, model_name, run.info.run_id
     )
@@ -599,7 +610,7 @@ def _version_of_adapter(client: MlflowClient, model_name: str, key: str) -> Mode
         if error.error_code == "RESOURCE_DOES_NOT_EXIST":
             return None
         raise
-    same = sorted((v for v in versions if v.tags.get(tracking.ADAPTER_KEY_TAG) == key), key=lambda v: int(v.version))
+    same = sorted((v for v in versions if v.tags.get(ADAPTER_KEY_TAG) == key), key=lambda v: int(v.version))
     if same:
         logger.info(
             "adapter %s is already %s version %s: finishing that version", key[:12], model_name, same[0].version
@@ -641,12 +652,12 @@ def version_tags(record: RunRecord) -> dict[str, str]:
     return {
         **record.lineage.as_tags(),
         GATE_TAG: "passed" if record.decision.passed else "failed",
-        tracking.ADAPTER_KEY_TAG: record.adapter_key,
+        ADAPTER_KEY_TAG: record.adapter_key,
         VAL_LOSS_TAG: repr(record.candidate.loss),
         BASELINE_LOSS_TAG: repr(record.baseline.loss),
-        "loraops.val_tokens": str(record.candidate.tokens),
+        VAL_TOKENS_TAG: str(record.candidate.tokens),
         GATE_REASONS_TAG: "; ".join(record.decision.reasons),
-        **{f"loraops.eval.{key}": repr(value) for key, value in record.decision.evidence.items()},
+        **{f"{EVAL_TAG_PREFIX}{key}": repr(value) for key, value in record.decision.evidence.items()},
         **digest_tags(record.train.adapter_dir),  # loraops.adapter_sha256: every load path checks it
     }
 

@@ -110,13 +110,13 @@ def project_base(cfg: LoraopsConfig, root: Path) -> BaseModelRef:
 
 def base_for_version(cfg: LoraopsConfig, root: Path, tags: Mapping[str, str]) -> BaseModelRef:
     """The base model named by a version's lineage tags, resolved the way training resolved it."""
-    from loraops.registry.runs import BASE_MODEL_TAG
+    from loraops.names import BASE_MODEL_TAG, BASE_REVISION_TAG
     from loraops.train import base_model as modeling
 
     source = tags.get(BASE_MODEL_TAG)
     if not source:
         raise ConfigError(f"the version has no {BASE_MODEL_TAG} tag: its base model is unknown")
-    revision = tags.get("loraops.base_revision") or None
+    revision = tags.get(BASE_REVISION_TAG) or None
     base_dir = Path(root) / cfg.paths.base_model_dir
     prepared = _prepared_base(base_dir)
     if prepared is not None and prepared.source == source:

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from loraops.config import ConfigError, LoraopsConfig
+from loraops.names import RUN_FILE, TRAIN_HISTORY
 from loraops.results import BaseModelRef, TrainResult
 from loraops.train.base_model import (
     build_lora_config,
@@ -25,8 +26,6 @@ from loraops.train.base_model import (
 )
 
 logger = logging.getLogger(__name__)
-
-HISTORY_FILE = "train_history.json"
 
 
 class TrainingDivergedError(RuntimeError):
@@ -241,7 +240,7 @@ def train_adapter(
     """
     device = device or resolve_device(cfg.train)
     _check_device_features(cfg, device)
-    history_path = Path(history_path or Path(cfg.paths.metrics_dir) / HISTORY_FILE)
+    history_path = Path(history_path or Path(cfg.paths.metrics_dir) / TRAIN_HISTORY)
     output_dir = Path(cfg.train.output_dir)
     fingerprint = run_fingerprint(cfg, base, train_dataset, eval_dataset, device)
     resume_from = prepare_checkpoint_dir(output_dir, fingerprint, resume=cfg.train.resume)
@@ -298,7 +297,6 @@ def _check_device_features(cfg: LoraopsConfig, device: str) -> None:
 # ------------------------------------------------------------------------------ resume
 
 
-RUN_FILE = "loraops-run.json"
 _NOT_TRAJECTORY = {"resume", "output_dir", "save_steps", "save_total_limit"}  # settings that leave the weights alone
 
 
