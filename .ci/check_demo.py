@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 from loraops.config import load_config
-from loraops.registry.runs import BASELINE_LOSS_TAG, GATE_TAG, VAL_LOSS_TAG, make_client, resolve_tracking_uri
-from loraops.reproduce.reproduce import LINEAGE_TAGS
+from loraops.names import BASELINE_LOSS_TAG, GATE_TAG, LINEAGE_TAGS, VAL_LOSS_TAG
+from loraops.registry.runs import make_client, resolve_tracking_uri
 
 
 def main(log_path: str, params: str = "params.yaml") -> int:

@@ -14,7 +14,8 @@ import yaml
 from conftest import GIT, TINY_DATA
 
 from loraops.config import load_config
-from loraops.inputs.data_registry import DataRegistryError, read_data_version, refresh_data
+from loraops.inputs.data_registry import DataRegistryError, refresh_data
+from loraops.lineage.versioning import read_data_version
 
 DVC = str(Path(sys.executable).parent / "dvc")
 DATASET = "datasets/chat"
