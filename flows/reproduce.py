@@ -7,7 +7,7 @@ from pathlib import Path
 from prefect import flow
 
 from loraops.config import load_config
-from loraops.reproduce.reproduce import ReproductionReport
+from loraops.reproduce.report import ReproductionReport
 from tasks import reproduce as tasks
 
 

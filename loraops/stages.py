@@ -38,8 +38,8 @@ from loraops.train.records import record_training
 
 if TYPE_CHECKING:  # imported by the stages that use them
     from loraops.inputs.data_diff import DataDiff
-    from loraops.inputs.data_registry import DataVersion
     from loraops.inputs.freshness import Freshness
+    from loraops.lineage.versioning import DataVersion
 from loraops.results import (
     BaseModelRef,
     ContractReport,

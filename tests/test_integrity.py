@@ -25,7 +25,7 @@ from loraops.registry import integrity, promotion
 from loraops.registry.integrity import AdapterIntegrityError
 from loraops.registry.mlflow_model import adapter_folder
 from loraops.registry.runs import CHAMPION, make_client, promote_version
-from loraops.reproduce.reproduce import RecordedVersion, ReproduceError, download_registered_adapter
+from loraops.reproduce.recorded import RecordedVersion, ReproduceError, download_registered_adapter
 from loraops.results import EvalMetrics, GateDecision, Lineage, TrainResult
 from loraops.serve.serving import fetch_adapter, generate_text, load_adapter
 
