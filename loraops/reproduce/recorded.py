@@ -137,14 +137,14 @@ def check_reproducible(recorded: RecordedVersion, root: Path, allow_dirty: bool)
         raise ReproduceError(f"{label} was trained outside a git repository (no commit recorded): nothing to check out")
     if recorded.tags[GIT_DIRTY_TAG] == "True" and not allow_dirty:
         raise ReproduceError(
-            f"{label} was trained from uncommitted code (loraops.git_dirty=True): commit {recorded.commit[:12]} does "
+            f"{label} was trained from uncommitted code ({GIT_DIRTY_TAG}=True): commit {recorded.commit[:12]} does "
             "not hold the code that ran, so a rebuild from it may differ. Pass --allow-dirty to rebuild from the "
             "commit anyway"
         )
     lock_md5 = _text_md5(recorded.lock_text)
     if lock_md5 != recorded.tags[DVC_LOCK_MD5_TAG]:
         raise ReproduceError(
-            f"{label}: the logged {LOCK_ARTIFACT} has md5 {lock_md5} but the version records loraops.dvc_lock_md5="
+            f"{label}: the logged {LOCK_ARTIFACT} has md5 {lock_md5} but the version records {DVC_LOCK_MD5_TAG}="
             f"{recorded.tags[DVC_LOCK_MD5_TAG]}: the lineage was altered, refusing to rebuild"
         )
     _check_commit_exists(root, recorded.commit, label)
@@ -167,7 +167,7 @@ def _check_experiment(recorded: RecordedVersion, root: Path, label: str) -> None
     if _text_md5(lock_text) != recorded.tags[DVC_LOCK_MD5_TAG]:
         raise ReproduceError(
             f"{label}: the dvc.lock of DVC experiment {name} ({rev[:12]}) does not have the md5 the version records "
-            f"(loraops.dvc_lock_md5={recorded.tags[DVC_LOCK_MD5_TAG]}): the lineage was altered, refusing to rebuild"
+            f"({DVC_LOCK_MD5_TAG}={recorded.tags[DVC_LOCK_MD5_TAG]}): the lineage was altered, refusing to rebuild"
         )
     data_dvc = yaml.safe_load(versioning.git_show(root, rev, DATA_DVC_FILE)) or {}
     data_path = ((data_dvc.get("outs") or [{}])[0]).get("path", "data")
@@ -184,7 +184,7 @@ def check_lock_uses_data(recorded: RecordedVersion, data_path: str) -> None:
     other = sorted(md5 for md5 in used if md5 != recorded.data_md5)
     if other:
         raise ReproduceError(
-            f"{recorded.model_name} version {recorded.version} records loraops.data_md5={recorded.data_md5} but its "
+            f"{recorded.model_name} version {recorded.version} records {DATA_MD5_TAG}={recorded.data_md5} but its "
             f"dvc.lock used {data_path} = {', '.join(other)}: the lineage points at different data, refusing to rebuild"
         )
 
