@@ -11,10 +11,9 @@ import re
 import sys
 from pathlib import Path
 
+from loraops.names import BASELINE_LOSS_TAG, GATE_TAG, LINEAGE_TAGS, VAL_LOSS_TAG
 from loraops.project.params_file import load_config
 from loraops.registry.store import make_client, resolve_tracking_uri
-from loraops.registry.versions import BASELINE_LOSS_TAG, GATE_TAG, VAL_LOSS_TAG
-from loraops.reproduce.reproduce import LINEAGE_TAGS
 
 
 def main(log_path: str, params: str = "params.yaml") -> int:

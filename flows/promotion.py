@@ -7,6 +7,7 @@ from pathlib import Path
 from prefect import flow
 
 from loraops.config import LoraopsConfig
+from loraops.names import PARAMS_FILE
 from loraops.project.params_file import load_config
 from loraops.registry.promotion import AliasState
 from tasks import promotion
@@ -27,7 +28,7 @@ def promote(
     unless ``force`` is set with a ``reason`` (recorded on the version).
     """
     root = Path(project_dir).resolve()
-    cfg = config or load_config(root / "params.yaml")
+    cfg = config or load_config(root / PARAMS_FILE)
     check = promotion.check_promotion(cfg, root, model_name, version, force)
     return promotion.apply_promotion(cfg, root, check, force, reason)
 
@@ -38,5 +39,5 @@ def rollback(
 ) -> AliasState:
     """Point the champion back at the previous champion; previous becomes the version rolled back from."""
     root = Path(project_dir).resolve()
-    cfg = config or load_config(root / "params.yaml")
+    cfg = config or load_config(root / PARAMS_FILE)
     return promotion.rollback_champion(cfg, root, model_name, reason)

@@ -6,8 +6,9 @@ from pathlib import Path
 
 from prefect import flow
 
+from loraops.names import PARAMS_FILE
 from loraops.project.params_file import load_config
-from loraops.reproduce.reproduce import ReproductionReport
+from loraops.reproduce.report import ReproductionReport
 from tasks import reproduce as tasks
 
 
@@ -21,5 +22,5 @@ def reproduce(
 ) -> ReproductionReport:
     """Rebuild ``version`` (NAME/VERSION or NAME@ALIAS) in a temporary git worktree; fail when it differs."""
     root = Path(project_dir).resolve()
-    cfg = load_config(root / "params.yaml")
+    cfg = load_config(root / PARAMS_FILE)
     return tasks.reproduce_version(cfg.registry, root, version, allow_dirty, loss_tolerance, weight_tolerance)

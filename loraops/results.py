@@ -145,7 +145,7 @@ class GateDecision(_Result):
     champion_version: str | None = None
     evidence: dict[
         str, float
-    ] = {}  # loraops.evaluate.gate.GateEvidence.numbers(): intervals, general-text losses, answer scores
+    ] = {}  # evaluate.gate.GateEvidence.numbers(): intervals, general-text losses, answer scores
 
     def metrics(self) -> dict[str, float | int | None]:
         """What ``metrics/gate.json`` holds (``passed`` 0/1); the reasons stay in the MLflow run and Prefect."""

@@ -16,15 +16,29 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loraops.config import LoraopsConfig
+from loraops.names import (
+    ADAPTER_METRICS,
+    BASELINE_METRICS,
+    CONTRACT_DOCS_DIR,
+    CONTRACT_SUMMARY,
+    DIFF_FILE,
+    DVC_LOCK_FILE,
+    GATE_DECISION,
+    PARAMS_FILE,
+    QUARANTINE_DIR,
+    TRAIN_HISTORY,
+    TRAIN_METRICS,
+)
 from loraops.project.lock import project_lock
 from loraops.project.params_file import write_params
 from loraops.registry.limits import bounded_requests, reports_lost_server
+from loraops.train.history import record_training
 from loraops.train.plan import MemoryCheck
 
 if TYPE_CHECKING:  # imported by the stages that use them
     from loraops.inputs.data_diff import DataDiff
-    from loraops.inputs.data_registry import DataVersion
     from loraops.inputs.freshness import Freshness
+    from loraops.lineage.versioning import DataVersion
 from loraops.results import (
     BaseModelRef,
     ContractReport,
@@ -39,13 +53,6 @@ from loraops.results import (
 
 log = logging.getLogger(__name__)
 
-BASELINE_METRICS = "baseline.json"
-ADAPTER_METRICS = "adapter.json"
-TRAIN_METRICS = "train.json"
-TRAIN_HISTORY = "train_history.json"
-GATE_DECISION = "gate.json"
-CONTRACT_SUMMARY = "data_contract_summary.json"
-
 
 def _path(root: Path, relative: str) -> Path:
     return Path(root) / relative
@@ -53,7 +60,7 @@ def _path(root: Path, relative: str) -> Path:
 
 def record_run_config(cfg: LoraopsConfig, root: Path) -> bool:
     """Write the run's effective config into params.yaml so dvc.lock and lineage describe what ran."""
-    changed = write_params(cfg, _path(root, "params.yaml"))
+    changed = write_params(cfg, _path(root, PARAMS_FILE))
     if changed:
         log.info("params.yaml updated with this run's settings (params hash %s)", cfg.params_hash())
     return changed
@@ -111,7 +118,7 @@ def check_freshness(cfg: LoraopsConfig, root: Path, force: bool = False) -> Fres
 
 def diff_data(cfg: LoraopsConfig, root: Path) -> DataDiff:
     """Rows added, removed and changed since the champion's data; written to reports/data_diff.json."""
-    from loraops.inputs.data_diff import DIFF_FILE, diff_against, write_diff
+    from loraops.inputs.data_diff import diff_against, write_diff
     from loraops.registry.versions import find_champion
 
     client = _existing_registry(cfg, root)
@@ -219,14 +226,6 @@ def train_adapter(cfg: LoraopsConfig, root: Path, callbacks: tuple = ()) -> Trai
             tracking.training_done(live)
     record_training(result, metrics_dir)
     return result
-
-
-def record_training(result: TrainResult, metrics_dir: Path) -> None:
-    """metrics/train.json and the loss series ``dvc plots`` draws (also for an adapter trained elsewhere)."""
-    from loraops.train.history import write_loss_plots
-
-    write_metrics(result.metrics(), metrics_dir / TRAIN_METRICS)
-    write_loss_plots(Path(result.history_path), metrics_dir / "plots")
 
 
 def read_training(cfg: LoraopsConfig, root: Path) -> TrainResult:
@@ -349,7 +348,6 @@ def register_adapter(
     lineage: Lineage,
 ) -> Registration:
     """Log the run to MLflow; register a version only when the gate passed (with its model card)."""
-    from loraops.contract import DOCS_DIR, QUARANTINE_DIR
     from loraops.evaluate.samples import validation_samples
     from loraops.registry import integrity
     from loraops.registry.runs import log_and_register
@@ -357,15 +355,13 @@ def register_adapter(
 
     integrity.check_workspace_adapter(root, cfg.paths.adapter_dir)  # still the adapter dvc.lock recorded
     extra_files = [
-        _path(root, "params.yaml"),
-        _path(root, "dvc.lock"),
+        _path(root, PARAMS_FILE),
+        _path(root, DVC_LOCK_FILE),
         _path(root, cfg.paths.reports_dir) / CONTRACT_SUMMARY,
-        _path(root, cfg.paths.reports_dir) / DOCS_DIR,  # the contract's GX Data Docs (a folder of HTML)
+        _path(root, cfg.paths.reports_dir) / CONTRACT_DOCS_DIR,  # the contract's GX Data Docs (a folder of HTML)
         _path(root, cfg.paths.reports_dir) / QUARANTINE_DIR,  # rows the contract set aside (line, reasons)
         _path(root, cfg.paths.metrics_dir) / TRAIN_HISTORY,
     ]
-    from loraops.inputs.data_diff import DIFF_FILE
-
     diff = _path(root, cfg.paths.reports_dir) / DIFF_FILE  # written by the flow's diff-data task
     extra_files += [diff] if diff.is_file() else []
     return log_and_register(

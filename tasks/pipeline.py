@@ -12,8 +12,8 @@ from loraops import stages
 from loraops.cli import reporting
 from loraops.config import LoraopsConfig
 from loraops.inputs.data_diff import DataDiff
-from loraops.inputs.data_registry import DataVersion
 from loraops.inputs.freshness import Freshness
+from loraops.lineage.versioning import DataVersion
 from loraops.registry import handoff, tracking
 from loraops.results import (
     BaseModelRef,

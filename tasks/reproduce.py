@@ -1,4 +1,4 @@
-"""The reproduce task. The work lives in loraops.reproduce.reproduce; the task adds a name and the comparison artifact."""
+"""The reproduce task. The work lives in loraops.reproduce.run; the task adds a name and the comparison artifact."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from loraops.config import RegistryConfig
-from loraops.reproduce import reproduce
-from loraops.reproduce.reproduce import ReproductionMismatch, ReproductionReport
+from loraops.reproduce import run
+from loraops.reproduce.report import ReproductionMismatch, ReproductionReport, format_report
 
 
 @task(name="reproduce-version", cache_policy=NO_CACHE, persist_result=False)
@@ -23,7 +23,7 @@ def reproduce_version(
     weight_tolerance: float | None,
 ) -> ReproductionReport:
     """Never retried: a rebuild that differs, or cannot run, does the same next time. A mismatch fails the task."""
-    report = reproduce.reproduce_version(
+    report = run.reproduce_version(
         root,
         registry_cfg,
         ref,
@@ -31,7 +31,7 @@ def reproduce_version(
         loss_tolerance=loss_tolerance,
         weight_tolerance=weight_tolerance,
     )
-    create_markdown_artifact(f"```\n{reproduce.format_report(report)}\n```", key="reproduction")
+    create_markdown_artifact(f"```\n{format_report(report)}\n```", key="reproduction")
     if not report.matched:
         raise ReproductionMismatch(report)
     return report

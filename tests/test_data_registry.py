@@ -13,7 +13,8 @@ import pytest
 import yaml
 from conftest import GIT, TINY_DATA
 
-from loraops.inputs.data_registry import DataRegistryError, read_data_version, refresh_data
+from loraops.inputs.data_registry import DataRegistryError, refresh_data
+from loraops.lineage.versioning import read_data_version
 from loraops.project.params_file import load_config
 
 DVC = str(Path(sys.executable).parent / "dvc")

@@ -242,7 +242,7 @@ def test_scheduled_retrain_deploys_runs_on_a_worker_and_registers_through_the_se
 
     cfg = load_config(project / "params.yaml")
     assert {"champion", "challenger"} <= set(version["aliases"])
-    assert tags["loraops.evaluate.gate"] == "passed"
+    assert tags["loraops.gate"] == "passed"
     assert tags["loraops.params_hash"] == cfg.params_hash()
     assert tags["loraops.data_md5"] and tags["loraops.dvc_lock_md5"]
     assert tags["loraops.git_commit"] == git_head.strip()

@@ -10,7 +10,8 @@ from registry_helpers import PROMPT, make_adapter, register, registry_config, sh
 from typer.testing import CliRunner
 
 from loraops.config import ExportConfig, ModelConfig, QuantConfig
-from loraops.registry.export import EXPORT_MANIFEST, ExportMismatchError, check_merge, compare, export_merged
+from loraops.names import EXPORT_MANIFEST
+from loraops.registry.export import ExportMismatchError, check_merge, compare, export_merged
 from loraops.registry.store import make_client
 from loraops.results import BaseModelRef
 from loraops.train.adapters import AdapterSource, UnsafeArtifactError, load_adapter, load_merged

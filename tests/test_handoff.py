@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from loraops import stages
+from loraops import names, stages
 from loraops.lineage import versioning
 from loraops.project.params_file import load_config
 from loraops.registry import handoff
@@ -69,7 +69,7 @@ def test_the_worker_trains_on_the_pushed_dataset_and_the_adapter_comes_back(pare
 
     client = MlflowClient(tracking_uri=outgoing.config.registry.tracking_uri)
     run = client.get_run(run_id)
-    assert run.data.tags[handoff.TRAIN_KEY_TAG] == outgoing.train_key and run.info.status == "FINISHED"
+    assert run.data.tags[names.TRAIN_KEY_TAG] == outgoing.train_key and run.info.status == "FINISHED"
     # the adapter travels in the run the worker trained in (step metrics live), which the retrain run continues
     assert run_id == trained.mlflow_run_id == fetched.mlflow_run_id
     assert [point.step for point in client.get_metric_history(run_id, "loss")] == list(range(1, trained.steps + 1))

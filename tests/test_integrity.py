@@ -19,14 +19,15 @@ import pytest
 from registry_helpers import PROMPT, make_adapter, register, registry_config, shared_store_uri
 from typer.testing import CliRunner
 
-from loraops import stages
+from loraops import names, stages
+from loraops.names import ADAPTER_SHA256_TAG
 from loraops.registry import integrity, promotion
 from loraops.registry.fetch import fetch_adapter
-from loraops.registry.integrity import ADAPTER_SHA256_TAG, AdapterIntegrityError
+from loraops.registry.integrity import AdapterIntegrityError
 from loraops.registry.mlflow_model import adapter_folder
 from loraops.registry.store import make_client, resolve_tracking_uri
 from loraops.registry.versions import CHAMPION, promote_version
-from loraops.reproduce.reproduce import RecordedVersion, ReproduceError, download_registered_adapter
+from loraops.reproduce.recorded import RecordedVersion, ReproduceError, download_registered_adapter
 from loraops.results import EvalMetrics, GateDecision, Lineage, TrainResult
 from loraops.train.adapters import load_adapter
 from loraops.train.generate import generate_text
@@ -113,7 +114,7 @@ def promote(cfg, params, client, tmp_path) -> str:
     name = cfg.registry.model_name
     output = _cli("promote", name, "1", "--force", "--reason", "try anyway", "-p", str(params))
     assert client.get_registered_model(name).aliases[CHAMPION] == 2, "--force does not promote changed files"
-    assert promotion.PROMOTION_FORCED_TAG not in client.get_model_version(name, "1").tags
+    assert names.PROMOTION_FORCED_TAG not in client.get_model_version(name, "1").tags
     return output
 
 
@@ -130,7 +131,7 @@ def gate_champion(cfg, params, client, tmp_path) -> str:
     metrics = EvalMetrics.from_totals(150.0, 100, 4)
     with pytest.raises(AdapterIntegrityError) as refused:
         stages.gate_candidate(cfg, tmp_path, metrics, metrics)
-    assert not (tmp_path / cfg.paths.metrics_dir / stages.GATE_DECISION).exists(), "no gate decision recorded"
+    assert not (tmp_path / cfg.paths.metrics_dir / names.GATE_DECISION).exists(), "no gate decision recorded"
     return str(refused.value)
 
 

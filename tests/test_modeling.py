@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+from loraops import names
 from loraops.config import ConfigError, LoraConfig, ModelConfig, QuantConfig, TrainConfig
 from loraops.results import BaseModelRef
 from loraops.train import base_model as modeling
@@ -118,7 +119,7 @@ def test_local_folder_is_used_in_place(tiny_model_dir, tmp_path):
     out = tmp_path / "base"
     ref = modeling.prepare_base_model(ModelConfig(base=str(tiny_model_dir), revision="main"), out)
     assert ref.path == str(tiny_model_dir) and ref.revision == "main"
-    assert [p.name for p in out.iterdir()] == [modeling.MARKER_FILE]  # no weights copied
+    assert [p.name for p in out.iterdir()] == [names.BASE_MARKER_FILE]  # no weights copied
     assert modeling.read_base_model_ref(out) == ref
 
 
@@ -181,7 +182,7 @@ def test_failed_conversion_keeps_the_previous_one(fake_conversion, tmp_path):
     convert.fail = True
     with pytest.raises(RuntimeError, match="interrupted"):
         modeling.prepare_base_model(ModelConfig(), out)
-    assert len(calls) == 2 and (out / "config.json").exists() and (out / modeling.MARKER_FILE).exists()
+    assert len(calls) == 2 and (out / "config.json").exists() and (out / names.BASE_MARKER_FILE).exists()
     assert [p.name for p in tmp_path.iterdir()] == ["base"]  # nothing half-written left behind
 
 
@@ -189,7 +190,7 @@ def test_switching_to_a_local_base_drops_the_old_conversion(fake_conversion, tin
     out = tmp_path / "base"
     modeling.prepare_base_model(ModelConfig(), out)
     modeling.prepare_base_model(ModelConfig(base=str(tiny_model_dir)), out)
-    assert [p.name for p in out.iterdir()] == [modeling.MARKER_FILE]
+    assert [p.name for p in out.iterdir()] == [names.BASE_MARKER_FILE]
     assert modeling.read_base_model_ref(out).path == str(tiny_model_dir)
 
 
@@ -255,7 +256,7 @@ def test_real_gguf_converts_once_into_a_pretrained_model(tmp_path):
     out = tmp_path / "base"
     ref = modeling.prepare_base_model(ModelConfig(), out)
     assert ref.path == str(out) and (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
-    marker = json.loads((out / modeling.MARKER_FILE).read_text())
+    marker = json.loads((out / names.BASE_MARKER_FILE).read_text())
     assert marker["gguf"]["size"] > 90_000_000 and len(marker["gguf"]["sha256"]) == 64
 
     weights_mtime = (out / "model.safetensors").stat().st_mtime_ns

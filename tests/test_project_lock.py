@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from loraops.project.lock import HOLDER_ENV, LOCK_FILE, ProjectLockedError, project_lock
+from loraops.names import RUN_LOCK_FILE
+from loraops.project.lock import HOLDER_ENV, ProjectLockedError, project_lock
 
 # Holds the lock of PROJECT as COMMAND until the file RELEASE exists (or forever, to be killed).
 HOLD = textwrap.dedent(
@@ -39,7 +40,7 @@ def _start_holder(root: Path, command: str, release: Path) -> subprocess.Popen:
 
 
 def _wait_for_holder(root: Path, process: subprocess.Popen, timeout_s: float = 120) -> dict:
-    lock = root / LOCK_FILE
+    lock = root / RUN_LOCK_FILE
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         assert process.poll() is None, f"the holder exited with {process.returncode}"
@@ -64,8 +65,8 @@ def test_a_second_run_is_refused_naming_the_holder_and_runs_once_it_is_gone(tmp_
         release.touch()
         holder.wait(timeout=30)
     with project_lock(tmp_path, "second"):
-        assert json.loads((tmp_path / LOCK_FILE).read_text())["command"] == "second"
-    assert (tmp_path / LOCK_FILE).read_text() == ""  # released: no record left behind
+        assert json.loads((tmp_path / RUN_LOCK_FILE).read_text())["command"] == "second"
+    assert (tmp_path / RUN_LOCK_FILE).read_text() == ""  # released: no record left behind
 
 
 def test_a_second_run_waits_up_to_lock_timeout_for_the_first(tmp_path):
@@ -91,7 +92,7 @@ def test_the_lock_of_a_killed_run_is_taken_over_with_a_message(tmp_path, caplog)
         with project_lock(tmp_path, "next run"):
             pass
     assert (
-        f"taking over the run lock {tmp_path / LOCK_FILE} left by 'loraops stage train-adapter' (pid {holder.pid}"
+        f"taking over the run lock {tmp_path / RUN_LOCK_FILE} left by 'loraops stage train-adapter' (pid {holder.pid}"
         in caplog.text
     )
 
@@ -120,7 +121,7 @@ def test_a_flow_run_records_its_id_in_the_lock(tmp_path, prefect_harness):
     @flow
     def holds_the_project(root: str) -> tuple[str, str]:
         with project_lock(root, "retrain flow"):
-            return json.loads((Path(root) / LOCK_FILE).read_text())["flow_run_id"], flow_run.id
+            return json.loads((Path(root) / RUN_LOCK_FILE).read_text())["flow_run_id"], flow_run.id
 
     recorded, actual = holds_the_project(str(tmp_path))
     assert recorded == actual and recorded

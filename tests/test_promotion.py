@@ -13,7 +13,7 @@ import pytest
 from registry_helpers import make_adapter, register, registry_config, shared_store_uri
 from typer.testing import CliRunner
 
-from loraops.registry import promotion
+from loraops import names
 from loraops.registry import versions as registry_versions
 from loraops.registry.card import card_description
 from loraops.registry.mlflow_model import tracking_uri_set
@@ -74,7 +74,7 @@ def test_promote_keeps_previous_and_rollback_swaps_back(store_uri, adapters, tin
     assert _aliases(_promote(cfg, tmp_path, "3")) == ("3", "2"), "promoting the champion again changes nothing"
 
     assert _aliases(rollback(cfg, tmp_path, name, reason="answers got worse")) == ("2", "3")
-    assert client.get_model_version(name, "3").tags[promotion.ROLLBACK_TAG] == "answers got worse"
+    assert client.get_model_version(name, "3").tags[names.ROLLBACK_TAG] == "answers got worse"
     assert _aliases(rollback(cfg, tmp_path, name)) == ("3", "2"), "a second rollback undoes the first"
     assert alias_state(client, name).challenger == "3"
     assert registry_versions.find_champion(client, name).version == "3"
@@ -99,13 +99,13 @@ def test_failed_or_unrecorded_gate_is_refused_unless_forced_with_a_reason(
     name = cfg.registry.model_name
     register(cfg, tmp_path, adapters[0], str(tiny_model_dir))
     _promote(cfg, tmp_path, "1")
-    gate_failed = {registry_versions.GATE_TAG: "failed", registry_versions.GATE_REASONS_TAG: "worse by 0.2"}
+    gate_failed = {names.GATE_TAG: "failed", names.GATE_REASONS_TAG: "worse by 0.2"}
     failed = _unchecked_version(client, name, "1", gate_failed)
     untagged = _unchecked_version(client, name, "1", {})
 
     with pytest.raises(PromotionRefused, match=rf"version {failed} failed the gate \(worse by 0.2\).*--force --reason"):
         _promote(cfg, tmp_path, failed)
-    with pytest.raises(PromotionRefused, match="has no loraops.evaluate.gate tag"):
+    with pytest.raises(PromotionRefused, match="has no loraops.gate tag"):
         _promote(cfg, tmp_path, untagged)
     with pytest.raises(PromotionRefused, match="--force needs --reason"):
         _promote(cfg, tmp_path, failed, force=True)
@@ -115,9 +115,9 @@ def test_failed_or_unrecorded_gate_is_refused_unless_forced_with_a_reason(
 
     assert _aliases(state) == (failed, "1")
     tags = client.get_model_version(name, failed).tags
-    assert tags[promotion.PROMOTION_REASON_TAG] == "hotfix for the demo, see ticket 12"
-    assert tags[promotion.PROMOTION_FORCED_TAG] == "true"
-    assert "failed the gate (worse by 0.2)" in tags[promotion.PROMOTION_OVERRIDDEN_TAG]
+    assert tags[names.PROMOTION_REASON_TAG] == "hotfix for the demo, see ticket 12"
+    assert tags[names.PROMOTION_FORCED_TAG] == "true"
+    assert "failed the gate (worse by 0.2)" in tags[names.PROMOTION_OVERRIDDEN_TAG]
 
 
 def test_merge_check_runs_before_promotion_and_a_mismatch_refuses_it(
@@ -136,7 +136,7 @@ def test_merge_check_runs_before_promotion_and_a_mismatch_refuses_it(
     state = _promote(cfg, tmp_path, "1")
 
     assert state.champion == "1"
-    assert client.get_model_version(name, "1").tags[promotion.EXPORT_CHECK_TAG].startswith("equivalence passed")
+    assert client.get_model_version(name, "1").tags[names.EXPORT_CHECK_TAG].startswith("equivalence passed")
 
 
 def test_registration_retried_after_a_crash_before_the_alias_creates_no_second_version(
@@ -198,7 +198,7 @@ def test_model_card_samples_table_and_loss_curves_are_logged(store_uri, adapters
         assert expected in card, expected
     assert version.description.startswith(f"# {name} version 1\n")
     assert "## How to load" in version.description and len(version.description) <= 5000
-    assert version.tags[registry_versions.GATE_TAG] == "passed"
+    assert version.tags[names.GATE_TAG] == "passed"
     table = json.loads(
         Path(
             mlflow.artifacts.download_artifacts(
@@ -226,7 +226,7 @@ def test_cli_promote_refuses_then_forces_and_rolls_back(store_uri, adapters, tin
     cfg = registry_config(store_uri, tmp_path)
     name = cfg.registry.model_name
     register(cfg, tmp_path, adapters[0], str(tiny_model_dir))
-    failed = _unchecked_version(client, name, "1", {registry_versions.GATE_TAG: "failed"})
+    failed = _unchecked_version(client, name, "1", {names.GATE_TAG: "failed"})
     params = tmp_path / "params.yaml"
     params.write_text(json.dumps(cfg.model_dump(mode="json")))
     run = lambda *args: CliRunner().invoke(app, [*args, "--params", str(params)])  # noqa: E731

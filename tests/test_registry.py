@@ -127,7 +127,7 @@ def test_passing_gate_registers_version_with_tags_description_and_challenger(cfg
     assert version.tags["loraops.data_md5"] == "a" * 32 + ".dir"
     assert version.tags["loraops.base_model"] == "tiny-llama"
     assert version.tags["loraops.git_commit"] == "0123456789abcdef"
-    assert "vs base 2.802" in version.tags["loraops.evaluate.gate.reasons"]
+    assert "vs base 2.802" in version.tags["loraops.gate.reasons"]
     assert "validation loss 2.013 (base 2.802)" in version.description
     assert client.get_registered_model(name).aliases == {"challenger": 1}
     assert find_champion(client, name) is None, "without auto_promote the champion alias is not set"
@@ -147,7 +147,7 @@ def test_run_holds_params_step_metrics_gate_and_artifacts(cfg, project, client, 
     eval_history = client.get_metric_history(registration.run_id, "eval_loss")
     assert sorted((point.step, point.value) for point in eval_history) == [(10, 2.3), (20, 2.013)]
     assert [point.step for point in client.get_metric_history(registration.run_id, "loss")] == [10, 20]
-    assert run.data.tags["loraops.evaluate.gate"] == "passed"
+    assert run.data.tags["loraops.gate"] == "passed"
     assert run.data.tags["loraops.params_hash"] == "c" * 16
     listed = {item.path for item in client.list_artifacts(registration.run_id)}
     assert {"adapter", "gate.json", "lineage", "training"} <= listed
@@ -163,8 +163,8 @@ def test_failed_gate_logs_run_but_registers_nothing(cfg, project, client):
     assert registration.version is None
     assert registration.aliases == []
     run = client.get_run(registration.run_id)
-    assert run.data.tags["loraops.evaluate.gate"] == "failed"
-    assert "worse" in run.data.tags["loraops.evaluate.gate.reasons"]
+    assert run.data.tags["loraops.gate"] == "failed"
+    assert "worse" in run.data.tags["loraops.gate.reasons"]
     gate = json.loads(
         Path(
             mlflow.artifacts.download_artifacts(

@@ -24,16 +24,9 @@ from typer.testing import CliRunner
 from loraops.cli.app import app
 from loraops.project.params_file import load_config
 from loraops.registry.mlflow_model import tracking_uri_set
-from loraops.reproduce.reproduce import (
-    Check,
-    ReproduceError,
-    ReproductionReport,
-    TensorDiff,
-    compare_adapters,
-    format_report,
-    inputs_check,
-    parse_version_ref,
-)
+from loraops.reproduce.compare import compare_adapters, inputs_check
+from loraops.reproduce.recorded import ReproduceError, parse_version_ref
+from loraops.reproduce.report import Check, ReproductionReport, TensorDiff, format_report
 
 DVC = str(Path(sys.executable).parent / "dvc")
 MODEL = "tiny-adapter"
@@ -178,7 +171,7 @@ def test_reproduce_rebuilds_version_1_and_prints_a_matching_table(untouched, tmp
 @pytest.mark.slow
 def test_reproduce_flow_fails_with_the_differences_when_the_registered_loss_was_altered(untouched):
     from flows.reproduce import reproduce
-    from loraops.reproduce.reproduce import ReproductionMismatch
+    from loraops.reproduce.report import ReproductionMismatch
 
     registered = float(_client(untouched).get_model_version(MODEL, "1").tags["loraops.val_loss"])
     version = _version_with(untouched, loraops__val_loss=repr(registered + 0.01), **BEFORE_EXPERIMENTS)
@@ -238,7 +231,7 @@ def test_reproduce_refuses_uncommitted_code_unless_allowed(untouched):
 
 def test_allow_dirty_lets_a_dirty_version_past_the_checks(untouched):
     from loraops.registry.store import client_for
-    from loraops.reproduce.reproduce import check_reproducible, fetch_recorded_version
+    from loraops.reproduce.recorded import check_reproducible, fetch_recorded_version
 
     version = _version_with(untouched, loraops__git_dirty="True", **BEFORE_EXPERIMENTS)
     client = client_for(load_config(untouched / "params.yaml").registry, untouched)
@@ -445,7 +438,7 @@ def test_format_report_prints_one_row_per_check_and_the_verdict():
 
 
 def test_data_dvc_is_pointed_at_the_recorded_data_version(tmp_path):
-    from loraops.reproduce.reproduce import _point_data_at
+    from loraops.reproduce.worktree import _point_data_at
 
     dvc_file = tmp_path / "data.dvc"
     dvc_file.write_text(
@@ -459,7 +452,7 @@ def test_data_dvc_is_pointed_at_the_recorded_data_version(tmp_path):
 def test_a_relative_local_remote_is_re_anchored_at_the_users_checkout(tmp_path):
     """The project's default remote is `../.dvcstore` (relative to .dvc/): in a worktree it must still mean the user's."""
     from loraops.lineage.versioning import remote_urls
-    from loraops.reproduce.reproduce import _use_users_remotes
+    from loraops.reproduce.worktree import _use_users_remotes
 
     user, worktree = tmp_path / "checkout", tmp_path / "worktree"
     for folder in (user, worktree):

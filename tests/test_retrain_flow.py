@@ -129,7 +129,7 @@ def test_retrain_with_no_gain_over_the_champion_registers_nothing(tiny_project, 
     assert second.registration.version is None
     client = _client(tiny_project)
     assert [str(v.version) for v in client.search_model_versions("name='tiny-adapter'")] == ["1"]
-    assert client.get_run(second.registration.run_id).data.tags["loraops.evaluate.gate"] == "failed"
+    assert client.get_run(second.registration.run_id).data.tags["loraops.gate"] == "failed"
     # The refused run ends FINISHED (a refusal is no failure) and its Prefect run links to it and the reasons.
     run, links = _linked_run(tiny_project, second.registration.run_id)
     assert run.info.status == "FINISHED" and run.info.run_id != first.registration.run_id

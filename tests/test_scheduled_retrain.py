@@ -80,7 +80,7 @@ def test_the_schedule_starts_a_run_that_trains_on_new_registry_rows_then_one_tha
     from prefect.client.schemas.schedules import IntervalSchedule
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from loraops.inputs.data_registry import read_data_version
+    from loraops.lineage.versioning import read_data_version
     from mlflow import MlflowClient
 
     registry = make_registry(tmp_path / "registry")

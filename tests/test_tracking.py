@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from transformers import TrainerCallback
 
-from loraops import stages
+from loraops import names, stages
 from loraops.project.params_file import load_config
 from loraops.registry import runs as registry
 from loraops.registry import tracking
@@ -68,9 +68,9 @@ def test_the_run_is_running_during_training_with_step_metrics_and_the_prefect_ru
         train_then_fail(str(tiny_project))
 
     during, losses = watch.seen
-    flow_run_id = during.data.tags[tracking.PREFECT_FLOW_RUN_ID_TAG]
+    flow_run_id = during.data.tags[names.PREFECT_FLOW_RUN_ID_TAG]
     assert during.info.status == "RUNNING"
-    assert during.data.tags[tracking.PREFECT_FLOW_RUN_URL_TAG].endswith(f"/runs/flow-run/{flow_run_id}")
+    assert during.data.tags[names.PREFECT_FLOW_RUN_URL_TAG].endswith(f"/runs/flow-run/{flow_run_id}")
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as prefect:
@@ -90,7 +90,7 @@ def test_the_run_is_running_during_training_with_step_metrics_and_the_prefect_ru
     assert run.info.start_time <= stamps[0]
     evals = {point.step: point.value for point in client.get_metric_history(run.info.run_id, "eval_loss")}
     assert evals[trained.best_step] == pytest.approx(trained.best_eval_loss)
-    assert run.data.tags[tracking.ADAPTER_KEY_TAG]
+    assert run.data.tags[names.ADAPTER_KEY_TAG]
 
 
 def test_a_training_crash_ends_the_run_failed(tiny_project):
@@ -105,7 +105,7 @@ def test_a_training_crash_ends_the_run_failed(tiny_project):
     assert watch.seen[0].info.status == "RUNNING"
     assert run.info.status == "FAILED"
     assert [point.step for point in watch.seen[1]] == [1, 2]
-    assert tracking.PREFECT_FLOW_RUN_ID_TAG not in run.data.tags  # no flow run: `loraops stage train-adapter`
+    assert names.PREFECT_FLOW_RUN_ID_TAG not in run.data.tags  # no flow run: `loraops stage train-adapter`
 
 
 # --- registration into the live run -----------------------------------------------------------
@@ -170,7 +170,7 @@ def test_registration_logs_into_the_training_run_and_ends_it_finished(cfg, tmp_p
     run = live.client.get_run(live.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.metrics["adapter_val_loss"] == 1.5
-    assert run.data.tags["loraops.evaluate.gate"] == "passed"
+    assert run.data.tags["loraops.gate"] == "passed"
     experiment = live.client.get_experiment_by_name(cfg.registry.experiment)
     assert len(live.client.search_runs([experiment.experiment_id])) == 1, "no second run for the registration"
 
@@ -269,11 +269,11 @@ def test_a_rerun_after_a_sigkill_between_version_and_alias_finishes_that_one_ver
 def test_orphans_of_the_same_adapter_end_failed_but_other_runs_stay(cfg, tmp_path):
     client = client_for(cfg.registry, tmp_path)
     experiment_id = ensure_experiment(client, cfg.registry.experiment, None)
-    orphan = client.create_run(experiment_id, tags={tracking.ADAPTER_KEY_TAG: "a" * 64}).info.run_id
-    other = client.create_run(experiment_id, tags={tracking.ADAPTER_KEY_TAG: "b" * 64}).info.run_id
-    current = client.create_run(experiment_id, tags={tracking.ADAPTER_KEY_TAG: "a" * 64}).info.run_id
+    orphan = client.create_run(experiment_id, tags={names.ADAPTER_KEY_TAG: "a" * 64}).info.run_id
+    other = client.create_run(experiment_id, tags={names.ADAPTER_KEY_TAG: "b" * 64}).info.run_id
+    current = client.create_run(experiment_id, tags={names.ADAPTER_KEY_TAG: "a" * 64}).info.run_id
 
-    assert tracking.fail_orphans(client, experiment_id, tracking.ADAPTER_KEY_TAG, "a" * 64, keep=current) == [orphan]
+    assert tracking.fail_orphans(client, experiment_id, names.ADAPTER_KEY_TAG, "a" * 64, keep=current) == [orphan]
     assert [client.get_run(run).info.status for run in (orphan, other, current)] == ["FAILED", "RUNNING", "RUNNING"]
 
 

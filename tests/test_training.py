@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from loraops import names
 from loraops.config import ConfigError, LoraopsConfig, ModelConfig, QuantConfig, config_from_dict
 from loraops.data.tokenization import build_dataset
 from loraops.results import BaseModelRef
@@ -169,7 +170,7 @@ def test_adapter_is_saved_in_peft_safetensors_format(trained):
 def test_result_records_steps_params_and_the_best_evaluation(trained):
     cfg, result, _ = trained
     history = json.loads(Path(result.history_path).read_text())
-    assert result.history_path == str(Path(cfg.paths.metrics_dir) / training.HISTORY_FILE)
+    assert result.history_path == str(Path(cfg.paths.metrics_dir) / names.TRAIN_HISTORY)
     evals = {row["step"]: row["eval_loss"] for row in history if "eval_loss" in row}
     assert sorted(evals) == [3, 6]
     assert result.steps == 6 and not result.stopped_early

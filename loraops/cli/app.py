@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from loraops.config import ConfigError, LoraopsConfig
+from loraops.names import DATA_DVC_FILE, PARAMS_FILE
 from loraops.project.params_file import load_config, parse_override
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
@@ -144,7 +145,7 @@ def _quiet_prefect_tracebacks() -> None:
 
 @app.command()
 def retrain(
-    params: ParamsOption = Path("params.yaml"),
+    params: ParamsOption = Path(PARAMS_FILE),
     overrides: SetOption = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's tracebacks too")] = False,
     force: Annotated[bool, typer.Option("--force", help="Train even when nothing changed since the last run")] = False,
@@ -197,7 +198,7 @@ def validate(
     report_dir: Annotated[
         Path | None, typer.Option(help="Where the report and Data Docs go (default: a new temporary folder)")
     ] = None,
-    params: ParamsOption = Path("params.yaml"),
+    params: ParamsOption = Path(PARAMS_FILE),
 ) -> None:
     """Run the data contract on PATH alone; print its summary; exit 0 when it passes, 1 when it fails.
 
@@ -231,7 +232,7 @@ def _defaults_with(overrides: dict[str, object]) -> LoraopsConfig:
 
 
 @app.command("import-data")
-def import_data(params: ParamsOption = Path("params.yaml")) -> None:
+def import_data(params: ParamsOption = Path(PARAMS_FILE)) -> None:
     """Rebuild data/ from the embedded chatterbot corpus (byte-identical to what data.dvc records)."""
     from loraops import stages
 
@@ -242,7 +243,7 @@ def import_data(params: ParamsOption = Path("params.yaml")) -> None:
 
 @app.command("check-data")
 def check_data(
-    dvc_file: Annotated[Path, typer.Argument(help="The .dvc file that tracks the data")] = Path("data.dvc"),
+    dvc_file: Annotated[Path, typer.Argument(help="The .dvc file that tracks the data")] = Path(DATA_DVC_FILE),
 ) -> None:
     """Check that data/ is byte-identical to what data.dvc records; works on a fresh clone without a DVC cache."""
     from loraops.lineage.versioning import VersioningError, tracked_data_problem
@@ -267,7 +268,7 @@ class StageName(StrEnum):
 
 
 @app.command()
-def stage(name: StageName, params: ParamsOption = Path("params.yaml")) -> None:
+def stage(name: StageName, params: ParamsOption = Path(PARAMS_FILE)) -> None:
     """Run one pipeline stage (what dvc.yaml calls); the flow runs the same functions."""
     from loraops import stages
 

@@ -10,9 +10,11 @@ from typing import Annotated
 import typer
 
 from loraops.config import LoraopsConfig, config_from_dict
+from loraops.names import PARAMS_FILE
 from loraops.project.params_file import apply_overrides, load_config, parse_override
+from loraops.train.memory import GIB
 from loraops.train.plan import Plan, plan
-from loraops.train.shape import GIB, format_gib, parse_memory_size, resolve_model_shape
+from loraops.train.shape import format_gib, parse_memory_size, resolve_model_shape
 
 ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="The parameters file (DVC-tracked)")]
 SetOption = Annotated[
@@ -32,7 +34,7 @@ def add_commands(app: typer.Typer, exit_cleanly_on_user_error: Callable[[], Abst
         seq_len: Annotated[
             int | None, typer.Option("--seq-len", min=1, help="Tokens per example (default: data.max_length)")
         ] = None,
-        params: ParamsOption = Path("params.yaml"),
+        params: ParamsOption = Path(PARAMS_FILE),
         overrides: SetOption = None,
     ) -> None:
         """Estimate peak memory and choose LoRA or QLoRA and the largest batch that fits; print the -S overrides."""

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from loraops.config import LoraopsConfig
+from loraops.names import PARAMS_FILE
 from loraops.project.params_file import load_config, parse_override
 
 ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="The parameters file (DVC-tracked)")]
@@ -48,7 +49,7 @@ def add_commands(app: typer.Typer, exit_cleanly_on_user_error: Callable[[], Abst
         version: Annotated[str, typer.Argument(help="Version number, or an alias such as challenger")],
         force: Annotated[bool, typer.Option(help="Promote even if the gate or the merge check refused it")] = False,
         reason: Annotated[str | None, typer.Option(help="Why (required with --force); recorded on the version")] = None,
-        params: ParamsOption = Path("params.yaml"),
+        params: ParamsOption = Path(PARAMS_FILE),
         overrides: SetOption = None,
     ) -> None:
         """Make VERSION the champion; the current champion is kept as `previous`."""
@@ -67,7 +68,7 @@ def add_commands(app: typer.Typer, exit_cleanly_on_user_error: Callable[[], Abst
     def rollback(
         name: Annotated[str, typer.Argument(help="Registered model name")],
         reason: Annotated[str | None, typer.Option(help="Recorded on the version rolled back from")] = None,
-        params: ParamsOption = Path("params.yaml"),
+        params: ParamsOption = Path(PARAMS_FILE),
     ) -> None:
         """Point the champion back at `previous`; `previous` then names the version rolled back from."""
         from loraops.registry import promotion
@@ -92,7 +93,7 @@ def add_commands(app: typer.Typer, exit_cleanly_on_user_error: Callable[[], Abst
         base: Annotated[bool, typer.Option("--base", help="Also answer with the base model alone")] = False,
         max_new_tokens: Annotated[int, typer.Option(min=1)] = 64,
         temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy")] = 0.0,
-        params: ParamsOption = Path("params.yaml"),
+        params: ParamsOption = Path(PARAMS_FILE),
         overrides: SetOption = None,
     ) -> None:
         """Answer PROMPT with a registered or local adapter, under the chat template used in training."""
@@ -107,7 +108,7 @@ def add_commands(app: typer.Typer, exit_cleanly_on_user_error: Callable[[], Abst
         name: Annotated[str, typer.Argument(help="Registered model name")],
         version: Annotated[str, typer.Argument(help="Version number, or an alias such as champion")],
         merged: Annotated[Path, typer.Option("--merged", help="Folder for the merged model (safetensors + tokenizer)")],
-        params: ParamsOption = Path("params.yaml"),
+        params: ParamsOption = Path(PARAMS_FILE),
         overrides: SetOption = None,
     ) -> None:
         """Merge the adapter into its base, check the logits match, and save the merged model."""

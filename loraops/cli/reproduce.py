@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from loraops.names import PARAMS_FILE
+
 EXIT_DIFFERS = 1  # the rebuild ran and differs from the registered version
 EXIT_CANNOT_REPRODUCE = 2  # nothing was rebuilt: unknown version, no lineage, dirty code, missing commit or data
 
@@ -19,7 +21,7 @@ def add_commands(app: typer.Typer, exit_cleanly_on_user_error: Callable[[], Abst
         version: Annotated[str, typer.Argument(help="NAME/VERSION or NAME@ALIAS, e.g. loraops-smollm2-chatterbot/3")],
         params: Annotated[
             Path, typer.Option("--params", "-p", help="The project's params.yaml (its registry section)")
-        ] = Path("params.yaml"),
+        ] = Path(PARAMS_FILE),
         allow_dirty: Annotated[
             bool, typer.Option(help="Rebuild a version trained from uncommitted code (loraops.git_dirty=True) anyway")
         ] = False,
@@ -38,7 +40,9 @@ def add_commands(app: typer.Typer, exit_cleanly_on_user_error: Callable[[], Abst
         """
         from loraops.config import ConfigError
         from loraops.project.params_file import load_config
-        from loraops.reproduce.reproduce import ReproduceError, format_report, reproduce_version
+        from loraops.reproduce.recorded import ReproduceError
+        from loraops.reproduce.report import format_report
+        from loraops.reproduce.run import reproduce_version
 
         with exit_cleanly_on_user_error():
             cfg = load_config(params)

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from loraops.names import PARAMS_FILE
 from loraops.project.params_file import load_config, parse_override
 
 ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="The parameters file (DVC-tracked)")]
@@ -19,7 +20,7 @@ SetOption = Annotated[
 
 def add_commands(app: typer.Typer, exit_cleanly_on_user_error: Callable[[], AbstractContextManager]) -> None:
     @app.command("sanity")
-    def sanity_command(params: ParamsOption = Path("params.yaml"), overrides: SetOption = None) -> None:
+    def sanity_command(params: ParamsOption = Path(PARAMS_FILE), overrides: SetOption = None) -> None:
         """Train on sanity.examples training examples for sanity.steps; exit 0 when the loss falls enough, 1 otherwise.
 
         Keeps nothing it trains (checkpoints go to a temporary folder) and leaves params.yaml as it is; a base

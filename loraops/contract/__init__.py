@@ -17,13 +17,13 @@ from loraops.contract.context import for_project
 from loraops.contract.facts import SplitFacts, Turns
 from loraops.contract.keys import TrainIndex, mark_duplicates, normalized_hashes
 from loraops.contract.patterns import SECRET_PATTERNS
-from loraops.contract.quarantine import QUARANTINE_DIR, SUMMARY_FILE, quarantine, quarantined_lines
+from loraops.contract.quarantine import quarantine, quarantined_lines
 from loraops.contract.report import DataContractError, format_report
 from loraops.contract.scan import role_problem, scan_split
-from loraops.contract.validate import DOCS_DIR, validate_dataset
+from loraops.contract.validate import validate_dataset
 
 __all__ = [
-    "DOCS_DIR", "QUARANTINE_DIR", "SECRET_PATTERNS", "SUMMARY_FILE", "DataContractError", "SplitFacts", "TrainIndex",
+    "SECRET_PATTERNS", "DataContractError", "SplitFacts", "TrainIndex",
     "Turns", "for_project", "format_report", "mark_duplicates", "normalized_hashes", "quarantine",
     "quarantined_lines", "role_problem", "scan_split", "validate_dataset",
 ]  # fmt: skip

@@ -10,15 +10,13 @@ from typing import TYPE_CHECKING
 
 from loraops.contract.facts import SplitFacts
 from loraops.data.formats import DataError
+from loraops.names import CONTRACT_SUMMARY, QUARANTINE_DIR
 from loraops.results import ContractReport, QuarantineRecord
 
 if TYPE_CHECKING:
     import numpy as np
 
 logger = logging.getLogger(__name__)
-
-SUMMARY_FILE = "data_contract_summary.json"
-QUARANTINE_DIR = "quarantine"
 
 
 def quarantine(facts: SplitFacts, rules: Iterable[str], report_dir: Path) -> tuple[np.ndarray, QuarantineRecord | None]:
@@ -64,7 +62,7 @@ def quarantined_lines(report_dir: str | Path, split: str, source: str | Path) ->
     """Lines of ``source`` the last contract run set aside; refuses a quarantine made for other data."""
     from loraops.lineage.versioning import file_md5
 
-    summary = Path(report_dir) / SUMMARY_FILE
+    summary = Path(report_dir) / CONTRACT_SUMMARY
     if not summary.is_file():
         raise DataError(
             f"{summary}: not found; run `loraops stage validate-dataset` before using data.contract.quarantine"

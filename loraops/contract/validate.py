@@ -10,16 +10,15 @@ from typing import Any
 from loraops.config import DataConfig
 from loraops.contract.context import gx_dir, load_suite, run_checkpoint, run_context
 from loraops.contract.keys import TrainIndex, mark_duplicates
-from loraops.contract.quarantine import SUMMARY_FILE, quarantine
+from loraops.contract.quarantine import quarantine
 from loraops.contract.report import format_check, not_checked_without_validation, to_checks
 from loraops.contract.scan import scan_split
 from loraops.contract.table import example_frame
 from loraops.data.formats import EMPTY_FORMAT
+from loraops.names import CONTRACT_DOCS_DIR, CONTRACT_SUMMARY
 from loraops.results import ContractCheck, ContractReport, QuarantineRecord
 
 logger = logging.getLogger(__name__)
-
-DOCS_DIR = "data_docs"
 
 
 def validate_dataset(
@@ -38,7 +37,7 @@ def validate_dataset(
     splits = [train_facts]
     if validation is not None:
         splits.append(scan_split("validation", validation, data, tokenizer, TrainIndex.of(train_facts)))
-    context = run_context(report_dir / DOCS_DIR)
+    context = run_context(report_dir / CONTRACT_DOCS_DIR)
     checks: list[ContractCheck] = []
     raw: dict[str, Any] = {}
     records: dict[str, QuarantineRecord] = {}
@@ -65,7 +64,7 @@ def validate_dataset(
         validation_rows=len(splits[1].column("line")) if validation is not None else None,
         format=known[0] if known else EMPTY_FORMAT,
         quarantine=records,
-        data_docs=str(report_dir / DOCS_DIR / "index.html"),
+        data_docs=str(report_dir / CONTRACT_DOCS_DIR / "index.html"),
     )
     report.report_path = str(_write_reports(report_dir, raw, report))
     verdict = "passed" if report.passed else "FAILED"
@@ -78,5 +77,5 @@ def _write_reports(report_dir: Path, raw: dict[str, Any], report: ContractReport
     report_dir.mkdir(parents=True, exist_ok=True)
     full = report_dir / "data_contract.json"
     full.write_text(json.dumps(raw, indent=2, default=str) + "\n")
-    report.model_copy(update={"report_path": str(full)}).write_json(report_dir / SUMMARY_FILE)
+    report.model_copy(update={"report_path": str(full)}).write_json(report_dir / CONTRACT_SUMMARY)
     return full

@@ -10,9 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from loraops.config import LoraopsConfig
+from loraops.names import EXAMPLE_LOSSES_DIR
 from loraops.results import EvalMetrics, ExampleLosses
-
-EXAMPLE_LOSSES_DIR = "example_losses"
 
 
 def example_losses_path(reports_dir: Path, name: str) -> Path:

@@ -20,7 +20,6 @@ from loraops.config import LoraopsConfig
 log = logging.getLogger(__name__)
 
 EXAMPLES = 3  # examples shown per kind of change
-DIFF_FILE = "data_diff.json"  # under paths.reports_dir; logged on the MLflow run
 
 
 class SplitDiff(BaseModel):

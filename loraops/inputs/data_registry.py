@@ -10,10 +10,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel
-
-from loraops.lineage.versioning import VersioningError, data_md5, run_dvc
+from loraops.lineage.versioning import DataVersion, VersioningError, read_data_version, run_dvc
+from loraops.names import DATA_DVC_FILE
 
 log = logging.getLogger(__name__)
 
@@ -22,38 +20,8 @@ class DataRegistryError(VersioningError):
     """The data import could not be refreshed; the message names data.dvc and what to do."""
 
 
-class DataVersion(BaseModel):
-    """Which data a run trains on: the md5 DVC records and where it came from."""
-
-    md5: str
-    kind: str  # "registry" (dvc import), "url" (dvc import-url) or "local" (dvc add)
-    source: str | None = None  # the registry's URL and path, or the imported URL
-    rev: str | None = None  # the registry commit the import is locked to (rev_lock)
-    updated: bool = False  # this refresh changed data.dvc
-
-    def describe(self) -> str:
-        origin = f"{self.source}@{self.rev[:12]}" if self.source and self.rev else self.source or "local data (dvc add)"
-        return f"{origin}, md5 {self.md5}"
-
-
-def read_data_version(root: Path, dvc_file: str = "data.dvc") -> DataVersion:
-    """What ``dvc_file`` records: md5, import kind, source and locked revision (nothing is run)."""
-    path = Path(root) / dvc_file
-    md5 = data_md5(root, dvc_file)
-    deps = (yaml.safe_load(path.read_text()) or {}).get("deps") or []
-    dep = deps[0] if deps and isinstance(deps[0], dict) else None
-    if dep is None:
-        return DataVersion(md5=md5, kind="local")
-    repo = dep.get("repo")
-    if isinstance(repo, dict):
-        return DataVersion(
-            md5=md5, kind="registry", source=f"{repo.get('url')}:{dep.get('path')}", rev=repo.get("rev_lock")
-        )
-    return DataVersion(md5=md5, kind="url", source=str(dep.get("path")))
-
-
 def refresh_data(
-    root: Path, rev: str | None = None, dvc_file: str = "data.dvc", lock_wait_s: float = 120.0
+    root: Path, rev: str | None = None, dvc_file: str = DATA_DVC_FILE, lock_wait_s: float = 120.0
 ) -> DataVersion:
     """``dvc update dvc_file [--rev REV]`` for an import; a plain ``dvc add`` is left as it is.
 

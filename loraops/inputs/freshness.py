@@ -15,18 +15,22 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from loraops.config import LoraopsConfig
+from loraops.names import (
+    BASE_MARKER_FILE,
+    BASE_MODEL_TAG,
+    BASE_REVISION_TAG,
+    DATA_MD5_TAG,
+    GIT_COMMIT_TAG,
+    GIT_DIRTY_TAG,
+    LINEAGE_FILES,
+    PARAMS_HASH_TAG,
+)
 from mlflow import MlflowClient
 
 log = logging.getLogger(__name__)
 
 # Lineage tags (Lineage.as_tags) that decide whether a run's inputs are the same.
-INPUT_TAGS = (
-    "loraops.data_md5",
-    "loraops.params_hash",
-    "loraops.git_commit",
-    "loraops.base_model",
-    "loraops.base_revision",
-)
+INPUT_TAGS = (DATA_MD5_TAG, PARAMS_HASH_TAG, GIT_COMMIT_TAG, BASE_MODEL_TAG, BASE_REVISION_TAG)
 
 
 class Freshness(BaseModel):
@@ -41,7 +45,7 @@ class Freshness(BaseModel):
 def current_inputs(cfg: LoraopsConfig, root: Path) -> dict[str, str] | None:
     """This run's inputs as lineage tags, or None when they cannot be named (uncommitted code, data
     edited since data.dvc recorded it): such a run always trains."""
-    from loraops.lineage.versioning import LINEAGE_FILES, UNKNOWN_COMMIT, data_md5, git_state, tracked_data_problem
+    from loraops.lineage.versioning import UNKNOWN_COMMIT, data_md5, git_state, tracked_data_problem
 
     commit, dirty = git_state(root, ignore=LINEAGE_FILES)
     if dirty or commit == UNKNOWN_COMMIT:
@@ -52,19 +56,17 @@ def current_inputs(cfg: LoraopsConfig, root: Path) -> dict[str, str] | None:
         return None
     source, revision = _base_model(cfg, root)
     return {
-        "loraops.data_md5": data_md5(root),
-        "loraops.params_hash": cfg.params_hash(),
-        "loraops.git_commit": commit,
-        "loraops.base_model": source,
-        "loraops.base_revision": revision or "",
+        DATA_MD5_TAG: data_md5(root),
+        PARAMS_HASH_TAG: cfg.params_hash(),
+        GIT_COMMIT_TAG: commit,
+        BASE_MODEL_TAG: source,
+        BASE_REVISION_TAG: revision or "",
     }
 
 
 def _base_model(cfg: LoraopsConfig, root: Path) -> tuple[str, str | None]:
     """The base model as prepare_base_model recorded it (read from its marker file, nothing loaded)."""
-    from loraops.train.base_model import MARKER_FILE
-
-    marker = Path(root) / cfg.paths.base_model_dir / MARKER_FILE
+    marker = Path(root) / cfg.paths.base_model_dir / BASE_MARKER_FILE
     if marker.is_file():
         recorded = json.loads(marker.read_text())
         if recorded.get("source") == cfg.model.base:
@@ -80,12 +82,12 @@ def check_freshness(cfg: LoraopsConfig, root: Path, client: MlflowClient, force:
     if inputs is None:
         return Freshness(unchanged=False, message="inputs not all committed: training")
     for tags, version, run_id in _earlier_runs(cfg, client):
-        if tags.get("loraops.git_dirty") == "False" and all(tags.get(key) == value for key, value in inputs.items()):
+        if tags.get(GIT_DIRTY_TAG) == "False" and all(tags.get(key) == value for key, value in inputs.items()):
             since = f"version {version}" if version else f"MLflow run {run_id}"
             message = (
-                f"nothing changed since {since} (data {inputs['loraops.data_md5'][:12]}, params "
-                f"{inputs['loraops.params_hash']}, code {inputs['loraops.git_commit'][:12]}, base model "
-                f"{inputs['loraops.base_model']}): nothing trained or registered; add data or pass --force to train anyway"
+                f"nothing changed since {since} (data {inputs[DATA_MD5_TAG][:12]}, params "
+                f"{inputs[PARAMS_HASH_TAG]}, code {inputs[GIT_COMMIT_TAG][:12]}, base model "
+                f"{inputs[BASE_MODEL_TAG]}): nothing trained or registered; add data or pass --force to train anyway"
             )
             log.info(message)
             return Freshness(unchanged=True, message=message, version=version, run_id=run_id)

@@ -18,12 +18,11 @@ from pathlib import Path
 
 from loraops.lineage import versioning
 from loraops.lineage.versioning import DVC_LOCK_WAIT_S, VersioningError
+from loraops.names import DVC_LOCK_FILE
 from loraops.results import Lineage
 
 log = logging.getLogger(__name__)
 
-EXPERIMENT_TAG = "loraops.dvc_experiment"
-EXPERIMENT_REV_TAG = "loraops.dvc_experiment_rev"
 _EXPS_NAMESPACE = "refs/exps"
 # Used only when git has no identity configured: `dvc exp save` makes a commit, and a run must not fail for that.
 _FALLBACK_IDENTITY = {"name": "loraops", "email": "loraops@localhost"}
@@ -94,10 +93,10 @@ def save_experiment(
 
 def _check_same_lock(root: Path, name: str, rev: str) -> None:
     try:
-        saved = versioning.git_show(root, rev, "dvc.lock")
+        saved = versioning.git_show(root, rev, DVC_LOCK_FILE)
     except VersioningError:
         saved = None
-    if saved != (root / "dvc.lock").read_text():
+    if saved != (root / DVC_LOCK_FILE).read_text():
         raise VersioningError(
             f"a DVC experiment named {name} already exists in {root} ({rev[:12]}) and records another dvc.lock: "
             f"remove it with `dvc exp remove {name}` or run again (each run gets a new name)"

@@ -20,15 +20,15 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
+from pydantic import BaseModel
 
 from loraops.config import LoraopsConfig
+from loraops.names import DATA_DVC_FILE, DVC_LOCK_FILE, LINEAGE_FILES
 from loraops.results import Lineage
 
 logger = logging.getLogger(__name__)
 
 UNKNOWN_COMMIT = "unknown"
-# Files whose content lineage records by hash of its own; a change to them is not "dirty code".
-LINEAGE_FILES = ("dvc.lock", "data.dvc", "params.yaml")
 
 
 class VersioningError(RuntimeError):
@@ -125,7 +125,7 @@ def file_md5(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def data_md5(repo_root: str | Path, dvc_file: str = "data.dvc") -> str:
+def data_md5(repo_root: str | Path, dvc_file: str = DATA_DVC_FILE) -> str:
     """The md5 DVC recorded for the tracked data (``outs[0].md5`` of ``dvc_file``)."""
     path = Path(repo_root) / dvc_file
     if not path.exists():
@@ -137,7 +137,7 @@ def data_md5(repo_root: str | Path, dvc_file: str = "data.dvc") -> str:
     return md5
 
 
-def tracked_data_problem(repo_root: str | Path, dvc_file: str = "data.dvc") -> str | None:
+def tracked_data_problem(repo_root: str | Path, dvc_file: str = DATA_DVC_FILE) -> str | None:
     """Why the workspace copy of ``dvc_file``'s output differs from what it records, or None if identical.
 
     ``dvc status`` cannot answer this on a fresh clone: with an empty cache it reports "not in cache"
@@ -189,6 +189,36 @@ def _tree_difference(expected: Mapping[str, str], actual: Mapping[str, str]) -> 
     return f" [{'; '.join(parts)}]" if parts else ""
 
 
+class DataVersion(BaseModel):
+    """Which data a run trains on: the md5 DVC records and where it came from."""
+
+    md5: str
+    kind: str  # "registry" (dvc import), "url" (dvc import-url) or "local" (dvc add)
+    source: str | None = None  # the registry's URL and path, or the imported URL
+    rev: str | None = None  # the registry commit the import is locked to (rev_lock)
+    updated: bool = False  # this refresh changed data.dvc
+
+    def describe(self) -> str:
+        origin = f"{self.source}@{self.rev[:12]}" if self.source and self.rev else self.source or "local data (dvc add)"
+        return f"{origin}, md5 {self.md5}"
+
+
+def read_data_version(root: Path, dvc_file: str = DATA_DVC_FILE) -> DataVersion:
+    """What ``dvc_file`` records: md5, import kind, source and locked revision (nothing is run)."""
+    path = Path(root) / dvc_file
+    md5 = data_md5(root, dvc_file)
+    deps = (yaml.safe_load(path.read_text()) or {}).get("deps") or []
+    dep = deps[0] if deps and isinstance(deps[0], dict) else None
+    if dep is None:
+        return DataVersion(md5=md5, kind="local")
+    repo = dep.get("repo")
+    if isinstance(repo, dict):
+        return DataVersion(
+            md5=md5, kind="registry", source=f"{repo.get('url')}:{dep.get('path')}", rev=repo.get("rev_lock")
+        )
+    return DataVersion(md5=md5, kind="url", source=str(dep.get("path")))
+
+
 def git_state(repo_root: str | Path, ignore: tuple[str, ...] = ()) -> tuple[str, bool]:
     """HEAD commit and whether tracked files differ from it (untracked files do not count).
 
@@ -211,17 +241,15 @@ def collect_lineage(
     repo_root: str | Path,
     base_model: str,
     base_revision: str | None,
-    dvc_file: str = "data.dvc",
+    dvc_file: str = DATA_DVC_FILE,
 ) -> Lineage:
     """Lineage of a run; call after ``record_pipeline_state`` so dvc.lock describes what ran.
 
     ``git_dirty`` ignores dvc.lock, data.dvc and params.yaml: each is recorded by its own hash.
     """
-    lock = Path(repo_root) / "dvc.lock"
+    lock = Path(repo_root) / DVC_LOCK_FILE
     if not lock.exists():
         raise VersioningError(f"{lock} not found: call record_pipeline_state (dvc commit) before collecting lineage")
-    from loraops.inputs.data_registry import read_data_version
-
     commit, dirty = git_state(repo_root, ignore=(*LINEAGE_FILES, dvc_file))
     data = read_data_version(Path(repo_root), dvc_file)
     return Lineage(
@@ -250,7 +278,7 @@ def record_pipeline_state(
     targets = list(stages or [])
     what = f"dvc commit --force {' '.join(targets) or '(all stages)'}"
     run_dvc(repo_root, "commit", "--force", *targets, what=what, lock_wait_s=lock_wait_s)
-    logger.info("recorded pipeline state in %s", Path(repo_root) / "dvc.lock")
+    logger.info("recorded pipeline state in %s", Path(repo_root) / DVC_LOCK_FILE)
 
 
 def default_remote(repo_root: str | Path) -> str | None:

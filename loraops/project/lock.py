@@ -27,9 +27,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from loraops.names import RUN_LOCK_FILE
+
 log = logging.getLogger(__name__)
 
-LOCK_FILE = ".loraops/run.lock"
 HOLDER_ENV = "LORAOPS_PROJECT_LOCK"  # "<pid>:<lock file>" for the holder's child processes
 _POLL_S = 0.5
 
@@ -64,7 +65,7 @@ _guard = threading.Lock()
 
 
 def lock_path(root: str | Path) -> Path:
-    return Path(root).resolve() / LOCK_FILE
+    return Path(root).resolve() / RUN_LOCK_FILE
 
 
 @contextmanager

@@ -21,14 +21,14 @@ from typing import Any
 import yaml
 
 from loraops.config import ConfigError, LoraopsConfig, config_from_dict
+from loraops.names import PARAMS_FILE
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PARAMS_FILE = "params.yaml"
 _EXPLICIT_NULL = re.compile(r":\s+(null|~)\s*(#.*)?$", re.MULTILINE)
 
 
-def read_params(path: str | Path = DEFAULT_PARAMS_FILE) -> dict[str, Any]:
+def read_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: parameters file not found; run from the project root or pass --params PATH")
@@ -76,12 +76,12 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     return merged
 
 
-def load_config(path: str | Path = DEFAULT_PARAMS_FILE, overrides: dict[str, Any] | None = None) -> LoraopsConfig:
+def load_config(path: str | Path = PARAMS_FILE, overrides: dict[str, Any] | None = None) -> LoraopsConfig:
     raw = apply_overrides(read_params(path), overrides or {})
     return config_from_dict(raw, source=str(path))
 
 
-def write_params(config: LoraopsConfig, path: str | Path = DEFAULT_PARAMS_FILE) -> bool:
+def write_params(config: LoraopsConfig, path: str | Path = PARAMS_FILE) -> bool:
     """Write the values of ``config`` that differ from ``path`` into it, changing only their lines.
 
     A run with overrides records them in params.yaml (as ``dvc exp run -S`` does) so that dvc.lock

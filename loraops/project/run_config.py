@@ -15,12 +15,13 @@ from typing import Any
 from pydantic import BaseModel
 
 from loraops.config import ConfigError, LoraopsConfig, config_from_dict
+from loraops.names import PARAMS_FILE
 from loraops.project.params_file import flatten, load_config
 
 log = logging.getLogger(__name__)
 
 
-def form_defaults(params: str = "params.yaml") -> dict[str, Any]:
+def form_defaults(params: str = PARAMS_FILE) -> dict[str, Any]:
     """A ``prefect deploy`` build step: the deployment's ``config`` default is the checkout's params.yaml.
 
     Referenced from infra/prefect.yaml as ``loraops.project.run_config.form_defaults``; a params.yaml that
@@ -64,7 +65,7 @@ def resolve_run_config(config: LoraopsConfig | None, root: Path, prefilled: dict
     ``prefilled`` is what the run's form showed: the deployment's default config (the code's defaults
     for a deployment without one); None outside a deployment, where the baseline is params.yaml itself.
     """
-    params = root / "params.yaml"
+    params = root / PARAMS_FILE
     if config is None:
         return load_config(params)
     current = load_config(params)

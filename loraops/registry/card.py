@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from loraops.config import LoraopsConfig
+from loraops.names import LOSS_PLOT_ARTIFACT, MODEL_CARD_ARTIFACT
 from loraops.registry.record import RunRecord, summarize
 from loraops.registry.values import flatten_params
-from loraops.registry.versions import LOSS_PLOT_ARTIFACT, MODEL_CARD_ARTIFACT
 from loraops.results import GateDecision, Lineage, Registration, SampleAnswer, TrainResult
 from mlflow import MlflowClient
 

@@ -24,12 +24,11 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from loraops.config import ExportConfig, ModelConfig, QuantConfig
+from loraops.names import EXPORT_MANIFEST
 from loraops.train.adapters import AdapterSource, load_merged
 from loraops.train.generate import chat_inputs
 
 logger = logging.getLogger(__name__)
-
-EXPORT_MANIFEST = "loraops-export.json"
 
 
 class EquivalenceReport(BaseModel):

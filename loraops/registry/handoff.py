@@ -19,20 +19,23 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from loraops import stages
 from loraops.config import LoraopsConfig
 from loraops.lineage import versioning
+from loraops.names import (
+    ADAPTER_ARTIFACT_PATH,
+    DATA_DVC_FILE,
+    STAGE_TAG,
+    TRAIN_HISTORY,
+    TRAIN_KEY_TAG,
+    TRAIN_RESULT_FILE,
+    TRAINING_ARTIFACTS,
+)
 from loraops.registry import integrity, tracking
 from loraops.registry.store import artifact_root_for, client_for, ensure_experiment, resolve_tracking_uri
 from loraops.results import TrainResult
+from loraops.train.history import record_training
 
 log = logging.getLogger(__name__)
-
-TRAIN_KEY_TAG = "loraops.train_key"
-STAGE_TAG = "loraops.stage"
-ADAPTER_ARTIFACTS = "adapter"
-TRAINING_ARTIFACTS = "training"
-TRAIN_RESULT_FILE = "train_result.json"
 
 
 class HandoffError(RuntimeError):
@@ -49,8 +52,8 @@ class TrainingHandoff(BaseModel):
 
 def prepare_handoff(cfg: LoraopsConfig, root: Path) -> TrainingHandoff:
     """Record the dataset on disk in data.dvc, push it to the DVC remote, and describe the run."""
-    versioning.record_pipeline_state(root, ["data.dvc"])
-    versioning.run_dvc(root, "push", "data.dvc", what="dvc push data.dvc (the training worker pulls it)")
+    versioning.record_pipeline_state(root, [DATA_DVC_FILE])
+    versioning.run_dvc(root, "push", DATA_DVC_FILE, what="dvc push data.dvc (the training worker pulls it)")
     tracking_uri = resolve_tracking_uri(cfg.registry, root)
     if tracking_uri.startswith("sqlite:"):
         log.warning(
@@ -64,15 +67,15 @@ def prepare_handoff(cfg: LoraopsConfig, root: Path) -> TrainingHandoff:
             "orchestration": cfg.orchestration.model_copy(update={"train_deployment": None}),
         }
     )
-    return TrainingHandoff(config=worker_cfg, data_dvc=(root / "data.dvc").read_text(), train_key=uuid.uuid4().hex)
+    return TrainingHandoff(config=worker_cfg, data_dvc=(root / DATA_DVC_FILE).read_text(), train_key=uuid.uuid4().hex)
 
 
 def receive_inputs(root: Path, data_dvc: str) -> str:
     """Make the worker's checkout hold exactly the hand-off's dataset; returns its md5."""
-    dvc_file = root / "data.dvc"
+    dvc_file = root / DATA_DVC_FILE
     if not dvc_file.exists() or dvc_file.read_text() != data_dvc:
         dvc_file.write_text(data_dvc)
-    versioning.run_dvc(root, "pull", "data.dvc", what="dvc pull data.dvc (the dataset the retrain run pushed)")
+    versioning.run_dvc(root, "pull", DATA_DVC_FILE, what="dvc pull data.dvc (the dataset the retrain run pushed)")
     md5 = versioning.data_md5(root)
     log.info("dataset %s checked out from the DVC remote", md5)
     return md5
@@ -93,9 +96,9 @@ def publish_training(cfg: LoraopsConfig, root: Path, trained: TrainResult, train
         training_dir = Path(scratch) / TRAINING_ARTIFACTS
         training_dir.mkdir()
         trained.write_json(training_dir / TRAIN_RESULT_FILE)
-        shutil.copy(trained.history_path, training_dir / stages.TRAIN_HISTORY)
+        shutil.copy(trained.history_path, training_dir / TRAIN_HISTORY)
         client.log_artifacts(run_id, str(training_dir), TRAINING_ARTIFACTS)
-        client.log_artifacts(run_id, trained.adapter_dir, ADAPTER_ARTIFACTS)
+        client.log_artifacts(run_id, trained.adapter_dir, ADAPTER_ARTIFACT_PATH)
     log.info("adapter published to MLflow run %s (train key %s)", run_id, train_key)
     return run_id
 
@@ -108,17 +111,17 @@ def fetch_training(cfg: LoraopsConfig, root: Path, train_key: str) -> TrainResul
     metrics_dir = root / cfg.paths.metrics_dir
     with tempfile.TemporaryDirectory() as scratch:
         client.download_artifacts(run_id, TRAINING_ARTIFACTS, scratch)
-        client.download_artifacts(run_id, ADAPTER_ARTIFACTS, scratch)
+        client.download_artifacts(run_id, ADAPTER_ARTIFACT_PATH, scratch)
         label = f"the adapter of MLflow run {run_id} (train key {train_key})"
         remedy = "It changed after the training run published it; nothing was fetched: rerun the retrain flow"
-        integrity.verify_adapter(Path(scratch) / ADAPTER_ARTIFACTS, client.get_run(run_id).data.tags, label, remedy)
+        integrity.verify_adapter(Path(scratch) / ADAPTER_ARTIFACT_PATH, client.get_run(run_id).data.tags, label, remedy)
         result = TrainResult.read_json(Path(scratch) / TRAINING_ARTIFACTS / TRAIN_RESULT_FILE)
-        history = metrics_dir / stages.TRAIN_HISTORY
+        history = metrics_dir / TRAIN_HISTORY
         history.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(Path(scratch) / TRAINING_ARTIFACTS / stages.TRAIN_HISTORY, history)
-        _replace_folder(Path(scratch) / ADAPTER_ARTIFACTS, adapter_dir)
+        shutil.copy(Path(scratch) / TRAINING_ARTIFACTS / TRAIN_HISTORY, history)
+        _replace_folder(Path(scratch) / ADAPTER_ARTIFACT_PATH, adapter_dir)
     result = result.model_copy(update={"adapter_dir": str(adapter_dir), "history_path": str(history)})
-    stages.record_training(result, metrics_dir)
+    record_training(result, metrics_dir)
     log.info("adapter of MLflow run %s fetched into %s", run_id, adapter_dir)
     return result
 

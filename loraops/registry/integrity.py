@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from loraops.names import ADAPTER_SHA256_TAG, DVC_LOCK_FILE
+
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
@@ -30,7 +32,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_SHA256_TAG = "loraops.adapter_sha256"
 _RESTORE = (
     "The registry's copy was changed after registration (another version's file copied over it, or corruption), "
     "so loraops will not load, serve, promote or export it, and there is no override. Restore the original "
@@ -172,7 +173,7 @@ def check_workspace_adapter(root: Path, adapter_dir: str) -> None:
 
     Hashes the folder the way DVC does (dvc-data, nothing written); call after ``version_outputs``.
     """
-    recorded = _locked_md5(root / "dvc.lock", adapter_dir)
+    recorded = _locked_md5(root / DVC_LOCK_FILE, adapter_dir)
     folder = root / adapter_dir
     if recorded is None or not folder.is_dir():
         return

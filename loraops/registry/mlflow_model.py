@@ -21,13 +21,12 @@ from mlflow.models.model import ModelInfo
 
 import mlflow
 from loraops.config import LoraopsConfig
+from loraops.names import BASE_MODEL_TAG, LOGGED_MODEL_NAME, PYFUNC_ADAPTER_ARTIFACT
 from loraops.results import Lineage
 from mlflow import MlflowClient
 
 logger = logging.getLogger(__name__)
 
-MODEL_NAME = "adapter"  # the LoggedModel's name, and the run's model output
-ADAPTER_ARTIFACT = "adapter"  # key in the pyfunc's artifacts: <model>/artifacts/adapter/
 MLMODEL_FILE = "MLmodel"
 MODEL_CODE = Path(__file__).with_name("pyfunc_model.py")
 INPUT_EXAMPLE = {"messages": [{"role": "user", "content": "Hello, who are you?"}]}
@@ -124,17 +123,17 @@ def log_adapter_model(
     with tracking_uri_set(client):
         info = Model.log(
             artifact_path=None,
-            name=MODEL_NAME,
+            name=LOGGED_MODEL_NAME,
             flavor=mlflow.pyfunc,
             run_id=run_id,
             step=step,
             python_model=str(MODEL_CODE),
-            artifacts={ADAPTER_ARTIFACT: str(adapter_dir)},
+            artifacts={PYFUNC_ADAPTER_ARTIFACT: str(adapter_dir)},
             model_config=model_config(cfg, lineage),
             signature=signature(cfg),
             input_example=(INPUT_EXAMPLE, {"max_new_tokens": 8}),
             pip_requirements=pip_requirements(cfg, lineage.base_model),
-            metadata={"loraops.base_model": lineage.base_model},
+            metadata={BASE_MODEL_TAG: lineage.base_model},
         )
     logger.info("logged adapter model %s into run %s", info.model_uri, run_id)
     return info
@@ -148,7 +147,9 @@ def adapter_folder(model_dir: Path) -> Path:
     if not mlmodel.is_file():
         return model_dir
     pyfunc = (yaml.safe_load(mlmodel.read_text()).get("flavors") or {}).get("python_function") or {}
-    path = ((pyfunc.get("artifacts") or {}).get(ADAPTER_ARTIFACT) or {}).get("path")
+    path = ((pyfunc.get("artifacts") or {}).get(PYFUNC_ADAPTER_ARTIFACT) or {}).get("path")
     if not path:
-        raise FileNotFoundError(f"{mlmodel} names no '{ADAPTER_ARTIFACT}' artifact: it is not a loraops adapter model")
+        raise FileNotFoundError(
+            f"{mlmodel} names no '{PYFUNC_ADAPTER_ARTIFACT}' artifact: it is not a loraops adapter model"
+        )
     return model_dir / path

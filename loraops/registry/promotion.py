@@ -5,7 +5,7 @@
 just rolled back from. So ``previous`` always names the champion before the current one, and a second
 rollback undoes the first.
 
-A version is promoted only if its gate passed (its ``loraops.evaluate.gate`` tag) and, when
+A version is promoted only if its gate passed (its ``loraops.gate`` tag) and, when
 ``export.check_before_promote`` is on, its merge into the base model reproduces its logits.
 Promote and rollback first check the version's files against the hashes recorded at registration
 (loraops/registry/integrity.py); changed or unreadable files raise, and ``force`` does not override that.
@@ -24,6 +24,15 @@ from mlflow.exceptions import MlflowException
 from pydantic import BaseModel
 
 from loraops.config import LoraopsConfig
+from loraops.names import (
+    EXPORT_CHECK_TAG,
+    GATE_REASONS_TAG,
+    GATE_TAG,
+    PROMOTION_FORCED_TAG,
+    PROMOTION_OVERRIDDEN_TAG,
+    PROMOTION_REASON_TAG,
+    ROLLBACK_TAG,
+)
 from loraops.registry import integrity, versions
 from loraops.registry.export import EquivalenceReport
 from loraops.registry.store import client_for
@@ -32,11 +41,6 @@ from mlflow import MlflowClient
 logger = logging.getLogger(__name__)
 
 PREVIOUS = "previous"
-PROMOTION_REASON_TAG = "loraops.registry.promotion.reason"
-PROMOTION_FORCED_TAG = "loraops.registry.promotion.forced"
-PROMOTION_OVERRIDDEN_TAG = "loraops.registry.promotion.overridden"
-EXPORT_CHECK_TAG = "loraops.export_check"
-ROLLBACK_TAG = "loraops.rollback.reason"
 
 
 class PromotionRefused(Exception):
@@ -76,12 +80,12 @@ def alias_state(client: MlflowClient, model_name: str) -> AliasState:
 
 
 def gate_refusals(version: ModelVersion) -> list[str]:
-    gate = version.tags.get(versions.GATE_TAG)
+    gate = version.tags.get(GATE_TAG)
     if gate == "passed":
         return []
     if gate is None:
-        return [f"version {version.version} has no {versions.GATE_TAG} tag: there is no record that it passed the gate"]
-    reasons = version.tags.get(versions.GATE_REASONS_TAG, "no reasons recorded")
+        return [f"version {version.version} has no {GATE_TAG} tag: there is no record that it passed the gate"]
+    reasons = version.tags.get(GATE_REASONS_TAG, "no reasons recorded")
     return [f"version {version.version} failed the gate ({reasons})"]
 
 

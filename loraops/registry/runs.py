@@ -21,21 +21,28 @@ from mlflow.exceptions import MlflowException
 
 from loraops.config import LoraopsConfig
 from loraops.lineage.versioning import file_md5
+from loraops.names import (
+    ADAPTER_ARTIFACT_PATH,
+    ADAPTER_KEY_TAG,
+    DVC_LOCK_FILE,
+    GATE_DECISION,
+    GATE_REASONS_TAG,
+    GATE_TAG,
+    LINEAGE_ARTIFACTS,
+    LOSS_PLOT_ARTIFACT,
+    PARAMS_FILE,
+    REPORTS_ARTIFACTS,
+    RUN_KEY_TAG,
+    SAMPLES_ARTIFACT,
+    TRAINING_ARTIFACTS,
+)
 from loraops.registry import tracking
 from loraops.registry.adapter_hash import adapter_key
 from loraops.registry.card import publish_model_card
 from loraops.registry.record import RunRecord, summarize
 from loraops.registry.store import artifact_root_for, ensure_experiment, make_client, resolve_tracking_uri
 from loraops.registry.values import BATCH, flatten_params, history_metrics, is_number, log_new_params
-from loraops.registry.versions import (
-    ADAPTER_ARTIFACT_PATH,
-    GATE_REASONS_TAG,
-    GATE_TAG,
-    LOSS_PLOT_ARTIFACT,
-    RUN_KEY_TAG,
-    SAMPLES_ARTIFACT,
-    register_adapter,
-)
+from loraops.registry.versions import register_adapter
 from loraops.results import EvalMetrics, GateDecision, Lineage, Registration, SampleAnswer, TrainResult
 from mlflow import MlflowClient
 
@@ -98,8 +105,8 @@ def _register_and_publish(client: MlflowClient, cfg: LoraopsConfig, record: RunR
 def _artifact_folders(paths: list[Path]) -> dict[str, list[Path]]:
     folders: dict[str, list[Path]] = {}
     for path in paths:
-        lineage = path.name in ("params.yaml", "dvc.lock") or path.suffix == ".dvc"
-        folders.setdefault("lineage" if lineage else "reports", []).append(path)
+        lineage = path.name in (PARAMS_FILE, DVC_LOCK_FILE) or path.suffix == ".dvc"
+        folders.setdefault(LINEAGE_ARTIFACTS if lineage else REPORTS_ARTIFACTS, []).append(path)
     return folders
 
 
@@ -228,7 +235,7 @@ def _run_tags(record: RunRecord, run_key: str) -> dict[str, str]:
     return {
         **record.lineage.as_tags(),
         RUN_KEY_TAG: run_key,
-        tracking.ADAPTER_KEY_TAG: record.adapter_key,
+        ADAPTER_KEY_TAG: record.adapter_key,
         GATE_TAG: "passed" if record.decision.passed else "failed",
         GATE_REASONS_TAG: "; ".join(record.decision.reasons),
         "mlflow.note.content": summarize(record),
@@ -264,7 +271,7 @@ def _summary_metrics(record: RunRecord) -> list[Metric]:
 
 def _log_files(client: MlflowClient, run_id: str, record: RunRecord, extra_files: Mapping[str, list[Path]]) -> None:
     client.log_artifacts(run_id, record.train.adapter_dir, ADAPTER_ARTIFACT_PATH)
-    client.log_artifact(run_id, record.train.history_path, "training")
+    client.log_artifact(run_id, record.train.history_path, TRAINING_ARTIFACTS)
     if record.samples:
         client.log_table(run_id, data=samples_table(record.samples), artifact_file=SAMPLES_ARTIFACT)
     for folder, paths in extra_files.items():
@@ -274,7 +281,7 @@ def _log_files(client: MlflowClient, run_id: str, record: RunRecord, extra_files
             else:
                 client.log_artifact(run_id, str(path), folder)
     with tempfile.TemporaryDirectory() as scratch:
-        client.log_artifact(run_id, str(record.decision.write_json(Path(scratch) / "gate.json")))
+        client.log_artifact(run_id, str(record.decision.write_json(Path(scratch) / GATE_DECISION)))
         plot = loss_curves_png(Path(record.train.history_path), Path(scratch) / Path(LOSS_PLOT_ARTIFACT).name)
         if plot is not None:
             client.log_artifact(run_id, str(plot), str(Path(LOSS_PLOT_ARTIFACT).parent))

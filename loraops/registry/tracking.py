@@ -23,6 +23,14 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 from loraops.config import LoraopsConfig
+from loraops.names import (
+    ADAPTER_KEY_TAG,
+    PREFECT_FLOW_RUN_ID_TAG,
+    PREFECT_FLOW_RUN_URL_TAG,
+    PREFECT_TRAIN_FLOW_RUN_ID_TAG,
+    PREFECT_TRAIN_FLOW_RUN_URL_TAG,
+    WORKSPACE_TAG,
+)
 from loraops.registry.adapter_hash import adapter_key
 from loraops.registry.store import (
     artifact_root_for,
@@ -40,12 +48,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PREFECT_FLOW_RUN_ID_TAG = "loraops.prefect_flow_run_id"
-PREFECT_FLOW_RUN_URL_TAG = "loraops.prefect_flow_run_url"
-PREFECT_TRAIN_FLOW_RUN_ID_TAG = "loraops.prefect_train_flow_run_id"  # the worker's run, when training was handed off
-PREFECT_TRAIN_FLOW_RUN_URL_TAG = "loraops.prefect_train_flow_run_url"
-WORKSPACE_TAG = "loraops.workspace"  # host:project folder of the process that opened the run
-ADAPTER_KEY_TAG = "loraops.adapter_key"
 RUNNING, FINISHED, FAILED = "RUNNING", "FINISHED", "FAILED"
 
 

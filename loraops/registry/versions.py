@@ -10,6 +10,14 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from loraops.config import LoraopsConfig, RegistryConfig
+from loraops.names import (
+    BASE_MODEL_TAG,
+    BASELINE_LOSS_TAG,
+    DATA_MD5_TAG,
+    GATE_REASONS_TAG,
+    GATE_TAG,
+    VAL_LOSS_TAG,
+)
 from loraops.registry import tracking
 from loraops.registry.integrity import digest_tags
 from loraops.registry.record import RunRecord, summarize
@@ -21,17 +29,6 @@ logger = logging.getLogger(__name__)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-RUN_KEY_TAG = "loraops.run_key"
-GATE_TAG = "loraops.evaluate.gate"
-GATE_REASONS_TAG = "loraops.evaluate.gate.reasons"
-VAL_LOSS_TAG = "loraops.val_loss"
-BASELINE_LOSS_TAG = "loraops.baseline_val_loss"
-DATA_MD5_TAG = "loraops.data_md5"
-BASE_MODEL_TAG = "loraops.base_model"
-ADAPTER_ARTIFACT_PATH = "adapter"
-MODEL_CARD_ARTIFACT = "model_card.md"
-SAMPLES_ARTIFACT = "evaluation/samples.json"
-LOSS_PLOT_ARTIFACT = "training/loss_curves.png"
 
 
 def find_champion(client: MlflowClient, model_name: str, alias: str = CHAMPION) -> ChampionRef | None:

@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from loraops.config import ConfigError, ModelConfig, QuantConfig, TrainConfig
+from loraops.names import BASE_MARKER_FILE
 from loraops.results import BaseModelRef
 from loraops.train.builders import build_quant_config
 
 logger = logging.getLogger(__name__)
 
-MARKER_FILE = "loraops-base.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PYPI_PREFIX = "pypi:"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -50,7 +50,7 @@ def prepare_base_model(model_cfg: ModelConfig, output_dir: str | Path) -> BaseMo
 def read_base_model_ref(output_dir: str | Path) -> BaseModelRef:
     """The reference ``prepare_base_model`` recorded in ``output_dir``."""
     output_dir = Path(output_dir)
-    marker_path = output_dir / MARKER_FILE
+    marker_path = output_dir / BASE_MARKER_FILE
     if not marker_path.exists():
         raise FileNotFoundError(f"{marker_path} not found: prepare the base model first (the prepare-base stage)")
     marker = json.loads(marker_path.read_text())
@@ -90,7 +90,7 @@ def _reference_in_place(model_cfg: ModelConfig) -> BaseModelRef:
 
 def _remove_previous_conversion(output_dir: Path) -> None:
     """Drop weights an earlier GGUF conversion left here, so the folder describes only the current base."""
-    marker_path = output_dir / MARKER_FILE
+    marker_path = output_dir / BASE_MARKER_FILE
     if marker_path.exists() and json.loads(marker_path.read_text()).get("kind") == "converted":
         logger.info("Removing the previous conversion in %s", output_dir)
         shutil.rmtree(output_dir)
@@ -98,7 +98,7 @@ def _remove_previous_conversion(output_dir: Path) -> None:
 
 def _write_marker(output_dir: Path, marker: dict[str, Any]) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
+    (output_dir / BASE_MARKER_FILE).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,7 +156,7 @@ def _prepare_gguf(source: str, output_dir: Path) -> BaseModelRef:
 
 
 def _conversion_is_current(output_dir: Path, source: str, fingerprint: dict[str, Any]) -> bool:
-    marker_path = output_dir / MARKER_FILE
+    marker_path = output_dir / BASE_MARKER_FILE
     if not marker_path.exists() or not (output_dir / "config.json").exists():
         return False
     if not any(output_dir.glob("*.safetensors")):

@@ -14,11 +14,11 @@ import shutil
 from pathlib import Path
 
 from loraops.config import LoraopsConfig
+from loraops.names import RUN_FILE
 from loraops.results import BaseModelRef
 
 logger = logging.getLogger(__name__)
 
-RUN_FILE = "loraops-run.json"
 _NOT_TRAJECTORY = {"resume", "output_dir", "save_steps", "save_total_limit"}  # settings that leave the weights alone
 
 

@@ -161,11 +161,12 @@ def resolve_model_shape(
 
 
 def _gguf_shape(source: str, base_model_dir: str | Path | None) -> ModelShape:
-    from loraops.train.base_model import MARKER_FILE, locate_pypi_file
+    from loraops.names import BASE_MARKER_FILE
+    from loraops.train.base_model import locate_pypi_file
 
     if base_model_dir is not None:
         converted = Path(base_model_dir)
-        marker = converted / MARKER_FILE
+        marker = converted / BASE_MARKER_FILE
         if marker.is_file() and json.loads(marker.read_text()).get("source") == source:
             if (converted / "config.json").is_file():
                 return shape_from_config(json.loads((converted / "config.json").read_text()))

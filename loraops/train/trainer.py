@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 
 from loraops.config import ConfigError, LoraopsConfig
+from loraops.names import TRAIN_HISTORY
 from loraops.results import BaseModelRef, TrainResult
 from loraops.train.base_model import load_base_model, load_tokenizer, prepare_quantized_for_training, resolve_device
 from loraops.train.builders import build_lora_config, build_sft_config
@@ -26,8 +27,6 @@ from loraops.train.checkpoints import (
 from loraops.train.history import write_history
 
 logger = logging.getLogger(__name__)
-
-HISTORY_FILE = "train_history.json"
 
 
 class TrainingDivergedError(RuntimeError):
@@ -194,7 +193,7 @@ def train_adapter(
     """
     device = device or resolve_device(cfg.train)
     _check_device_features(cfg, device)
-    history_path = Path(history_path or Path(cfg.paths.metrics_dir) / HISTORY_FILE)
+    history_path = Path(history_path or Path(cfg.paths.metrics_dir) / TRAIN_HISTORY)
     output_dir = Path(cfg.train.output_dir)
     fingerprint = run_fingerprint(cfg, base, train_dataset, eval_dataset, device)
     resume_from = prepare_checkpoint_dir(output_dir, fingerprint, resume=cfg.train.resume)
