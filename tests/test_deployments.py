@@ -23,6 +23,7 @@ BIN = Path(sys.executable).parent
 SERVER_START_S = 180  # both servers start together on 2 shared cores
 CLI_S = 240
 RUN_S = 600
+HOLD_AFTER_CHECKPOINT = Path(__file__).parent / "fixtures" / "hold_after_checkpoint"  # holds in sitecustomize.py
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -293,17 +294,27 @@ def test_a_crashed_gpu_worker_fails_retrain_and_the_rerun_resumes_its_training(s
 
         first = client.create_flow_run_from_deployment(retrain.id, parameters={})
         started = time.monotonic()
+        # The first GPU host's training stops for good once its first checkpoint is saved (tests/fixtures/
+        # hold_after_checkpoint): the kill always finds it there, however fast or slow the machine is.
+        held = tmp_path / "gpu-host-held-at-step"
+        held_host = {
+            **gpu_host,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(HOLD_AFTER_CHECKPOINT), gpu_host.get("PYTHONPATH")])),
+            "LORAOPS_TEST_HELD_FILE": str(held),
+        }
         with _server("cpu worker", cpu_worker, cpu_host, tmp_path / "cpu-worker-1.log") as waiting_retrain:
-            with _server("gpu worker", gpu_worker, gpu_host, tmp_path / "gpu-worker-1.log") as gpu:
-                while training.last_complete_checkpoint(gpu_checkout / "checkpoints") is None:
+            with _server("gpu worker", gpu_worker, held_host, tmp_path / "gpu-worker-1.log") as gpu:
+                while not held.exists():
                     assert time.monotonic() < started + RUN_S, (tmp_path / "gpu-worker-1.log").read_text()[-3000:]
                     assert gpu.poll() is None, (tmp_path / "gpu-worker-1.log").read_text()[-3000:]
-                    time.sleep(0.05)
+                    time.sleep(0.5)
+                survivor = training.last_complete_checkpoint(gpu_checkout / "checkpoints")
+                assert survivor is not None and survivor.name == f"checkpoint-{int(held.read_text())}"
                 (crashed,) = client.read_flow_runs(deployment_filter=only_training)
                 # The host dies: the worker and the training process (its own session) at once.
                 os.killpg(gpu.pid, signal.SIGKILL)
                 assert _kill_processes_of_flow_run(crashed.id) >= 1
-            survivor = training.last_complete_checkpoint(gpu_checkout / "checkpoints")
+            assert training.last_complete_checkpoint(gpu_checkout / "checkpoints") == survivor
             crashed = client.read_flow_run(crashed.id)
             assert crashed.state.is_running()  # nothing reports a dead host's end ...
             # ... until the heartbeat automation (infra/automations.py) marks it, as here:
@@ -325,7 +336,7 @@ def test_a_crashed_gpu_worker_fails_retrain_and_the_rerun_resumes_its_training(s
         assert second.state.is_completed(), (tmp_path / "gpu-worker-2.log").read_text()[-3000:]
 
     resumed = stages.read_training(load_config(project / "params.yaml"), project)  # fetched back from the GPU host
-    assert resumed.resumed_from_step is not None and resumed.resumed_from_step >= int(survivor.name.split("-")[1])
+    assert resumed.resumed_from_step == int(survivor.name.split("-")[1])  # the checkpoint the host died at
     assert resumed.steps == 150
     history = json.loads((project / "metrics" / "train_history.json").read_text())
     assert [row["step"] for row in history if "loss" in row] == list(range(1, 151))
