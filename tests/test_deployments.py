@@ -3,7 +3,6 @@ a process worker, and a scheduled-style retrain run that registers a version thr
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -17,7 +16,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import GIT, REPO_ROOT, free_port, make_project, wait_until_healthy
+from conftest import (
+    GIT,
+    REPO_ROOT,
+    background_process,
+    free_port,
+    make_project,
+    mlflow_server_command,
+    wait_until_healthy,
+)
 
 BIN = Path(sys.executable).parent
 SERVER_START_S = 180  # both servers start together on 2 shared cores
@@ -26,23 +33,6 @@ RUN_S = 600
 HOLD_AFTER_CHECKPOINT = Path(__file__).parent / "fixtures" / "hold_after_checkpoint"  # holds in sitecustomize.py
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-@contextlib.contextmanager
-def _server(name: str, command: list[str], env: dict, log: Path) -> Iterator[subprocess.Popen]:
-    """A server in its own process group (stopped with its workers), its output in ``log``."""
-    with log.open("w") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
 
 
 @pytest.fixture
@@ -60,15 +50,11 @@ def servers(tmp_path) -> Iterator[dict[str, str]]:
     mlflow_env = {**base, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
     prefect_log, mlflow_log = tmp_path / "prefect-server.log", tmp_path / "mlflow-server.log"
     prefect_cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)]
-    mlflow_cmd = [
-        str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "--artifacts-destination", str(tmp_path / "mlflow-artifacts"),
-    ]  # fmt: skip
+    mlflow_cmd = mlflow_server_command(mlflow_port, tmp_path / "mlflow.db", tmp_path / "mlflow-artifacts")
     started = time.monotonic()
     with (
-        _server("prefect", prefect_cmd, prefect_env, prefect_log) as prefect,
-        _server("mlflow", mlflow_cmd, mlflow_env, mlflow_log) as mlflow,
+        background_process(prefect_cmd, prefect_env, prefect_log) as prefect,
+        background_process(mlflow_cmd, mlflow_env, mlflow_log) as mlflow,
     ):
         deadline = started + SERVER_START_S
         prefect_url, mlflow_url = f"http://127.0.0.1:{prefect_port}/api", f"http://127.0.0.1:{mlflow_port}"
@@ -199,7 +185,7 @@ def test_scheduled_retrain_deploys_runs_on_a_worker_and_registers_through_the_se
         started = time.monotonic()
         gpu_host = {**env, "LORAOPS_PROJECT_DIR": str(gpu_checkout), "PREFECT_HOME": str(tmp_path / "gpu-home")}
         gpu_worker = [str(BIN / "prefect"), "worker", "start", "--pool", "gpu", "--limit", "1"]
-        with _server("gpu worker", gpu_worker, gpu_host, tmp_path / "gpu-worker.log"):
+        with background_process(gpu_worker, gpu_host, tmp_path / "gpu-worker.log"):
             _cli([str(BIN / "prefect"), "worker", "start", "--pool", "cpu", "--run-once"], cpu_host, timeout=RUN_S)
             run = _finished_run(client, run.id, started + RUN_S)
         print(f"retrain run {run.state.type.value} after {time.monotonic() - started:.1f} s")
@@ -302,8 +288,8 @@ def test_a_crashed_gpu_worker_fails_retrain_and_the_rerun_resumes_its_training(s
             "PYTHONPATH": os.pathsep.join(filter(None, [str(HOLD_AFTER_CHECKPOINT), gpu_host.get("PYTHONPATH")])),
             "LORAOPS_TEST_HELD_FILE": str(held),
         }
-        with _server("cpu worker", cpu_worker, cpu_host, tmp_path / "cpu-worker-1.log") as waiting_retrain:
-            with _server("gpu worker", gpu_worker, held_host, tmp_path / "gpu-worker-1.log") as gpu:
+        with background_process(cpu_worker, cpu_host, tmp_path / "cpu-worker-1.log") as waiting_retrain:
+            with background_process(gpu_worker, held_host, tmp_path / "gpu-worker-1.log") as gpu:
                 while not held.exists():
                     assert time.monotonic() < started + RUN_S, (tmp_path / "gpu-worker-1.log").read_text()[-3000:]
                     assert gpu.poll() is None, (tmp_path / "gpu-worker-1.log").read_text()[-3000:]
@@ -329,7 +315,7 @@ def test_a_crashed_gpu_worker_fails_retrain_and_the_rerun_resumes_its_training(s
         # The rerun: a new retrain run; its training lands on the (restarted) GPU host and resumes.
         second = client.create_flow_run_from_deployment(retrain.id, parameters={})
         started = time.monotonic()
-        with _server("gpu worker", gpu_worker, gpu_host, tmp_path / "gpu-worker-2.log"):
+        with background_process(gpu_worker, gpu_host, tmp_path / "gpu-worker-2.log"):
             _cli(cpu_worker, cpu_host, timeout=RUN_S)
             second = _finished_run(client, second.id, started + RUN_S)
         print(f"rerun {second.state.type.value} after {time.monotonic() - started:.1f} s, resumed past {survivor.name}")
