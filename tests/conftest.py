@@ -197,6 +197,20 @@ def prefect_harness():
         yield
 
 
+@pytest.fixture(scope="session")
+def store_uri(tmp_path_factory) -> str:
+    """The session's SQLite MLflow store for registry tests; each test registers under its own names."""
+    from registry_helpers import shared_store_uri
+
+    return shared_store_uri(tmp_path_factory)
+
+
+@pytest.fixture
+def away_from_the_checkout(tmp_path, monkeypatch):
+    """Anything MLflow would put in the working directory (mlruns/, mlflow.db) lands in tmp."""
+    monkeypatch.chdir(tmp_path)
+
+
 def free_port() -> int:
     """A free TCP port on loopback, for servers a test starts itself."""
     import socket
