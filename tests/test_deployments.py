@@ -85,11 +85,29 @@ def _checkout(tmp_path: Path, tiny_model_dir: Path, mlflow_url: str, **train) ->
         orchestration={"train_deployment": "train-adapter/train-adapter"},
         **({"train": train} if train else {}),
     )
+    _commit_flows_and_tasks(project)
+    return project
+
+
+def _commit_flows_and_tasks(project: Path) -> None:
+    """The Prefect code (flows, tasks) committed into a project checkout, as a worker host has it."""
     for package in ("flows", "tasks"):
         shutil.copytree(REPO_ROOT / package, project / package, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(["git", "add", "-A"], cwd=project, check=True)
     subprocess.run([*GIT, "commit", "-q", "-m", "flows and tasks"], cwd=project, check=True)
-    return project
+
+
+def _host_env(servers: dict, tmp_path: Path) -> dict:
+    """A host's environment: this interpreter's tools, the test's Prefect server, none of the caller's settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING", "LORAOPS_"))}
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        PREFECT_API_URL=servers["prefect"],
+        PREFECT_HOME=str(tmp_path / "prefect-client-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_WORKER_QUERY_SECONDS="2",
+    )
+    return env
 
 
 def _mlflow_get(base: str, endpoint: str, **query) -> dict:
@@ -113,14 +131,7 @@ def _deploy(servers: dict, tmp_path: Path, project: Path) -> tuple[dict, Path]:
     """
     gpu_checkout = tmp_path / "gpu-host-checkout"
     subprocess.run(["git", "clone", "-q", str(project), str(gpu_checkout)], check=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING", "LORAOPS_"))}
-    env.update(
-        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        PREFECT_API_URL=servers["prefect"],
-        PREFECT_HOME=str(tmp_path / "prefect-client-home"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_WORKER_QUERY_SECONDS="2",
-    )
+    env = _host_env(servers, tmp_path)
     _cli([str(REPO_ROOT / "infra" / "work-pools.sh")], {**env, "PREFECT": str(BIN / "prefect")})
     _cli([str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", "infra/prefect.yaml"], env)
     return env, gpu_checkout
@@ -344,18 +355,8 @@ def test_the_retrain_form_means_params_yaml_and_a_form_run_changes_only_the_fiel
     project = make_project(tmp_path / "project", tiny_model_dir, registry={"tracking_uri": servers["mlflow"]})
     params = project / "params.yaml"
     params.write_text("# the tiny project (yaml.safe_dump spells null out)\n" + params.read_text())
-    for package in ("flows", "tasks"):
-        shutil.copytree(REPO_ROOT / package, project / package, ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run(["git", "add", "-A"], cwd=project, check=True)
-    subprocess.run([*GIT, "commit", "-q", "-m", "flows and tasks"], cwd=project, check=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING", "LORAOPS_"))}
-    env.update(
-        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        PREFECT_API_URL=servers["prefect"],
-        PREFECT_HOME=str(tmp_path / "prefect-client-home"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_WORKER_QUERY_SECONDS="2",
-    )
+    _commit_flows_and_tasks(project)
+    env = _host_env(servers, tmp_path)
     _cli([str(REPO_ROOT / "infra" / "work-pools.sh")], {**env, "PREFECT": str(BIN / "prefect")})
     deploy = [str(BIN / "prefect"), "--no-prompt", "deploy", "--name", "retrain"]
     _cli([*deploy, "--prefect-file", str(REPO_ROOT / "infra" / "prefect.yaml")], env, cwd=project)
