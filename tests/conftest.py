@@ -156,6 +156,21 @@ def tiny_params(base_model: Path, **sections) -> dict:
     return params
 
 
+def tiny_training_params(base_model: Path | str, workdir: Path, **sections) -> dict:
+    """A raw config training the tiny model on CPU, outputs under ``workdir``; ``sections`` update keys of sections."""
+    raw = {
+        "model": {"base": str(base_model)},
+        "data": {"max_length": 64},
+        "lora": {"r": 8, "alpha": 16},
+        "train": {"device": "cpu", "learning_rate": 1e-2, "batch_size": 4, "output_dir": str(workdir / "checkpoints")},
+        "eval": {"batch_size": 12},
+        "paths": {"metrics_dir": str(workdir / "metrics")},
+    }
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    return raw
+
+
 def make_project(directory: Path, base_model: Path, **sections) -> Path:
     """A real loraops project: git repo, DVC repo with a local remote, tiny data under data.dvc."""
     import shutil
