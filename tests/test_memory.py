@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 
@@ -448,13 +447,41 @@ def test_gpu_check_names_the_plans_settings():
     assert "-S quant.mode=none -S train.gradient_checkpointing=true -S train.batch_size=5" in str(refused.value)
 
 
-def test_the_flow_checks_memory_before_loading_a_model():
-    from flows.retrain import retrain
-    from tasks import pipeline
+@pytest.mark.integration
+def test_the_flow_checks_memory_before_loading_a_model(tiny_project, prefect_harness, monkeypatch):
+    """The real pre-flight runs in the retrain flow; when it refuses (as on a GPU too small), the run ends
+    there, before any stage that loads a model, and the refusal is not retried."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    assert pipeline.check_memory.name == "check-memory" and pipeline.check_memory.retries == 0
-    source = inspect.getsource(retrain.fn)
-    assert source.index("pipeline.check_memory(") < source.index("pipeline.evaluate_baseline(")
+    from flows.retrain import retrain
+
+    preflight, checks, loaded = stages.check_memory, [], []
+
+    def refusing(cfg, root, available=None):
+        checks.append(preflight(cfg, root, available))
+        raise MemoryPlanError("memory pre-flight: does not fit")
+
+    def loads_a_model(*args, **kwargs):
+        loaded.append(args)
+        raise AssertionError("a model was loaded before the memory pre-flight")
+
+    monkeypatch.setattr(stages, "check_memory", refusing)
+    for stage in ("sanity_check", "evaluate_baseline", "train_adapter", "evaluate_adapter"):
+        monkeypatch.setattr(stages, stage, loads_a_model)
+    state = retrain(project_dir=str(tiny_project), return_state=True)
+
+    assert state.is_failed()
+    with pytest.raises(MemoryPlanError, match="does not fit"):
+        state.result()
+    assert len(checks) == 1 and checks[0].fits and checks[0].device == "cpu"  # the real pre-flight ran, once
+    assert not loaded
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+    (check,) = [run for run in runs if run.name.rsplit("-", 1)[0] == "check-memory"]
+    assert check.run_count == 1 and check.state.is_failed(), "a refusal is not retried"
 
 
 def test_memory_check_is_a_cli_stage(tmp_path, tiny_model_dir):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import free_port, wait_until_healthy
+from conftest import background_process, free_port, wait_until_healthy
 from registry_helpers import PROMPT, make_adapter, register, registry_config
 
 from loraops.config import LoraopsConfig
@@ -82,11 +81,7 @@ def serve_and_ask(uri: str, tracking: str, folder: Path) -> list[str]:
         "-w",
         "1",
     ]
-    with log.open("w") as output:
-        process = subprocess.Popen(
-            command, cwd=folder, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
+    with background_process(command, env, log, cwd=folder) as process:
         wait_until_healthy("mlflow models serve", f"http://127.0.0.1:{port}/ping", process, log, time.monotonic() + 180)
         body = json.dumps({"inputs": [{"messages": MESSAGES}], "params": {"max_new_tokens": NEW_TOKENS}}).encode()
         request = urllib.request.Request(
@@ -94,14 +89,6 @@ def serve_and_ask(uri: str, tracking: str, folder: Path) -> list[str]:
         )
         with urllib.request.urlopen(request, timeout=120) as response:
             return json.loads(response.read())["predictions"]
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
 
 
 @pytest.mark.slow

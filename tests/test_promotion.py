@@ -10,7 +10,7 @@ from pathlib import Path
 
 import mlflow.artifacts
 import pytest
-from registry_helpers import make_adapter, register, registry_config, shared_store_uri
+from registry_helpers import make_adapter, register, registry_config
 from typer.testing import CliRunner
 
 from loraops import names
@@ -24,19 +24,12 @@ from loraops.results import SampleAnswer
 
 
 @pytest.fixture(scope="module")
-def store_uri(tmp_path_factory) -> str:
-    return shared_store_uri(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
 def adapters(tiny_model_dir, tmp_path_factory) -> list[Path]:
     folder = tmp_path_factory.mktemp("adapters")
     return [make_adapter(tiny_model_dir, folder / f"a{seed}", seed) for seed in (1, 2, 3)]
 
 
-@pytest.fixture(autouse=True)
-def _away_from_the_checkout(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("away_from_the_checkout")
 
 
 @pytest.fixture

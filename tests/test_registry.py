@@ -47,10 +47,7 @@ def store(tmp_path_factory) -> tuple[str, Path]:
     return uri, root
 
 
-@pytest.fixture(autouse=True)
-def _away_from_the_checkout(tmp_path, monkeypatch):
-    """Anything MLflow would put in the working directory (mlruns/, mlflow.db) lands in tmp."""
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("away_from_the_checkout")
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_training_params
 from safetensors.torch import load_file
 
 from loraops.config import ConfigError, config_from_dict
@@ -63,24 +64,8 @@ TRAIN_SCRIPT = textwrap.dedent(
 
 
 def _raw_config(base: Path, workdir: Path, **train) -> dict:
-    return {
-        "model": {"base": str(base)},
-        "data": {"max_length": 64},
-        "lora": {"r": 8, "alpha": 16},
-        "train": {
-            "device": "cpu",
-            "learning_rate": 1e-2,
-            "max_steps": 8,
-            "batch_size": 4,
-            "eval_steps": 2,
-            "early_stopping_patience": 0,
-            "save_total_limit": 2,
-            "output_dir": str(workdir / "checkpoints"),
-            **train,
-        },
-        "eval": {"batch_size": 12},
-        "paths": {"metrics_dir": str(workdir / "metrics")},
-    }
+    train = {"max_steps": 8, "eval_steps": 2, "early_stopping_patience": 0, "save_total_limit": 2, **train}
+    return tiny_training_params(base, workdir, train=train)
 
 
 def _train_in_subprocess(model_dir: Path, workdir: Path, kill_at: int = 0) -> subprocess.CompletedProcess:

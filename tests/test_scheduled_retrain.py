@@ -12,9 +12,9 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from conftest import GIT, REPO_ROOT, free_port, make_project, wait_until_healthy
+from conftest import GIT, REPO_ROOT, background_process, free_port, make_project, wait_until_healthy
 from test_data_registry import add_rows, import_from, make_registry
-from test_deployments import BIN, RUN_S, SERVER_START_S, _cli, _deploy, _server
+from test_deployments import BIN, RUN_S, SERVER_START_S, _cli, _deploy
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -36,7 +36,7 @@ def prefect_server(tmp_path):
     )
     log = tmp_path / "prefect-server.log"
     command = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
-    with _server("prefect", command, env, log) as process:
+    with background_process(command, env, log) as process:
         url = f"http://127.0.0.1:{port}/api"
         wait_until_healthy("prefect", f"{url}/health", process, log, time.monotonic() + SERVER_START_S)
         yield {"prefect": url}

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
-from registry_helpers import PROMPT, make_adapter, prepare_project_base, register, registry_config, shared_store_uri
+from registry_helpers import PROMPT, make_adapter, prepare_project_base, register, registry_config
 from typer.testing import CliRunner
 
 from loraops.config import ConfigError, LoraopsConfig, ModelConfig, QuantConfig
@@ -29,19 +29,12 @@ from loraops.train.generate import chat_inputs, generate_ids, generate_text
 
 
 @pytest.fixture(scope="module")
-def store_uri(tmp_path_factory) -> str:
-    return shared_store_uri(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
 def adapters(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     folder = tmp_path_factory.mktemp("adapters")
     return {name: make_adapter(tiny_model_dir, folder / name, seed) for name, seed in (("one", 1), ("two", 2))}
 
 
-@pytest.fixture(autouse=True)
-def _away_from_the_checkout(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("away_from_the_checkout")
 
 
 def _base_answer(tiny_model_dir: Path, prompt: str) -> str:

@@ -7,17 +7,12 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
-import time
-from pathlib import Path
 
 import pytest
-from conftest import free_port, wait_until_healthy
+from conftest import mlflow_server
 
 from loraops.registry.limits import bounded_requests, http_settings
-
-MLFLOW = str(Path(sys.executable).parent / "mlflow")
 
 
 def test_inside_a_run_mlflow_tries_a_dropped_request_once_more_then_gives_up():
@@ -64,33 +59,8 @@ def test_the_bounded_settings_fit_in_the_timeout():
 @pytest.fixture
 def killable_tracking_server(tmp_path):
     """A real `mlflow server` on loopback: (url, process, its SQLite store)."""
-    port, store = free_port(), tmp_path / "server.db"
-    log = tmp_path / "mlflow-server.log"
-    command = [
-        MLFLOW,
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--backend-store-uri",
-        f"sqlite:///{store}",
-        "--artifacts-destination",
-        str(tmp_path / "server-artifacts"),
-    ]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    with log.open("w") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    try:
-        wait_until_healthy("mlflow", f"http://127.0.0.1:{port}/health", process, log, time.monotonic() + 90)
-        yield f"http://127.0.0.1:{port}", process, store
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=20)
+    with mlflow_server(tmp_path, health_timeout_s=90) as server:
+        yield server
 
 
 class _KillWhenTrainingStarts(logging.Handler):

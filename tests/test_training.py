@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_training_params
 from safetensors.torch import load_file
 
 from loraops import names
@@ -32,24 +33,8 @@ def _rows(split: str) -> list[dict]:
 
 
 def _config(base: Path | str, workdir: Path, **sections) -> LoraopsConfig:
-    raw = {
-        "model": {"base": str(base)},
-        "data": {"max_length": 64},
-        "lora": {"r": 8, "alpha": 16},
-        "train": {
-            "device": "cpu",
-            "learning_rate": 1e-2,
-            "max_steps": 6,
-            "batch_size": 4,
-            "eval_steps": 3,
-            "output_dir": str(workdir / "checkpoints"),
-        },
-        "eval": {"batch_size": 12},
-        "paths": {"metrics_dir": str(workdir / "metrics")},
-    }
-    for section, values in sections.items():
-        raw[section] = {**raw.get(section, {}), **values}
-    return config_from_dict(raw)
+    train = {"max_steps": 6, "eval_steps": 3, **sections.pop("train", {})}
+    return config_from_dict(tiny_training_params(base, workdir, train=train, **sections))
 
 
 def _ref(model_dir: Path) -> BaseModelRef:
