@@ -122,3 +122,17 @@ def test_table_and_plot(tmp_path):
     assert "(winner)" in rows[3] and "lora.r not raised past 8" in rows[-1]
     png = plot_losses(params, results, tmp_path / "plot" / "val_loss.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_command_refuses_a_bad_param_before_starting_anything(tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from loraops.cli.app import app
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(CFG.model_dump(mode="json")))
+    result = CliRunner().invoke(app, ["sweep", "--param", "lora.r=4,-8", "--params", str(params)])
+    assert result.exit_code == 1
+    assert "lora.r" in result.output and "greater than 0" in result.output
+    assert not (tmp_path / ".loraops").exists() and not (tmp_path / "mlflow").exists()  # no lock, no store
