@@ -67,11 +67,10 @@ def sweep(
             if skipped:  # the stop rule: raising this setting stopped paying
                 results.append(plan.TrialResult(trial=trial, status="skipped", note=skipped))
                 continue
-            pipeline.check_memory(plan.config_for(cfg, trial), root)
-            trained = trials.train_trial(cfg, root, trial, parent)
-            results.append(trials.evaluate_trial(cfg, root, trial, trained))
+            results.append(_run_trial(cfg, root, trial, parent))
         winner = plan.pick_winner(results, margin=stop_when_gain_below or 0.0)
-        winner_cfg, trained = trials.adopt_winner(cfg, root, winner)
+        winner_cfg = plan.config_for(cfg, winner.trial)
+        trained = trials.adopt_trial(cfg, root, winner.trial, winner.trained)  # the winner's adapter back in place
         pipeline.record_run_config(winner_cfg, root)  # params.yaml and dvc.lock describe the winner
         candidate = pipeline.evaluate_adapter(winner_cfg, root)
         decision = pipeline.gate_candidate(winner_cfg, root, baseline, candidate)
@@ -88,3 +87,16 @@ def sweep(
         registration=registration,
     )
     return run_context.final_state(result, decision, registration)
+
+
+def _run_trial(cfg: LoraopsConfig, root: Path, trial: plan.Trial, parent: str) -> plan.TrialResult:
+    """Train in the trial's own folders (a child run of ``parent``), then evaluate and version it as a retrain."""
+    trial_cfg = plan.config_for(cfg, trial)
+    pipeline.check_memory(trial_cfg, root)
+    trained, measured = trials.train_trial(cfg, root, trial, parent)
+    trials.adopt_trial(cfg, root, trial, trained)  # its adapter at paths.adapter_dir, where the stages look
+    candidate = pipeline.evaluate_adapter(trial_cfg, root)
+    pipeline.record_run_config(trial_cfg, root)
+    lineage = pipeline.version_outputs(trial_cfg, root)
+    lineage = trials.save_trial_experiment(trial_cfg, root, lineage, trial)  # `dvc exp show` lists every trial
+    return trials.finish_trial(cfg, root, trial, trained, measured, candidate, lineage)

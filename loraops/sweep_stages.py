@@ -1,10 +1,11 @@
-"""The sweep's stages: the parent MLflow run, each trial's training and evaluation as a child run, the winner's adoption.
+"""The sweep's stages: the parent MLflow run, each trial's training as a child run and its adoption by the project.
 
 The sweep flow runs contract and baseline once (loraops.stages), then for each trial ``train_trial`` (its own
 checkpoint folder ``<train.output_dir>/sweep/<trial>`` and adapter folder ``adapters/sweep/<trial>``, a
-child MLflow run of the sweep run) and ``evaluate_trial``. ``adopt_winner`` copies the winner's adapter and
-history to the project's paths, so the gate, versioning and registration of loraops.stages take it as they
-take a retrain's adapter. The choices (order, stop rule, winner) are loraops.evaluate.sweep's.
+child MLflow run of the sweep run). ``adopt_trial`` copies its adapter and history to the project's paths,
+so the project's stages evaluate and version it (``save_trial_experiment``: one DVC experiment per trial)
+and, for the winner, gate and register it as they do a retrain's adapter. ``finish_trial`` ends the child
+run with the trial's numbers. The choices (order, stop rule, winner) are loraops.evaluate.sweep's.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from loraops import stages
 from loraops.config import LoraopsConfig
 from loraops.evaluate.sweep import SweptParam, Trial, TrialResult, config_for, plot_losses, table_markdown
-from loraops.results import Registration, TrainResult
+from loraops.results import EvalMetrics, Lineage, Registration, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,10 @@ def open_sweep_run(cfg: LoraopsConfig, root: Path, params: list[SweptParam], min
     return run.info.run_id
 
 
-def train_trial(cfg: LoraopsConfig, root: Path, trial: Trial, parent_run_id: str) -> tuple[TrainResult, float, int]:
-    """Train one trial in its own folders as a child run of the sweep run; (result, seconds, peak memory bytes)."""
+def train_trial(
+    cfg: LoraopsConfig, root: Path, trial: Trial, parent_run_id: str
+) -> tuple[TrainResult, tuple[float, int]]:
+    """Train one trial in its own folders as a child run of the sweep run; (result, (seconds, peak memory bytes))."""
     from loraops.registry import runs as registry
     from loraops.registry import tracking
     from loraops.train import base_model as modeling
@@ -93,7 +96,7 @@ def train_trial(cfg: LoraopsConfig, root: Path, trial: Trial, parent_run_id: str
         seconds, peak = time.monotonic() - started, _peak_memory(device)
         tracking.tag_adapter(live, adapter_dir)
     result.mlflow_run_id = live.run_id
-    return result, seconds, peak
+    return result, (seconds, peak)
 
 
 def _fresh_sweep_folder(adapter_dir: Path) -> None:
@@ -121,18 +124,50 @@ def _peak_memory(device: str) -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def evaluate_trial(
-    cfg: LoraopsConfig, root: Path, trial: Trial, trained: TrainResult, seconds: float, peak: int
+def adopt_trial(cfg: LoraopsConfig, root: Path, trial: Trial, trained: TrainResult) -> TrainResult:
+    """The trial's adapter and history at the project's paths, as a retrain leaves them (train.json and plots too).
+
+    The project's stages (evaluate_adapter, version_outputs, the gate, registration) then take it as they take
+    a retrain's adapter.
+    """
+    adapter_dir = Path(root) / cfg.paths.adapter_dir
+    metrics_dir = Path(root) / cfg.paths.metrics_dir
+    history = metrics_dir / stages.TRAIN_HISTORY
+    if adapter_dir.exists():
+        shutil.rmtree(adapter_dir)
+    shutil.copytree(trained.adapter_dir, adapter_dir)
+    history.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(trained.history_path, history)
+    adopted = trained.model_copy(update={"adapter_dir": str(adapter_dir), "history_path": str(history)})
+    stages.record_training(adopted, metrics_dir)
+    log.info("trial %s: its adapter is now %s", trial.name, cfg.paths.adapter_dir)
+    return adopted
+
+
+def save_trial_experiment(cfg: LoraopsConfig, root: Path, lineage: Lineage, name: str) -> Lineage:
+    """The trial as DVC experiment ``name``; a trial is not gated, so its experiment holds no metrics/gate.json."""
+    (Path(root) / cfg.paths.metrics_dir / stages.GATE_DECISION).unlink(missing_ok=True)
+    return stages.save_experiment(cfg, root, lineage, name)
+
+
+def finish_trial(
+    cfg: LoraopsConfig,
+    root: Path,
+    trial: Trial,
+    trained: TrainResult,
+    measured: tuple[float, int],
+    candidate: EvalMetrics,
+    lineage: Lineage | None = None,
 ) -> TrialResult:
-    """The trial's validation loss (measured as the gate measures), logged to its child run, which then ends."""
+    """The trial's numbers on its child run, which then ends; its row of the sweep table."""
+    from loraops.lineage.experiments import EXPERIMENT_TAG
     from loraops.registry import runs as registry
     from loraops.registry import tracking
 
-    metrics, _ = stages._evaluate_adapter_dir(config_for(cfg, trial), root, Path(trained.adapter_dir))
+    seconds, peak = measured
     client = registry.client_for(cfg.registry, root)
     numbers = {
-        "adapter_val_loss": metrics.loss,
-        "adapter_val_perplexity": metrics.perplexity,
+        "adapter_val_loss": candidate.loss,
         "trainable_params": trained.trainable_params,
         "train_time_s": seconds,
         "peak_memory_bytes": peak,
@@ -140,34 +175,20 @@ def evaluate_trial(
     with tracking.ended(client, trained.mlflow_run_id):
         for key, value in numbers.items():
             client.log_metric(trained.mlflow_run_id, key, float(value), step=trained.steps)
-    log.info("trial %s: validation loss %.4f", trial.name, metrics.loss)
+        if lineage is not None and lineage.dvc_experiment:
+            client.set_tag(trained.mlflow_run_id, EXPERIMENT_TAG, lineage.dvc_experiment)
+    log.info("trial %s: validation loss %.4f", trial.name, candidate.loss)
     return TrialResult(
         trial=trial,
         status="done",
-        val_loss=metrics.loss,
+        val_loss=candidate.loss,
         trainable_params=trained.trainable_params,
         train_time_s=seconds,
         peak_memory_bytes=peak,
         run_id=trained.mlflow_run_id,
         trained=trained,
+        experiment=lineage.dvc_experiment if lineage is not None else None,
     )
-
-
-def adopt_winner(cfg: LoraopsConfig, root: Path, winner: TrialResult) -> tuple[LoraopsConfig, TrainResult]:
-    """The winner's settings, and its adapter and history at the project's paths (as a retrain leaves them)."""
-    winner_cfg = config_for(cfg, winner.trial)
-    trained = winner.trained
-    adapter_dir = Path(root) / cfg.paths.adapter_dir
-    history = Path(root) / cfg.paths.metrics_dir / stages.TRAIN_HISTORY
-    if adapter_dir.exists():
-        shutil.rmtree(adapter_dir)
-    shutil.copytree(trained.adapter_dir, adapter_dir)
-    history.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(trained.history_path, history)
-    adopted = trained.model_copy(update={"adapter_dir": str(adapter_dir), "history_path": str(history)})
-    stages.record_training(adopted, Path(root) / cfg.paths.metrics_dir)
-    log.info("sweep winner %s: its adapter is now %s", winner.trial.name, cfg.paths.adapter_dir)
-    return winner_cfg, adopted
 
 
 def close_sweep_run(

@@ -11,7 +11,8 @@ from prefect.cache_policies import NO_CACHE
 from loraops import sweep_stages
 from loraops.config import LoraopsConfig
 from loraops.evaluate.sweep import SweptParam, Trial, TrialResult
-from loraops.results import Registration, TrainResult
+from loraops.results import EvalMetrics, Lineage, Registration, TrainResult
+from tasks.pipeline import _network
 
 _stage = dict(cache_policy=NO_CACHE, persist_result=False)
 
@@ -22,21 +23,40 @@ def open_sweep_run(cfg: LoraopsConfig, root: Path, params: list[SweptParam], min
 
 
 @task(name="train-trial", task_run_name="train-trial-{trial.name}", **_stage)
-def train_trial(cfg: LoraopsConfig, root: Path, trial: Trial, parent_run_id: str) -> tuple[TrainResult, float, int]:
+def train_trial(
+    cfg: LoraopsConfig, root: Path, trial: Trial, parent_run_id: str
+) -> tuple[TrainResult, tuple[float, int]]:
     """Not retried: a rerun of the sweep trains the trial afresh in a new child run."""
     return sweep_stages.train_trial(cfg, root, trial, parent_run_id)
 
 
-@task(name="evaluate-trial", task_run_name="evaluate-trial-{trial.name}", **_stage)
-def evaluate_trial(
-    cfg: LoraopsConfig, root: Path, trial: Trial, trained: tuple[TrainResult, float, int]
+@task(name="adopt-trial", task_run_name="adopt-trial-{trial.name}", **_stage)
+def adopt_trial(cfg: LoraopsConfig, root: Path, trial: Trial, trained: TrainResult) -> TrainResult:
+    return sweep_stages.adopt_trial(cfg, root, trial, trained)
+
+
+@task(name="save-trial-experiment", **_network, **_stage)
+def save_trial_experiment(cfg: LoraopsConfig, root: Path, lineage: Lineage, trial: Trial) -> Lineage:
+    """Named after the trial and the flow run's scheduled start, so a retry finds the experiment it saved."""
+    from prefect.runtime import flow_run
+
+    from loraops.lineage.experiments import experiment_name
+
+    name = experiment_name(f"sweep-{trial.name}", flow_run.scheduled_start_time)
+    return sweep_stages.save_trial_experiment(cfg, root, lineage, name)
+
+
+@task(name="finish-trial", task_run_name="finish-trial-{trial.name}", **_network, **_stage)
+def finish_trial(
+    cfg: LoraopsConfig,
+    root: Path,
+    trial: Trial,
+    trained: TrainResult,
+    measured: tuple[float, int],
+    candidate: EvalMetrics,
+    lineage: Lineage | None = None,
 ) -> TrialResult:
-    return sweep_stages.evaluate_trial(cfg, root, trial, *trained)
-
-
-@task(name="adopt-winner", **_stage)
-def adopt_winner(cfg: LoraopsConfig, root: Path, winner: TrialResult) -> tuple[LoraopsConfig, TrainResult]:
-    return sweep_stages.adopt_winner(cfg, root, winner)
+    return sweep_stages.finish_trial(cfg, root, trial, trained, measured, candidate, lineage)
 
 
 @task(name="close-sweep-run", retries=2, retry_delay_seconds=[5, 30], **_stage)

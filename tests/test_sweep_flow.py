@@ -47,9 +47,18 @@ def test_rank_sweep_logs_child_runs_stops_raising_and_registers_the_winner_only(
     assert len(client.search_model_versions("name='tiny-adapter'")) == 1  # the other trial is not registered
     assert yaml.safe_load((tiny_project / "params.yaml").read_text())["lora"]["r"] == 4  # dvc.lock: the winner's
 
+    from loraops.lineage.experiments import find_experiment
+
+    experiments = [trial.experiment for trial in result.trials[:2]]  # one DVC experiment per trial
+    assert all(experiments) and len(set(experiments)) == 2
+    assert all(find_experiment(tiny_project, name) for name in experiments)
+
     children = [client.get_run(trial.run_id) for trial in result.trials[:2]]
     parent_id = children[0].data.tags["mlflow.parentRunId"]
     assert children[1].data.tags["mlflow.parentRunId"] == parent_id != children[0].info.run_id
+    assert children[1].data.tags["loraops.dvc_experiment"] == experiments[1]
+    gated = children[0].data.tags["loraops.dvc_experiment"]  # the winner's run names the experiment with its gate
+    assert gated not in experiments and find_experiment(tiny_project, gated)
     for child, rank in zip(children, (4, 8), strict=True):
         assert child.data.params["lora.r"] == str(rank)
         assert child.info.status == "FINISHED"

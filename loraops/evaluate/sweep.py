@@ -44,7 +44,8 @@ class TrialResult(BaseModel):
     train_time_s: float | None = None
     peak_memory_bytes: int | None = None
     run_id: str | None = None  # the trial's child MLflow run
-    trained: TrainResult | None = None
+    trained: TrainResult | None = None  # in the trial's folders
+    experiment: str | None = None  # the trial's DVC experiment
     note: str = ""
 
 
