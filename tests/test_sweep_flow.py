@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from loraops.config import load_config
@@ -27,6 +28,7 @@ def _prefect_artifacts(flow_run_id: str, key: str) -> list[str]:
     return [artifact.data for artifact in found]
 
 
+@pytest.mark.slow  # about 80 s on 2 busy cores: two trainings, each evaluated and versioned, then the gate
 def test_rank_sweep_logs_child_runs_stops_raising_and_registers_the_winner_only(tiny_project, prefect_harness):
     from flows.sweep import sweep
 
