@@ -209,6 +209,8 @@ def plot_losses(params: list[SweptParam], results: list[TrialResult], path: Path
         if points:
             label = ", ".join(f"{key}={value}" for key, value in fixed.items()) or None
             axes.plot(*zip(*points, strict=True), marker="o", label=label)
+    if all(isinstance(value, int | float) for value in first.values):
+        axes.set_xticks(first.values)  # the swept values, not matplotlib's round numbers
     axes.set_xlabel(first.key)
     axes.set_ylabel("validation loss (nats per target token)")
     axes.set_title("sweep: validation loss")
