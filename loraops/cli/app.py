@@ -282,7 +282,13 @@ def _add_area_commands() -> None:
     """Commands of other areas live in their own modules (registry, reproduce, plan); they add themselves here."""
     import importlib
 
-    for module in ("loraops.cli.registry", "loraops.cli.reproduce", "loraops.cli.plan", "loraops.cli.sanity"):
+    for module in (
+        "loraops.cli.registry",
+        "loraops.cli.reproduce",
+        "loraops.cli.plan",
+        "loraops.cli.sanity",
+        "loraops.cli.sweep",
+    ):
         try:
             importlib.import_module(module).add_commands(app, _exit_cleanly_on_user_error)
         except ModuleNotFoundError as error:

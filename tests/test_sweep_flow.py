@@ -1,0 +1,81 @@
+"""The sweep flow on the tiny model, with real Prefect, MLflow (SQLite), DVC and GX."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from loraops.config import load_config
+
+
+def _client(project):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{project}/mlflow/mlflow.db"
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _prefect_artifacts(flow_run_id: str, key: str) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=[key])
+            )
+        )
+    return [artifact.data for artifact in found]
+
+
+@pytest.mark.slow  # about 80 s on 2 busy cores: two trainings, each evaluated and versioned, then the gate
+def test_rank_sweep_logs_child_runs_stops_raising_and_registers_the_winner_only(tiny_project, prefect_harness):
+    from flows.sweep import sweep
+
+    cfg = load_config(tiny_project / "params.yaml")
+    # r=4 -> 8 cannot gain 100 nats: r=16 is never trained, and within that margin the smaller rank wins.
+    result = sweep(param=["lora.r=4,8,16"], config=cfg, project_dir=str(tiny_project), stop_when_gain_below=100.0)
+
+    assert [trial.status for trial in result.trials] == ["done", "done", "skipped"]
+    assert "lora.r not raised past 8" in result.trials[2].note
+    assert result.winner.trial.values == {"lora.r": 4}
+    assert result.trials[0].trainable_params < result.trials[1].trainable_params  # twice the rank
+    assert result.decision.passed, result.decision.reasons
+    assert result.registration.version == "1"
+
+    client = _client(tiny_project)
+    version = client.get_model_version("tiny-adapter", "1")
+    assert version.run_id == result.winner.run_id
+    assert len(client.search_model_versions("name='tiny-adapter'")) == 1  # the other trial is not registered
+    assert yaml.safe_load((tiny_project / "params.yaml").read_text())["lora"]["r"] == 4  # dvc.lock: the winner's
+
+    from loraops.lineage.experiments import find_experiment
+
+    experiments = [trial.experiment for trial in result.trials[:2]]  # one DVC experiment per trial
+    assert all(experiments) and len(set(experiments)) == 2
+    assert all(find_experiment(tiny_project, name) for name in experiments)
+
+    children = [client.get_run(trial.run_id) for trial in result.trials[:2]]
+    parent_id = children[0].data.tags["mlflow.parentRunId"]
+    assert children[1].data.tags["mlflow.parentRunId"] == parent_id != children[0].info.run_id
+    assert children[1].data.tags["loraops.dvc_experiment"] == experiments[1]
+    gated = children[0].data.tags["loraops.dvc_experiment"]  # the winner's run names the experiment with its gate
+    assert gated not in experiments and find_experiment(tiny_project, gated)
+    for child, rank in zip(children, (4, 8), strict=True):
+        assert child.data.params["lora.r"] == str(rank)
+        assert child.info.status == "FINISHED"
+        for metric in ("adapter_val_loss", "trainable_params", "train_time_s", "peak_memory_bytes"):
+            assert child.data.metrics[metric] > 0
+    assert children[1].data.metrics["adapter_val_loss"] == result.trials[1].val_loss
+
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["loraops.sweep_winner"] == result.winner.trial.name
+    artifacts = {item.path for item in client.list_artifacts(parent_id, "sweep")}
+    assert {"sweep/sweep.md", "sweep/val_loss.png", "sweep/sweep.json"} <= artifacts
+    table = (tiny_project / "reports" / "sweep" / "sweep.md").read_text()
+    assert "01-r4 (winner)" in table and "lora.r not raised past 8" in table
+    assert (tiny_project / "adapters" / "sweep" / "01-r4" / "adapter_model.safetensors").is_file()
+
+    markdown = _prefect_artifacts(parent.data.tags["loraops.prefect_flow_run_id"], "sweep")
+    assert markdown and "01-r4 (winner)" in markdown[0]
