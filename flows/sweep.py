@@ -9,9 +9,9 @@ from pydantic import BaseModel
 
 from loraops import stages
 from loraops.config import LoraopsConfig
-from loraops.evaluate import sweep as plan
 from loraops.registry import tracking
 from loraops.results import EvalMetrics, GateDecision, Registration
+from loraops.sweep import plan
 from tasks import pipeline, run_context
 from tasks import sweep as trials
 

@@ -1,4 +1,4 @@
-"""The sweep's tasks. The work lives in loraops.sweep_stages; tasks add names, retries and artifacts."""
+"""The sweep's tasks. The work lives in loraops.sweep.trials; tasks add names, retries and artifacts."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from loraops import sweep_stages
 from loraops.config import LoraopsConfig
-from loraops.evaluate.sweep import SweptParam, Trial, TrialResult
 from loraops.results import EvalMetrics, Lineage, Registration, TrainResult
+from loraops.sweep import trials as sweep_stages
+from loraops.sweep.plan import SweptParam, Trial, TrialResult
 from tasks.pipeline import _network
 
 _stage = dict(cache_policy=NO_CACHE, persist_result=False)

@@ -30,7 +30,7 @@ ROOMS: list[tuple[int, str, tuple[str, ...]]] = [
     (7, "serve", ("loraops.serve",)),
     (8, "inputs", ("loraops.inputs",)),
     (8, "reproduce", ("loraops.reproduce",)),
-    (9, "stages", ("loraops.stages",)),
+    (9, "stages", ("loraops.stages", "loraops.sweep")),  # the sweep runs trials through the stages
     (10, "cli", ("loraops.cli", "loraops.__main__")),
     (10, "flows/tasks", ("flows", "tasks")),  # outside the package: the Prefect flows and their tasks
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from loraops.config import ConfigError, LoraopsConfig
-from loraops.evaluate.sweep import (
+from loraops.sweep.plan import (
     SweepError,
     SweptParam,
     Trial,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from loraops.config import load_config
+from loraops.project.params_file import load_config
 
 
 def _client(project):

@@ -14,12 +14,12 @@ import pytest
 import yaml
 
 from loraops.config import LoraopsConfig
+from loraops.data.files import file_md5
 from loraops.lineage.versioning import (
     VersioningError,
     collect_lineage,
     data_md5,
     ensure_default_remote,
-    file_md5,
     git_state,
     push_outputs,
     record_pipeline_state,

@@ -202,9 +202,9 @@ def validate(
 ) -> None:
     """Run the data contract on PATH alone; print its summary; exit 0 when it passes, 1 when it fails.
 
-    Writes nothing into the pipeline's outputs (reports/, models/): see loraops/contract/adhoc.py.
+    Writes nothing into the pipeline's outputs (reports/, models/): see loraops/cli/validate.py.
     """
-    from loraops.contract import adhoc as adhoc_validation
+    from loraops.cli import validate as adhoc_validation
     from loraops.contract import format_report
 
     with _exit_cleanly_on_user_error():

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from loraops.config import load_config, parse_override
+from loraops.project.params_file import load_config, parse_override
 
 ParamsOption = Annotated[Path, typer.Option("--params", "-p", help="The parameters file (DVC-tracked)")]
 SetOption = Annotated[
@@ -49,9 +49,9 @@ def add_commands(app: typer.Typer, exit_cleanly_on_user_error: Callable[[], Abst
         _exit_cleanly_on_termination()
         with exit_cleanly_on_user_error():
             cfg = load_config(params, dict(parse_override(item) for item in overrides or []))
-            from loraops.evaluate.sweep import parse_params
             from loraops.project.servers import check_mlflow_server, check_prefect_api
             from loraops.registry.runs import resolve_tracking_uri
+            from loraops.sweep.plan import parse_params
 
             parse_params(param, cfg)  # a bad --param fails in a second, before Prefect starts
             check_prefect_api()
@@ -69,7 +69,7 @@ def add_commands(app: typer.Typer, exit_cleanly_on_user_error: Callable[[], Abst
                 stop_when_gain_below=stop_when_gain_below,
             )
         typer.echo(f"sweep finished in {time.monotonic() - started:.0f} s")
-        from loraops.evaluate.sweep import table_markdown
+        from loraops.sweep.plan import table_markdown
 
         typer.echo(table_markdown(parse_params(param, cfg), result.trials, result.winner))
         for line in closing_lines(result.baseline, result.candidate, result.decision, result.registration):

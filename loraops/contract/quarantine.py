@@ -26,7 +26,7 @@ def quarantine(facts: SplitFacts, rules: Iterable[str], report_dir: Path) -> tup
     """
     import numpy as np
 
-    from loraops.lineage.versioning import file_md5
+    from loraops.data.files import file_md5
 
     line = facts.column("line")
     target = report_dir / QUARANTINE_DIR / f"{facts.name}.jsonl"
@@ -60,7 +60,7 @@ def quarantine(facts: SplitFacts, rules: Iterable[str], report_dir: Path) -> tup
 
 def quarantined_lines(report_dir: str | Path, split: str, source: str | Path) -> set[int]:
     """Lines of ``source`` the last contract run set aside; refuses a quarantine made for other data."""
-    from loraops.lineage.versioning import file_md5
+    from loraops.data.files import file_md5
 
     summary = Path(report_dir) / CONTRACT_SUMMARY
     if not summary.is_file():

@@ -1,4 +1,4 @@
-"""Why a data path cannot be read, in words: a folder, a symlink loop, a dangling link, no permission.
+"""Data files on disk: why a path cannot be read (a folder, a symlink loop, a dangling link, no permission), and their md5.
 
 ``Path.is_file()`` answers False for all of these alike, which used to surface as "not found".
 """
@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import stat
 from pathlib import Path
@@ -42,3 +43,11 @@ def _stat_failure(path: Path, error: OSError) -> str:
     if error.errno == errno.ENOENT:
         return "not found"
     return f"cannot be read ({error.strerror})"
+
+
+def file_md5(path: str | Path) -> str:
+    digest = hashlib.md5()
+    with Path(path).open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

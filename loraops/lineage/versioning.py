@@ -10,7 +10,6 @@ carry the tool's own message.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import subprocess
@@ -23,6 +22,7 @@ import yaml
 from pydantic import BaseModel
 
 from loraops.config import LoraopsConfig
+from loraops.data.files import file_md5
 from loraops.names import DATA_DVC_FILE, DVC_LOCK_FILE, LINEAGE_FILES
 from loraops.results import Lineage
 
@@ -115,14 +115,6 @@ def run_git(repo_root: str | Path, *args: str) -> str:
 def git_show(repo_root: str | Path, rev: str, path: str) -> str:
     """The content of ``path`` at commit ``rev``, byte for byte (``git show REV:PATH``)."""
     return _run(["git", "show", f"{rev}:{path}"], repo_root, f"git show {rev}:{path}")
-
-
-def file_md5(path: str | Path) -> str:
-    digest = hashlib.md5()
-    with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def data_md5(repo_root: str | Path, dvc_file: str = DATA_DVC_FILE) -> str:

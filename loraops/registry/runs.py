@@ -20,7 +20,7 @@ from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 
 from loraops.config import LoraopsConfig
-from loraops.lineage.versioning import file_md5
+from loraops.data.files import file_md5
 from loraops.names import (
     ADAPTER_ARTIFACT_PATH,
     ADAPTER_KEY_TAG,

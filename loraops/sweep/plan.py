@@ -10,7 +10,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel
 
-from loraops.config import ConfigError, LoraopsConfig, apply_overrides, config_from_dict
+from loraops.config import ConfigError, LoraopsConfig, config_from_dict
+from loraops.project.params_file import apply_overrides
 from loraops.results import TrainResult
 
 RANK_KEY = "lora.r"

@@ -5,7 +5,7 @@ checkpoint folder ``<train.output_dir>/sweep/<trial>`` and adapter folder ``adap
 child MLflow run of the sweep run). ``adopt_trial`` copies its adapter and history to the project's paths,
 so the project's stages evaluate and version it (``save_trial_experiment``: one DVC experiment per trial)
 and, for the winner, gate and register it as they do a retrain's adapter. ``finish_trial`` ends the child
-run with the trial's numbers. The choices (order, stop rule, winner) are loraops.evaluate.sweep's.
+run with the trial's numbers. The choices (order, stop rule, winner) are loraops.sweep.plan's.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 
 from loraops import stages
 from loraops.config import LoraopsConfig
-from loraops.evaluate.sweep import SweptParam, Trial, TrialResult, config_for, plot_losses, table_markdown
 from loraops.results import EvalMetrics, Lineage, Registration, TrainResult
+from loraops.sweep.plan import SweptParam, Trial, TrialResult, config_for, plot_losses, table_markdown
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ def finish_trial(
     lineage: Lineage | None = None,
 ) -> TrialResult:
     """The trial's numbers on its child run, which then ends; its row of the sweep table."""
-    from loraops.lineage.experiments import EXPERIMENT_TAG
+    from loraops.names import DVC_EXPERIMENT_TAG
     from loraops.registry import runs as registry
     from loraops.registry import tracking
 
@@ -176,7 +176,7 @@ def finish_trial(
         for key, value in numbers.items():
             client.log_metric(trained.mlflow_run_id, key, float(value), step=trained.steps)
         if lineage is not None and lineage.dvc_experiment:
-            client.set_tag(trained.mlflow_run_id, EXPERIMENT_TAG, lineage.dvc_experiment)
+            client.set_tag(trained.mlflow_run_id, DVC_EXPERIMENT_TAG, lineage.dvc_experiment)
     log.info("trial %s: validation loss %.4f", trial.name, candidate.loss)
     return TrialResult(
         trial=trial,
