@@ -9,6 +9,7 @@ from pydantic import BaseModel
 
 from loraops import stages
 from loraops.config import LoraopsConfig
+from loraops.project.params_file import params_restored_on_failure
 from loraops.registry import tracking
 from loraops.results import EvalMetrics, GateDecision, Registration
 from loraops.sweep import plan
@@ -50,7 +51,7 @@ def sweep(
     swept = plan.parse_params(param, cfg)  # a bad value fails here, before anything is locked or written
     with (
         stages.guarded_run(cfg, root, "sweep flow"),
-        stages.params_restored_on_failure(root),
+        params_restored_on_failure(root),
         tracking.flow_runs_failed_on_error(cfg, root),
     ):
         pipeline.check_servers(cfg, root)

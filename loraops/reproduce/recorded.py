@@ -25,7 +25,7 @@ from loraops.names import (
     LOCK_ARTIFACT,
     PARAMS_ARTIFACT,
 )
-from loraops.registry import runs as registry
+from loraops.registry import versions
 
 
 class ReproduceError(RuntimeError):
@@ -89,7 +89,7 @@ def parse_version_ref(ref: str) -> tuple[str, str]:
 
 def fetch_recorded_version(client, model_name: str, which: str) -> RecordedVersion:
     try:
-        version = registry.get_version(client, model_name, which)
+        version = versions.get_version(client, model_name, which)
     except LookupError as error:
         raise ReproduceError(str(error)) from None
     tags = dict(version.tags)
@@ -217,7 +217,7 @@ def download_registered_adapter(client, recorded: RecordedVersion, destination: 
 
     try:
         return download_verified(
-            client, registry.get_version(client, recorded.model_name, recorded.version), destination
+            client, versions.get_version(client, recorded.model_name, recorded.version), destination
         )
     except (AdapterIntegrityError, LookupError) as error:  # changed files, or the version deleted meanwhile
         raise ReproduceError(str(error)) from None

@@ -22,6 +22,7 @@ from loraops import stages
 from loraops.config import LoraopsConfig
 from loraops.results import EvalMetrics, Lineage, Registration, TrainResult
 from loraops.sweep.plan import SweptParam, Trial, TrialResult, config_for, plot_losses, table_markdown
+from loraops.train import datasets
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,9 @@ def trial_paths(cfg: LoraopsConfig, root: Path, trial: Trial) -> tuple[Path, Pat
 def open_sweep_run(cfg: LoraopsConfig, root: Path, params: list[SweptParam], min_gain: float | None) -> str:
     """The parent MLflow run (linked to the Prefect flow run); returns its id."""
     from loraops.registry import runs as registry
-    from loraops.registry import tracking
+    from loraops.registry import store, tracking
 
-    client = registry.client_for(cfg.registry, root)
+    client = store.client_for(cfg.registry, root)
     experiment_id = registry.ensure_experiment(
         client, cfg.registry.experiment, registry.artifact_root_for(client.tracking_uri)
     )
@@ -64,7 +65,7 @@ def train_trial(
 ) -> tuple[TrainResult, tuple[float, int]]:
     """Train one trial in its own folders as a child run of the sweep run; (result, (seconds, peak memory bytes))."""
     from loraops.registry import runs as registry
-    from loraops.registry import tracking
+    from loraops.registry import store, tracking
     from loraops.train import base_model as modeling
     from loraops.train import trainer as training
 
@@ -73,8 +74,8 @@ def train_trial(
     local = config_for(cfg, trial)
     local = local.model_copy(update={"train": local.train.model_copy(update={"output_dir": str(checkpoints)})})
     base = modeling.read_base_model_ref(Path(root) / cfg.paths.base_model_dir)
-    train_dataset, validation_dataset = stages._tokenized_splits(local, root)
-    client = registry.client_for(cfg.registry, root)
+    train_dataset, validation_dataset = datasets.tokenized_splits(local, root)
+    client = store.client_for(cfg.registry, root)
     parent = client.get_run(parent_run_id)
     tags = {**tracking.prefect_links(), PARENT_RUN_TAG: parent_run_id, SWEEP_TAG: trial.name}
     run = client.create_run(parent.info.experiment_id, run_name=trial.name, tags=tags)
@@ -161,11 +162,10 @@ def finish_trial(
 ) -> TrialResult:
     """The trial's numbers on its child run, which then ends; its row of the sweep table."""
     from loraops.names import DVC_EXPERIMENT_TAG
-    from loraops.registry import runs as registry
-    from loraops.registry import tracking
+    from loraops.registry import store, tracking
 
     seconds, peak = measured
-    client = registry.client_for(cfg.registry, root)
+    client = store.client_for(cfg.registry, root)
     numbers = {
         "adapter_val_loss": candidate.loss,
         "trainable_params": trained.trainable_params,
@@ -201,8 +201,7 @@ def close_sweep_run(
     registration: Registration,
 ) -> str:
     """Table, results and plot into reports/sweep/ and the sweep run's artifacts; the run ends. Returns the table."""
-    from loraops.registry import runs as registry
-    from loraops.registry import tracking
+    from loraops.registry import store, tracking
 
     folder = Path(root) / cfg.paths.reports_dir / SWEEP_FOLDER
     folder.mkdir(parents=True, exist_ok=True)
@@ -211,7 +210,7 @@ def close_sweep_run(
     rows = [result.model_dump(mode="json", exclude={"trained"}) for result in results]
     (folder / RESULTS_FILE).write_text(json.dumps(rows, indent=1) + "\n")
     plot_losses(params, results, folder / PLOT_FILE)
-    client = registry.client_for(cfg.registry, root)
+    client = store.client_for(cfg.registry, root)
     with tracking.ended(client, parent_run_id):
         client.log_artifacts(parent_run_id, str(folder), artifact_path=SWEEP_FOLDER)
         client.log_metric(parent_run_id, "best_val_loss", float(winner.val_loss))
