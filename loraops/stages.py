@@ -193,6 +193,7 @@ def sanity_check(cfg: LoraopsConfig, root: Path):
     return result
 
 
+@reports_lost_server("train-adapter")
 def train_adapter(cfg: LoraopsConfig, root: Path, callbacks: tuple = ()) -> TrainResult:
     """Train in a live MLflow run (opened now, step metrics as they happen); later stages log into it.
 

@@ -39,8 +39,11 @@ def _worth_retrying_network(task, task_run, state) -> bool:
     from loraops.registry.integrity import AdapterIntegrityError
     from loraops.registry.limits import TrackingServerLostError
 
-    error = state.data if isinstance(state.data, BaseException) else getattr(state.data, "result", None)
-    return not isinstance(error, (TrackingServerLostError, AdapterIntegrityError))
+    return not isinstance(_error_of(state), (TrackingServerLostError, AdapterIntegrityError))
+
+
+def _error_of(state) -> BaseException | None:
+    return state.data if isinstance(state.data, BaseException) else getattr(state.data, "result", None)
 
 
 _network = dict(
@@ -125,11 +128,13 @@ def sanity_check(cfg: LoraopsConfig, root: Path):
 
 
 def _worth_retrying(task, task_run, state) -> bool:
-    """Retry a crashed or failed training (it resumes from its last checkpoint), not a bad config or a NaN."""
+    """Retry a crashed or failed training (it resumes from its last checkpoint), not a bad config, a NaN or a
+    tracking server that stopped answering (the run fails within registry.timeout_s)."""
     from loraops.config import ConfigError
+    from loraops.registry.limits import TrackingServerLostError
     from loraops.train.trainer import TrainingDivergedError
 
-    return not isinstance(state.data, (ConfigError, TrainingDivergedError))
+    return not isinstance(_error_of(state), (ConfigError, TrainingDivergedError, TrackingServerLostError))
 
 
 @task(name="train-adapter", retries=1, retry_delay_seconds=10, retry_condition_fn=_worth_retrying, **_stage)

@@ -26,7 +26,8 @@ R = TypeVar("R")
 
 @contextmanager
 def loraops_logs_in_run(logger_name: str = "loraops") -> Iterator[None]:
-    """Send the ``loraops`` stdlib logger's lines (stages, training steps, gate reasons) to the run's logs.
+    """Send the ``loraops`` stdlib logger's lines (stages, training steps, gate reasons) to the run's logs,
+    secret-looking values redacted.
 
     A worker's flow-run process imports Prefect before any loraops module, so
     ``PREFECT_LOGGING_EXTRA_LOGGERS`` set from the package comes too late there; attaching Prefect's API
@@ -40,14 +41,33 @@ def loraops_logs_in_run(logger_name: str = "loraops") -> Iterator[None]:
     level = logger.level
     if added:
         logger.addHandler(added)
+    api_handlers = [handler for handler in logger.handlers if isinstance(handler, APILogHandler)]
+    redacting = _RedactSecrets()  # on the handlers: a logger's own filters skip its children's lines
+    for handler in api_handlers:
+        handler.addFilter(redacting)
     if logger.getEffectiveLevel() > logging.INFO:  # Prefect's root logger is at WARNING in a worker's process
         logger.setLevel(logging.INFO)
     try:
         yield
     finally:
         logger.setLevel(level)
+        for handler in api_handlers:
+            handler.removeFilter(redacting)
         if added:
             logger.removeHandler(added)
+
+
+class _RedactSecrets(logging.Filter):
+    """Secret-looking values in a log line (e.g. an override echoed back) become ``***``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from loraops.registry.values import redact_secret_values
+
+        message = record.getMessage()
+        redacted = redact_secret_values(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
 
 
 def with_loraops_logs(function: Callable[P, R]) -> Callable[P, R]:
@@ -64,7 +84,26 @@ def with_loraops_logs(function: Callable[P, R]) -> Callable[P, R]:
 def run_config(config: LoraopsConfig | None, root: Path) -> LoraopsConfig:
     """params.yaml with the values this run chose (see loraops.project.run_config): for a deployment run, a
     field counts as chosen when it differs from what the deployment's form pre-filled."""
+    hide_secret_parameters()
     return resolve_run_config(config, root, _form_prefill())
+
+
+def hide_secret_parameters() -> None:
+    """Rewrite the flow run's stored parameters with secret-looking values (the contract's secret patterns)
+    replaced by ``***``, so the Prefect UI and API do not keep them; the run itself has the real values."""
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        return
+    from prefect.client.orchestration import get_client
+
+    from loraops.registry.values import redact_nested
+
+    stored = context.flow.serialize_parameters(context.parameters)
+    redacted = redact_nested(stored)
+    if redacted != stored:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(context.flow_run.id, parameters=redacted)
+        logging.getLogger("loraops.run").warning("secret-looking values in this run's parameters stored as ***")
 
 
 def _form_prefill() -> dict[str, Any] | None:

@@ -104,8 +104,8 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> N
 def _exit_cleanly_on_termination() -> None:
     """SIGTERM/SIGHUP end the process through ``sys.exit``, so atexit hooks run.
 
-    Prefect stops the temporary server it started for this run in an atexit hook; the default
-    SIGTERM action kills the process without running it and leaves the server orphaned.
+    The temporary Prefect server (loraops/cli/prefect_server.py) is stopped in an atexit hook; the
+    default SIGTERM action would skip it (on Linux the server still dies with its parent).
     """
     import signal
 
@@ -168,8 +168,11 @@ def retrain(
         if not (verbose or logging.getLogger().isEnabledFor(logging.DEBUG)):  # `loraops -v` keeps them too
             _quiet_prefect_tracebacks()
 
+        from loraops.cli.prefect_server import temporary_server_if_needed
+
         started = time.monotonic()
-        result = retrain_flow(config=cfg, project_dir=str(params.resolve().parent), force=force, data_rev=data_rev)
+        with temporary_server_if_needed():  # without a Prefect API: a local server that dies with this command
+            result = retrain_flow(config=cfg, project_dir=str(params.resolve().parent), force=force, data_rev=data_rev)
         typer.echo(f"retrain finished in {time.monotonic() - started:.0f} s")
         if getattr(result, "unchanged", False):  # ended early: nothing new to train on
             typer.echo(result.message)

@@ -61,13 +61,16 @@ def add_commands(app: typer.Typer, exit_cleanly_on_user_error: Callable[[], Abst
 
             if not (verbose or logging.getLogger().isEnabledFor(logging.DEBUG)):
                 _quiet_prefect_tracebacks()
+            from loraops.cli.prefect_server import temporary_server_if_needed
+
             started = time.monotonic()
-            result = sweep(
-                param=param,
-                config=cfg,
-                project_dir=str(params.resolve().parent),
-                stop_when_gain_below=stop_when_gain_below,
-            )
+            with temporary_server_if_needed():  # without a Prefect API: a local server that dies with this command
+                result = sweep(
+                    param=param,
+                    config=cfg,
+                    project_dir=str(params.resolve().parent),
+                    stop_when_gain_below=stop_when_gain_below,
+                )
         typer.echo(f"sweep finished in {time.monotonic() - started:.0f} s")
         from loraops.sweep.plan import table_markdown
 

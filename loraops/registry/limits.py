@@ -4,18 +4,21 @@ MLflow's client retries a failing request for minutes by default (7 retries, bac
 120 s timeout each), and Prefect retries the task around it: a server gone after training used to
 hold a run for 13 minutes and end in a long traceback. Inside a run, MLflow's HTTP settings are
 bounded so that one request gives up within the budget, a stage that talks to the server turns
-"the server does not answer" into :class:`TrackingServerLostError`, and the network tasks do not
-retry that error (they still retry errors of a server that answers).
+"the server does not answer" into :class:`TrackingServerLostError`, and the tasks do not retry that
+error (the network tasks still retry errors of a server that answers). Training logs each step to the
+live run, so a server lost mid-training stops training there; its checkpoints are kept for the rerun.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
+from loraops.config import LoraopsConfig
 from loraops.project.servers import ServerUnreachableError, check_mlflow_server, redact_url
 
 HEALTH_CHECK_S = 5  # servers.check_reachable's timeout
@@ -62,27 +65,46 @@ def bounded_requests(timeout_s: int) -> Iterator[None]:
 
 
 def server_lost(tracking_uri: str) -> bool:
-    """True when ``tracking_uri`` is a server that does not answer its health check now."""
+    """True when ``tracking_uri`` is a server that does not answer its health check now.
+
+    A "lost" answer is remembered for one health-check period: the run's failure path (ending the
+    MLflow run, naming the stage) asks again right away and should not wait on the server twice.
+    """
     if not tracking_uri.startswith(("http://", "https://")):
         return False
+    lost_at = _lost.get(tracking_uri)
+    if lost_at is not None and time.monotonic() - lost_at < HEALTH_CHECK_S:
+        return True
     try:
         check_mlflow_server(tracking_uri)
     except ServerUnreachableError:
+        _lost[tracking_uri] = time.monotonic()
         return True
+    _lost.pop(tracking_uri, None)
     return False
 
 
+_lost: dict[str, float] = {}  # tracking URI -> when its health check last failed
+
 _OUTCOME = {
+    "train-adapter": "nothing was registered (its MLflow run stays RUNNING until the next run marks it FAILED)",
     "gate-candidate": "nothing was logged or registered",
     "register-adapter": "its registration may be incomplete (a rerun completes it: registration is keyed on the run)",
 }
 
 
-def lost_server_message(tracking_uri: str, stage: str, kept: list[str]) -> str:
+def kept_files(cfg: LoraopsConfig, stage: str) -> str:
+    """What a run that lost its server at ``stage`` leaves for the rerun."""
+    if stage == "train-adapter":
+        return f"the checkpoints written so far are kept in {cfg.train.output_dir}/ (a rerun resumes from the last)"
+    return f"the adapter and metrics are kept in {cfg.paths.adapter_dir}/, {cfg.paths.metrics_dir}/"
+
+
+def lost_server_message(tracking_uri: str, stage: str, kept: str) -> str:
     outcome = _OUTCOME.get(stage, "nothing was registered")
     return (
         f"MLflow tracking server {redact_url(tracking_uri)} stopped answering during {stage}; {outcome}; "
-        f"the adapter and metrics are kept in {', '.join(kept)}; rerun `loraops retrain` once the server is back"
+        f"{kept}; rerun `loraops retrain` once the server is back"
     )
 
 
@@ -101,8 +123,8 @@ def reports_lost_server(stage: str) -> Callable[[F], F]:
                 tracking_uri = resolve_tracking_uri(cfg.registry, root)
                 if isinstance(error, TrackingServerLostError) or not server_lost(tracking_uri):
                     raise
-                kept = [f"{cfg.paths.adapter_dir}/", f"{cfg.paths.metrics_dir}/"]
-                raise TrackingServerLostError(lost_server_message(tracking_uri, stage, kept)) from error
+                message = lost_server_message(tracking_uri, stage, kept_files(cfg, stage))
+                raise TrackingServerLostError(message) from error
 
         return wrapper  # type: ignore[return-value]
 

@@ -41,7 +41,14 @@ from loraops.registry.adapter_hash import adapter_key
 from loraops.registry.card import publish_model_card
 from loraops.registry.record import RunRecord, summarize
 from loraops.registry.store import artifact_root_for, ensure_experiment, make_client, resolve_tracking_uri
-from loraops.registry.values import BATCH, flatten_params, history_metrics, is_number, log_new_params
+from loraops.registry.values import (
+    BATCH,
+    flatten_params,
+    history_metrics,
+    is_number,
+    log_new_params,
+    redacted_file,
+)
 from loraops.registry.versions import register_adapter
 from loraops.results import EvalMetrics, GateDecision, Lineage, Registration, SampleAnswer, TrainResult
 from mlflow import MlflowClient
@@ -274,13 +281,15 @@ def _log_files(client: MlflowClient, run_id: str, record: RunRecord, extra_files
     client.log_artifact(run_id, record.train.history_path, TRAINING_ARTIFACTS)
     if record.samples:
         client.log_table(run_id, data=samples_table(record.samples), artifact_file=SAMPLES_ARTIFACT)
-    for folder, paths in extra_files.items():
-        for path in paths:
-            if path.is_dir():  # e.g. the contract's Data Docs site: kept whole, under its own name
-                client.log_artifacts(run_id, str(path), f"{folder}/{path.name}")
-            else:
-                client.log_artifact(run_id, str(path), folder)
     with tempfile.TemporaryDirectory() as scratch:
+        for folder, paths in extra_files.items():
+            for path in paths:
+                if path.is_dir():  # e.g. the contract's Data Docs site: kept whole, under its own name
+                    client.log_artifacts(run_id, str(path), f"{folder}/{path.name}")
+                elif path.name == PARAMS_FILE:  # secret-looking values redacted, as in the run's params
+                    client.log_artifact(run_id, str(redacted_file(path, Path(scratch))), folder)
+                else:
+                    client.log_artifact(run_id, str(path), folder)
         client.log_artifact(run_id, str(record.decision.write_json(Path(scratch) / GATE_DECISION)))
         plot = loss_curves_png(Path(record.train.history_path), Path(scratch) / Path(LOSS_PLOT_ARTIFACT).name)
         if plot is not None:

@@ -32,6 +32,7 @@ from loraops.names import (
     WORKSPACE_TAG,
 )
 from loraops.registry.adapter_hash import adapter_key
+from loraops.registry.limits import TrackingServerLostError, server_lost
 from loraops.registry.store import (
     artifact_root_for,
     client_for,
@@ -147,6 +148,9 @@ def ended(client: MlflowClient, run_id: str) -> Iterator[None]:
 
 
 def _terminate_quietly(client: MlflowClient, run_id: str, status: str) -> None:
+    if server_lost(client.tracking_uri):  # don't wait on it again: the next run's orphan sweep ends the run
+        logger.warning("MLflow run %s left RUNNING: its tracking server does not answer", run_id)
+        return
     try:
         client.set_terminated(run_id, status)
         logger.warning("MLflow run %s ended %s", run_id, status)
@@ -159,9 +163,9 @@ def flow_runs_failed_on_error(cfg: LoraopsConfig, root: Path) -> Iterator[None]:
     """Around a flow: a failure ends FAILED the MLflow runs this Prefect flow run left RUNNING."""
     try:
         yield
-    except BaseException:
+    except BaseException as error:
         flow_run_id = prefect_links().get(PREFECT_FLOW_RUN_ID_TAG)
-        if flow_run_id:
+        if flow_run_id and not isinstance(error, TrackingServerLostError):  # a lost server: the next run ends it
             try:
                 _fail_runs_of_flow_run(cfg, root, flow_run_id)
             except Exception as error:

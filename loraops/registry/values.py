@@ -66,6 +66,28 @@ def redact_secret_values(text: str) -> str:
     return text
 
 
+def redact_nested(values: Any) -> Any:
+    """``values`` (JSON: dicts, lists, strings…) with :func:`redact_secret_values` applied to every string."""
+    if isinstance(values, str):
+        return redact_secret_values(values)
+    if isinstance(values, Mapping):
+        return {key: redact_nested(value) for key, value in values.items()}
+    if isinstance(values, list | tuple):
+        return [redact_nested(value) for value in values]
+    return values
+
+
+def redacted_file(path: Path, scratch: Path) -> Path:
+    """``path`` itself, or a copy under ``scratch`` with secret-looking values replaced (for a logged params.yaml)."""
+    text = path.read_text(encoding="utf-8")
+    redacted = redact_secret_values(text)
+    if redacted == text:
+        return path
+    copy = scratch / path.name
+    copy.write_text(redacted, encoding="utf-8")
+    return copy
+
+
 def history_metrics(path: Path) -> list[Metric]:
     """Every numeric value of the trainer's log history at its step (loss, eval_loss, learning_rate…)."""
     history = json.loads(path.read_text())
