@@ -21,6 +21,7 @@ from loraops.project.params_file import load_config
 from loraops.registry.runs import log_and_register
 from loraops.registry.store import make_client
 from loraops.registry.versions import promote_version
+from loraops.reproduce.recorded import RecordedVersion, ReproduceError, check_reproducible
 from loraops.results import BaseModelRef, EvalMetrics, GateDecision, Lineage
 from loraops.train.checkpoints import run_fingerprint
 
@@ -112,6 +113,18 @@ def test_training_starts_from_the_champions_weights_and_records_the_version(tiny
     new = client.get_model_version(cfg.registry.model_name, registration.version)
     assert registration.version != version and new.tags[names.INIT_FROM_TAG] == label
     assert client.get_run(registration.run_id).data.tags[names.INIT_FROM_TAG] == label
+
+    recorded = RecordedVersion(
+        model_name=new.name,
+        version=str(new.version),
+        run_id=new.run_id,
+        adapter_uri=new.source,
+        tags=dict(new.tags),
+        lock_text="",
+        params_text="",
+    )
+    with pytest.raises(ReproduceError, match=f"warm-started from {label}.*not supported yet"):
+        check_reproducible(recorded, tiny_project, allow_dirty=True)  # it would start from today's champion
 
 
 def test_a_champion_of_another_rank_is_refused_before_training(tiny_project, tiny_model_dir, store_uri):
