@@ -229,9 +229,9 @@ class TrainConfig(_Section):
     )
     init_from: Literal["champion"] | None = Field(
         None,
-        description="champion: continue from the champion's adapter weights (models:/<registry.model_name>@champion; "
-        "same lora.r, lora.alpha, lora.variant, lora.target_modules and model.base) on the current data; "
-        "empty: a fresh adapter",
+        description="champion: continue from the adapter weights of models:/NAME@champion (NAME: registry.model_name) "
+        "on the current data; it must have the same lora.r, lora.alpha, lora.variant, lora.target_modules and "
+        "model.base. Empty: a fresh adapter",
     )
 
     @model_validator(mode="after")
