@@ -184,3 +184,29 @@ def test_init_from_accepts_champion_or_nothing(tiny_project):
     assert load_config(tiny_project / "params.yaml").train.init_from is None
     with pytest.raises(ConfigError, match="train.init_from"):
         load_config(tiny_project / "params.yaml", {"train.init_from": "latest"})
+
+
+@pytest.mark.slow
+def test_retrain_warm_starts_from_the_champion_and_dvc_sees_the_setting(tiny_project, prefect_harness):
+    """Two retrain flows: the first makes v1 the champion, the second continues from it (a params change for DVC)."""
+    from dvc.repo import Repo
+
+    from flows.retrain import retrain
+    from loraops.project.params_file import write_params
+
+    first = retrain(
+        config=load_config(tiny_project / "params.yaml", {"registry.auto_promote": True}), project_dir=str(tiny_project)
+    )
+    assert first.registration.version == "1"
+    warm = load_config(tiny_project / "params.yaml", {"train.init_from": "champion"})
+    write_params(warm, tiny_project / "params.yaml")
+    with Repo(str(tiny_project)) as repo:
+        changed = {key.rsplit(":", 1)[-1] for key in repo.status()}
+    assert "train_adapter" in changed, f"train.init_from changed, dvc status reports {sorted(changed)}"
+
+    second = retrain(config=warm, project_dir=str(tiny_project), force=True)
+
+    run = make_client(f"sqlite:///{tiny_project}/mlflow/mlflow.db").get_run(second.registration.run_id)
+    assert run.data.tags[names.INIT_FROM_TAG] == f"{warm.registry.model_name}/1"
+    with Repo(str(tiny_project)) as repo:
+        assert not repo.status(), "dvc.lock records the warm-started run"
