@@ -31,11 +31,15 @@ class _StartingWeights:
 
     def __init__(self):
         self.tensors: dict[str, torch.Tensor] | None = None
+        self.dropouts: set[float] = set()
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         from peft import get_peft_model_state_dict
 
         self.tensors = {key: value.detach().clone() for key, value in get_peft_model_state_dict(model).items()}
+        self.dropouts = {
+            getattr(module, "p", 0.0) for name, module in model.named_modules() if name.endswith("lora_dropout.default")
+        }
 
     def __getattr__(self, name):  # the other TrainerCallback hooks do nothing
         if name.startswith("on_"):
@@ -86,6 +90,7 @@ def test_training_starts_from_the_champions_weights_and_records_the_version(tiny
     assert start.tensors is not None and start.tensors.keys() == champion.keys()
     for key, tensor in champion.items():
         assert torch.equal(start.tensors[key], tensor), f"{key} did not start at the champion's value"
+    assert start.dropouts == {cfg.lora.dropout}, "this run's lora.dropout, not the champion's (0.0)"
     after = load_file(Path(trained.adapter_dir) / "adapter_model.safetensors")
     assert any(not torch.equal(after[key], champion[key]) for key in champion), "training changed nothing"
     label = f"{cfg.registry.model_name}/{version}"

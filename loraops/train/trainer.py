@@ -174,7 +174,9 @@ def build_trainer_for_model(
     if init_adapter_dir is not None:
         from peft import PeftModel
 
-        model, peft_config = PeftModel.from_pretrained(model, str(init_adapter_dir), is_trainable=True), None
+        # this run's LoRA config (dropout included) with the starting adapter's weights
+        model = PeftModel.from_pretrained(model, str(init_adapter_dir), is_trainable=True, config=peft_config)
+        peft_config = None
     callbacks = [_divergence_guard(), _progress_log()]
     if cfg.train.early_stopping_patience > 0:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
