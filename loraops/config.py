@@ -227,6 +227,12 @@ class TrainConfig(_Section):
     sanity_check: bool = Field(
         False, description="Run the overfit check (sanity section) before training; a failure stops the run first"
     )
+    init_from: Literal["champion"] | None = Field(
+        None,
+        description="champion: continue from the adapter weights of models:/NAME@champion (NAME: registry.model_name) "
+        "on the current data; it must have the same lora.r, lora.alpha, lora.variant, lora.target_modules and "
+        "model.base. Empty: a fresh adapter",
+    )
 
     @model_validator(mode="after")
     def _check_eval_within_run(self) -> TrainConfig:

@@ -32,6 +32,7 @@ EXAMPLE_LOSSES_DIR = "example_losses"
 # --- written next to models and adapters --------------------------------------------------------
 BASE_MARKER_FILE = "loraops-base.json"  # in a converted base model folder: what it was converted from
 RUN_FILE = "loraops-run.json"  # in a checkpoint folder: the run that wrote it (resume)
+INIT_ADAPTER_DIR = "init-adapter"  # in train.output_dir: the champion's adapter a warm start continues from
 EXPORT_MANIFEST = "loraops-export.json"  # in a merged export folder
 
 # --- MLflow run artifacts -------------------------------------------------------------------------
@@ -73,6 +74,7 @@ BASELINE_LOSS_TAG = "loraops.baseline_val_loss"
 VAL_TOKENS_TAG = "loraops.val_tokens"
 TRAIN_KEY_TAG = "loraops.train_key"  # the hand-off: the training worker's run
 STAGE_TAG = "loraops.stage"
+INIT_FROM_TAG = "loraops.init_from"  # NAME/VERSION whose adapter training started from (train.init_from)
 WORKSPACE_TAG = "loraops.workspace"  # host:project folder of the process that opened the run
 
 # --- Prefect links ----------------------------------------------------------------------------------

@@ -116,10 +116,11 @@ class TrainResult(_Result):
     history_path: str  # JSON list of {"step", "loss"|"eval_loss", ...} from the trainer
     resumed_from_step: int | None = None  # the checkpoint an interrupted run continued from
     mlflow_run_id: str | None = None  # the MLflow run opened as training started; later stages log into it
+    init_from: str | None = None  # NAME/VERSION whose adapter the training started from (train.init_from)
 
     def metrics(self) -> dict[str, float | int | None]:
         """What ``metrics/train.json`` holds: the numbers, not the paths (they'd differ between clones) nor the run id."""
-        return self.model_dump(exclude={"adapter_dir", "history_path", "mlflow_run_id"})
+        return self.model_dump(exclude={"adapter_dir", "history_path", "mlflow_run_id", "init_from"})
 
     @classmethod
     def from_metrics(cls, path: str | Path, adapter_dir: str | Path, history_path: str | Path) -> TrainResult:

@@ -24,6 +24,8 @@ from loraops.names import (
     DIFF_FILE,
     DVC_LOCK_FILE,
     GATE_DECISION,
+    INIT_ADAPTER_DIR,
+    INIT_FROM_TAG,
     PARAMS_FILE,
     QUARANTINE_DIR,
     TRAIN_HISTORY,
@@ -200,11 +202,13 @@ def train_adapter(cfg: LoraopsConfig, root: Path, callbacks: tuple = ()) -> Trai
     ``callbacks``: more TrainerCallbacks (e.g. a test watching the run while it trains).
     """
     from loraops.registry import tracking
+    from loraops.registry.warm_start import fetch_init_adapter
     from loraops.train import base_model as modeling
     from loraops.train import trainer as training
     from loraops.train.datasets import tokenized_splits
 
     base = modeling.read_base_model_ref(_path(root, cfg.paths.base_model_dir))
+    init = fetch_init_adapter(cfg, root, _path(root, cfg.train.output_dir) / INIT_ADAPTER_DIR)  # train.init_from
     train_dataset, validation_dataset = tokenized_splits(cfg, root)
     metrics_dir = _path(root, cfg.paths.metrics_dir)
     local = cfg.model_copy(
@@ -212,6 +216,8 @@ def train_adapter(cfg: LoraopsConfig, root: Path, callbacks: tuple = ()) -> Trai
     )
     live = tracking.start_run(cfg, root)
     with tracking.ended_failed_on_error(live):
+        if live and init:
+            live.client.set_tag(live.run_id, INIT_FROM_TAG, init.label)
         result = training.train_adapter(
             local,
             base,
@@ -220,7 +226,9 @@ def train_adapter(cfg: LoraopsConfig, root: Path, callbacks: tuple = ()) -> Trai
             _path(root, cfg.paths.adapter_dir),
             history_path=metrics_dir / TRAIN_HISTORY,
             extra_callbacks=((tracking.metrics_callback(live),) if live else ()) + tuple(callbacks),
+            init_adapter_dir=init.adapter_dir if init else None,
         )
+        result.init_from = init.label if init else None
         if live:
             tracking.tag_adapter(live, Path(result.adapter_dir))
             result.mlflow_run_id = live.run_id

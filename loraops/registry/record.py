@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from loraops.names import INIT_FROM_TAG
 from loraops.results import EvalMetrics, GateDecision, Lineage, SampleAnswer, TrainResult
 
 
@@ -29,3 +30,8 @@ def summarize(record: RunRecord) -> str:
         f"{'passed' if record.decision.passed else 'failed'}; data {lineage.data_md5[:12]}, "
         f"git {lineage.git_commit[:12]}{' (dirty)' if lineage.git_dirty else ''}, params {lineage.params_hash}"
     )
+
+
+def init_from_tags(record: RunRecord) -> dict[str, str]:
+    """``loraops.init_from``: the version whose adapter training started from (train.init_from); none for a fresh one."""
+    return {INIT_FROM_TAG: record.train.init_from} if record.train.init_from else {}

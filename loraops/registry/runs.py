@@ -39,7 +39,7 @@ from loraops.names import (
 from loraops.registry import tracking
 from loraops.registry.adapter_hash import adapter_key
 from loraops.registry.card import publish_model_card
-from loraops.registry.record import RunRecord, summarize
+from loraops.registry.record import RunRecord, init_from_tags, summarize
 from loraops.registry.store import artifact_root_for, ensure_experiment, make_client, resolve_tracking_uri
 from loraops.registry.values import (
     BATCH,
@@ -241,6 +241,7 @@ def _finished_run(client: MlflowClient, experiment_id: str, run_key: str) -> Run
 def _run_tags(record: RunRecord, run_key: str) -> dict[str, str]:
     return {
         **record.lineage.as_tags(),
+        **init_from_tags(record),
         RUN_KEY_TAG: run_key,
         ADAPTER_KEY_TAG: record.adapter_key,
         GATE_TAG: "passed" if record.decision.passed else "failed",

@@ -20,7 +20,7 @@ from loraops.names import (
 )
 from loraops.registry import tracking
 from loraops.registry.integrity import digest_tags
-from loraops.registry.record import RunRecord, summarize
+from loraops.registry.record import RunRecord, init_from_tags, summarize
 from loraops.registry.store import resolve_tracking_uri
 from loraops.results import ChampionRef, Registration
 from mlflow import MlflowClient
@@ -176,6 +176,7 @@ def version_tags(record: RunRecord) -> dict[str, str]:
     # Lineage tags already carry loraops.data_md5 and loraops.base_model, which find_champion reads.
     return {
         **record.lineage.as_tags(),
+        **init_from_tags(record),
         GATE_TAG: "passed" if record.decision.passed else "failed",
         tracking.ADAPTER_KEY_TAG: record.adapter_key,
         VAL_LOSS_TAG: repr(record.candidate.loss),

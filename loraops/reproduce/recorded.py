@@ -21,6 +21,7 @@ from loraops.names import (
     DVC_LOCK_MD5_TAG,
     GIT_COMMIT_TAG,
     GIT_DIRTY_TAG,
+    INIT_FROM_TAG,
     LINEAGE_TAGS,
     LOCK_ARTIFACT,
     PARAMS_ARTIFACT,
@@ -130,6 +131,12 @@ def _run_artifact_text(client, run_id: str, path: str, model_name: str, version:
 def check_reproducible(recorded: RecordedVersion, root: Path, allow_dirty: bool) -> None:
     """Refuse, before anything is checked out, a version whose lineage cannot lead to a faithful rebuild."""
     label = f"{recorded.model_name} version {recorded.version}"
+    if recorded.tags.get(INIT_FROM_TAG):
+        raise ReproduceError(
+            f"{label} was warm-started from {recorded.tags[INIT_FROM_TAG]} (train.init_from: champion): a rebuild "
+            "would start from whichever version is the champion now, so it cannot be rebuilt faithfully; "
+            f"reproducing warm-started versions is not supported yet (rebuild {recorded.tags[INIT_FROM_TAG]} instead)"
+        )
     if recorded.experiment:
         _check_experiment(recorded, root, label)
         return

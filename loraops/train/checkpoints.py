@@ -22,8 +22,18 @@ logger = logging.getLogger(__name__)
 _NOT_TRAJECTORY = {"resume", "output_dir", "save_steps", "save_total_limit"}  # settings that leave the weights alone
 
 
-def run_fingerprint(cfg: LoraopsConfig, base: BaseModelRef, train_dataset, eval_dataset, device: str) -> str:
-    """What decides the trajectory of a run: settings, base model, device and the exact tokens."""
+def run_fingerprint(
+    cfg: LoraopsConfig,
+    base: BaseModelRef,
+    train_dataset,
+    eval_dataset,
+    device: str,
+    init_adapter_dir: Path | None = None,
+) -> str:
+    """What decides the trajectory of a run: settings, base model, device, the exact tokens and the starting adapter.
+
+    ``init_adapter_dir`` (train.init_from) counts by its files' content: a new champion is another run.
+    """
     import hashlib
 
     settings = {
@@ -42,6 +52,10 @@ def run_fingerprint(cfg: LoraopsConfig, base: BaseModelRef, train_dataset, eval_
             for row in dataset[column]:
                 digest.update(json.dumps(row, separators=(",", ":")).encode())
             digest.update(b"|")
+    if init_adapter_dir is not None:
+        for path in sorted(path for path in Path(init_adapter_dir).rglob("*") if path.is_file()):
+            digest.update(path.relative_to(init_adapter_dir).as_posix().encode())
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()[:24]
 
 

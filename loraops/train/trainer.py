@@ -50,14 +50,21 @@ def _divergence_guard():
     return DivergenceGuard()
 
 
-def build_trainer(cfg: LoraopsConfig, base: BaseModelRef, train_dataset, eval_dataset, device: str):
-    """An SFTTrainer around a fresh adapter on the base model (4-bit base for QLoRA)."""
+def build_trainer(
+    cfg: LoraopsConfig,
+    base: BaseModelRef,
+    train_dataset,
+    eval_dataset,
+    device: str,
+    init_adapter_dir: Path | None = None,
+):
+    """An SFTTrainer around a fresh adapter on the base model (4-bit base for QLoRA), or ``init_adapter_dir``'s."""
     from transformers import set_seed
 
     set_seed(cfg.train.seed)  # before the adapter exists: its initial weights are random
     tokenizer = load_tokenizer(base, cfg.model)
     model = load_base_model(base, cfg.model, cfg.quant, device)
-    return build_trainer_for_model(cfg, model, tokenizer, train_dataset, eval_dataset, device)
+    return build_trainer_for_model(cfg, model, tokenizer, train_dataset, eval_dataset, device, init_adapter_dir)
 
 
 def _progress_log():
@@ -144,8 +151,14 @@ def _token_weighted_evaluation(trainer_class):
     return TokenWeightedEvaluation
 
 
-def build_trainer_for_model(cfg: LoraopsConfig, model, tokenizer, train_dataset, eval_dataset, device: str):
-    """The loraops training path around an already loaded base model (also used by bench/)."""
+def build_trainer_for_model(
+    cfg: LoraopsConfig, model, tokenizer, train_dataset, eval_dataset, device: str, init_adapter_dir: Path | None = None
+):
+    """The loraops training path around an already loaded base model (also used by bench/).
+
+    ``init_adapter_dir`` (a PEFT adapter folder, train.init_from) is the starting adapter: training continues
+    from its weights instead of a fresh LoRA; the caller has checked that it matches the lora settings.
+    """
     from transformers import EarlyStoppingCallback, PrinterCallback, set_seed
     from trl import SFTTrainer
 
@@ -157,6 +170,13 @@ def build_trainer_for_model(cfg: LoraopsConfig, model, tokenizer, train_dataset,
         model = prepare_quantized_for_training(
             model, cfg.quant, cfg.train.gradient_checkpointing, every_n_layers=cfg.train.checkpoint_every_n_layers
         )
+    peft_config = build_lora_config(cfg.lora)
+    if init_adapter_dir is not None:
+        from peft import PeftModel
+
+        # this run's LoRA config (dropout included) with the starting adapter's weights
+        model = PeftModel.from_pretrained(model, str(init_adapter_dir), is_trainable=True, config=peft_config)
+        peft_config = None
     callbacks = [_divergence_guard(), _progress_log()]
     if cfg.train.early_stopping_patience > 0:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.train.early_stopping_patience))
@@ -167,7 +187,7 @@ def build_trainer_for_model(cfg: LoraopsConfig, model, tokenizer, train_dataset,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        peft_config=build_lora_config(cfg.lora),
+        peft_config=peft_config,
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # raw metric dicts on stdout; ProgressLog logs readable lines
@@ -183,8 +203,11 @@ def train_adapter(
     device: str | None = None,
     history_path: str | Path | None = None,
     extra_callbacks: tuple = (),
+    init_adapter_dir: Path | None = None,
 ) -> TrainResult:
     """Train, restore the best checkpoint, and save the adapter (PEFT safetensors) to ``adapter_dir``.
+
+    ``init_adapter_dir``: start from that adapter's weights (train.init_from) instead of a fresh LoRA.
 
     Checkpoints (adapter, optimizer, scheduler, RNG) go to ``train.output_dir`` every
     ``train.checkpoint_steps``; a rerun of an interrupted run with the same settings, base and
@@ -195,15 +218,16 @@ def train_adapter(
     _check_device_features(cfg, device)
     history_path = Path(history_path or Path(cfg.paths.metrics_dir) / TRAIN_HISTORY)
     output_dir = Path(cfg.train.output_dir)
-    fingerprint = run_fingerprint(cfg, base, train_dataset, eval_dataset, device)
+    fingerprint = run_fingerprint(cfg, base, train_dataset, eval_dataset, device, init_adapter_dir)
     resume_from = prepare_checkpoint_dir(output_dir, fingerprint, resume=cfg.train.resume)
-    trainer = build_trainer(cfg, base, train_dataset, eval_dataset, device)
+    trainer = build_trainer(cfg, base, train_dataset, eval_dataset, device, init_adapter_dir)
     for callback in extra_callbacks:
         trainer.add_callback(callback)
     if resume_from is not None:
         logger.info("Resuming from %s (step %d of %d)", resume_from, checkpoint_step(resume_from), cfg.train.max_steps)
     else:
-        logger.info("Training on %s for up to %d steps", device, cfg.train.max_steps)
+        start = f"from the adapter in {init_adapter_dir}" if init_adapter_dir else "from a fresh adapter"
+        logger.info("Training on %s for up to %d steps, %s", device, cfg.train.max_steps, start)
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     save_adapter(trainer.model, trainer.processing_class, adapter_dir, accelerator=trainer.accelerator)
     result = _train_result(trainer, cfg, adapter_dir, history_path)
