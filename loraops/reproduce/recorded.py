@@ -25,7 +25,7 @@ from loraops.names import (
     LOCK_ARTIFACT,
     PARAMS_ARTIFACT,
 )
-from loraops.registry import runs as registry
+from loraops.registry import versions as registry
 
 
 class ReproduceError(RuntimeError):
