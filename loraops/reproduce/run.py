@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from loraops.config import RegistryConfig
-from loraops.registry import runs as registry
+from loraops.registry.store import client_for
 from loraops.reproduce.compare import compare_rebuild
 from loraops.reproduce.recorded import (
     check_reproducible,
@@ -48,7 +48,7 @@ def reproduce_version(
     that differs returns a report whose ``matched`` is False.
     """
     root = Path(root).resolve()
-    client = registry.client_for(registry_cfg, root)
+    client = client_for(registry_cfg, root)
     model_name, which = parse_version_ref(ref)
     with tempfile.TemporaryDirectory(prefix="loraops-reproduce-") as scratch:
         recorded = fetch_recorded_version(client, model_name, which)

@@ -40,7 +40,7 @@ def trial_paths(cfg: LoraopsConfig, root: Path, trial: Trial) -> tuple[Path, Pat
 
 def open_sweep_run(cfg: LoraopsConfig, root: Path, params: list[SweptParam], min_gain: float | None) -> str:
     """The parent MLflow run (linked to the Prefect flow run); returns its id."""
-    from loraops.registry import runs as registry
+    from loraops.registry import store as registry
     from loraops.registry import tracking
 
     client = registry.client_for(cfg.registry, root)
@@ -63,8 +63,9 @@ def train_trial(
     cfg: LoraopsConfig, root: Path, trial: Trial, parent_run_id: str
 ) -> tuple[TrainResult, tuple[float, int]]:
     """Train one trial in its own folders as a child run of the sweep run; (result, (seconds, peak memory bytes))."""
-    from loraops.registry import runs as registry
+    from loraops.registry import store as registry
     from loraops.registry import tracking
+    from loraops.registry.values import log_new_params
     from loraops.train import base_model as modeling
     from loraops.train import trainer as training
 
@@ -80,7 +81,7 @@ def train_trial(
     run = client.create_run(parent.info.experiment_id, run_name=trial.name, tags=tags)
     live = tracking.LiveRun(client, parent.info.experiment_id, run.info.run_id)
     with tracking.ended_failed_on_error(live):
-        registry.log_new_params(client, live.run_id, local)
+        log_new_params(client, live.run_id, local)
         device = modeling.resolve_device(local.train)
         _reset_peak_memory(device)
         started = time.monotonic()
@@ -161,7 +162,7 @@ def finish_trial(
 ) -> TrialResult:
     """The trial's numbers on its child run, which then ends; its row of the sweep table."""
     from loraops.names import DVC_EXPERIMENT_TAG
-    from loraops.registry import runs as registry
+    from loraops.registry import store as registry
     from loraops.registry import tracking
 
     seconds, peak = measured
@@ -201,7 +202,7 @@ def close_sweep_run(
     registration: Registration,
 ) -> str:
     """Table, results and plot into reports/sweep/ and the sweep run's artifacts; the run ends. Returns the table."""
-    from loraops.registry import runs as registry
+    from loraops.registry import store as registry
     from loraops.registry import tracking
 
     folder = Path(root) / cfg.paths.reports_dir / SWEEP_FOLDER
