@@ -21,6 +21,7 @@ from registry_helpers import PROMPT, make_adapter, register, registry_config
 
 from loraops.config import LoraopsConfig
 from loraops.registry import mlflow_model
+from loraops.registry.card import card_description
 from loraops.registry.fetch import fetch_adapter
 from loraops.registry.store import make_client
 from loraops.registry.versions import CHAMPION, promote_version
@@ -124,6 +125,39 @@ def test_a_registered_adapter_loads_and_serves_with_mlflow_alone(
 
     served = serve_and_ask(f"models:/{name}@champion", tracking_server, tmp_path / "serving")
     assert served == [expected]
+
+
+def test_registering_logs_the_example_without_loading_the_base_and_the_model_holds_the_card(
+    tiny_model_dir, tmp_path_factory, tmp_path, monkeypatch
+):
+    """The base is a pypi: GGUF: loading the model (MLflow's input-example check did) converts it into the cache."""
+    from registry_helpers import shared_store_uri
+
+    import mlflow
+
+    cache = tmp_path / "user-cache"
+    monkeypatch.setenv("LORAOPS_CACHE", str(cache))
+    store = shared_store_uri(tmp_path_factory)
+    cfg = registry_config(store, tmp_path)
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter", seed=5)
+    registration = register(cfg, tmp_path, adapter, LoraopsConfig().model.base)
+    assert not cache.exists(), "registration loaded the model: the pypi: base was converted into the user cache"
+
+    client = make_client(store)
+    name = cfg.registry.model_name
+    promote_version(client, name, registration.version, CHAMPION)
+    logged = client.get_logged_model(mlflow_model.logged_model_id(client.get_model_version(name, registration.version)))
+    assert logged.experiment_id == client.get_run(registration.run_id).info.experiment_id, "beside its run"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{name}@champion", dst_path=str(tmp_path / "dl")))
+    meta = mlflow.models.Model.load(model_dir)
+    assert meta.signature is not None and meta.signature.params is not None, "the signature is kept"
+    example = json.loads((model_dir / meta.saved_input_example_info["artifact_path"]).read_text())
+    assert example["inputs"] == mlflow_model.INPUT_EXAMPLE, "the input example is kept"
+    assert (model_dir / "serving_input_example.json").is_file(), "mlflow models serve shows the example"
+    card = (model_dir / "model_card.md").read_text()
+    assert card.startswith(f"# {name} version {registration.version}\n"), "the card names the registered version"
+    assert card_description(card) == client.get_model_version(name, registration.version).description
 
 
 def test_the_model_config_names_base_quantisation_and_generation_defaults():

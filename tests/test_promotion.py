@@ -210,7 +210,7 @@ def test_model_card_samples_table_and_loss_curves_are_logged(store_uri, adapters
     too_long = "# t\n\nsummary\n\n## a\n\n" + "x" * 3000 + "\n\n## b\n\n" + "y" * 3000
     description = card_description(too_long)
     assert "## a" in description and "## b" not in description, "whole sections, cut to fit 5000 characters"
-    assert description.endswith("The full model card is the run artifact `model_card.md`.\n")
+    assert description.endswith("The full model card is `model_card.md` in the model and in the run.\n")
 
 
 def test_cli_promote_refuses_then_forces_and_rolls_back(store_uri, adapters, tiny_model_dir, tmp_path, client):

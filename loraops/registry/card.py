@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 
 from loraops.config import LoraopsConfig
 from loraops.names import LOSS_PLOT_ARTIFACT, MODEL_CARD_ARTIFACT
+from loraops.registry.mlflow_model import log_model_card, logged_model_id
 from loraops.registry.record import RunRecord, summarize
 from loraops.registry.values import flatten_params
 from loraops.results import GateDecision, Lineage, Registration, SampleAnswer, TrainResult
@@ -16,13 +17,17 @@ _CARD_PARAM_SECTIONS = ("model", "data", "lora", "quant", "train", "gate")
 
 
 def publish_model_card(client: MlflowClient, cfg: LoraopsConfig, record: RunRecord, registration: Registration) -> str:
-    """Log ``model_card.md`` to the run and, for a registered version, use it as the description.
+    """Log ``model_card.md`` to the run and, for a registered version, into its MLflow Model and as its description.
 
-    Rewriting both is idempotent, so a retried registration leaves one card that names its version.
+    The version number is known only now, after registration, so the card goes into the model last.
+    Rewriting all three is idempotent, so a retried registration leaves one card that names its version.
     """
     card = render_model_card(cfg, record, registration)
     client.log_text(registration.run_id, card, MODEL_CARD_ARTIFACT)
     if registration.version is not None:
+        model_id = logged_model_id(client.get_model_version(registration.model_name, registration.version))
+        if model_id:  # versions registered earlier as plain adapter folders have no LoggedModel
+            log_model_card(client, model_id, card)
         client.update_model_version(registration.model_name, registration.version, description=card_description(card))
     return card
 
@@ -37,7 +42,7 @@ def card_description(card: str) -> str:
         if sum(map(len, kept)) + len(section) > _DESCRIPTION_LIMIT:
             break
         kept.append(section)
-    return "\n## ".join(kept) + f"\nThe full model card is the run artifact `{MODEL_CARD_ARTIFACT}`.\n"
+    return "\n## ".join(kept) + f"\nThe full model card is `{MODEL_CARD_ARTIFACT}` in the model and in the run.\n"
 
 
 def render_model_card(cfg: LoraopsConfig, record: RunRecord, registration: Registration) -> str:

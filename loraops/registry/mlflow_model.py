@@ -3,25 +3,28 @@
 The model is a pyfunc written as *models from code* (``loraops/registry/pyfunc_model.py``, nothing pickled)
 holding the PEFT adapter folder unchanged under ``artifacts/adapter/``, a model config naming the
 base (source, revision, 4-bit settings, generation defaults), a signature with an input example and
-pinned pip requirements. ``mlflow.pyfunc.load_model("models:/NAME@champion")`` and
-``mlflow models serve`` then need no loraops checkout.
+pinned pip requirements, and (once the version exists) the model card. ``mlflow.pyfunc.load_model(
+"models:/NAME@champion")`` and ``mlflow models serve`` then need no loraops checkout.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import logging
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 
 import mlflow
 from loraops.config import LoraopsConfig
-from loraops.names import BASE_MODEL_TAG, LOGGED_MODEL_NAME, PYFUNC_ADAPTER_ARTIFACT
+from loraops.names import BASE_MODEL_TAG, LOGGED_MODEL_NAME, MODEL_CARD_ARTIFACT, PYFUNC_ADAPTER_ARTIFACT
 from loraops.results import Lineage
 from mlflow import MlflowClient
 
@@ -120,11 +123,21 @@ def log_adapter_model(
     """Log ``adapter_dir`` as an MLflow Model into run ``run_id``; its metrics at ``step`` go onto the LoggedModel."""
     from mlflow.models import Model
 
+    run = client.get_run(run_id)
+    # Created here, not by Model.log, which would file it under the process's active (else Default) experiment
+    logged = client.create_logged_model(
+        run.info.experiment_id,
+        name=LOGGED_MODEL_NAME,
+        source_run_id=run_id,
+        params={key: str(value) for key, value in run.data.params.items()},
+    )
     with tracking_uri_set(client):
         info = Model.log(
             artifact_path=None,
             name=LOGGED_MODEL_NAME,
-            flavor=mlflow.pyfunc,
+            model_id=logged.model_id,
+            flavor=_PYFUNC_UNCHECKED,
+            validate_serving_input=False,
             run_id=run_id,
             step=step,
             python_model=str(MODEL_CODE),
@@ -137,6 +150,40 @@ def log_adapter_model(
         )
     logger.info("logged adapter model %s into run %s", info.model_uri, run_id)
     return info
+
+
+def _save_pyfunc(validate_serving_input: bool = True, **kwargs: Any) -> None:
+    """``mlflow.pyfunc.save_model``, which refuses the ``validate_serving_input`` flag that ``Model.log`` reads.
+
+    With ``validate_serving_input=False`` ``Model.log`` keeps the input example (saved, and shown by
+    MLflow and ``mlflow models serve``) but does not load the model to run it: that check would load
+    the base once more (minutes for a real base on CPU) only to answer one example. MLflow's own
+    transformers flavour skips the check the same way for models logged from a checkpoint path.
+    """
+    mlflow.pyfunc.save_model(**kwargs)
+
+
+_PYFUNC_UNCHECKED = SimpleNamespace(__name__="mlflow.pyfunc", save_model=_save_pyfunc)
+
+
+def log_model_card(client: MlflowClient, model_id: str, card: str) -> None:
+    """Write ``model_card.md`` next to the MLmodel of LoggedModel ``model_id`` (rewritten on a retry).
+
+    Logged after registration, so the card names its version: whoever downloads
+    ``models:/NAME@champion`` gets the card with the model.
+    """
+    with tempfile.TemporaryDirectory(prefix="loraops-card-") as scratch, tracking_uri_set(client):
+        path = Path(scratch) / MODEL_CARD_ARTIFACT
+        path.write_text(card, encoding="utf-8")
+        client.log_model_artifact(model_id, str(path))
+
+
+def logged_model_id(version: ModelVersion) -> str | None:
+    """The LoggedModel a version was registered from (SQL registries keep only its ``models:/m-…`` source)."""
+    if version.model_id:
+        return version.model_id
+    model_id = (version.source or "").removeprefix("models:/")
+    return model_id if model_id != version.source and model_id.startswith("m-") and "/" not in model_id else None
 
 
 def adapter_folder(model_dir: Path) -> Path:

@@ -64,8 +64,8 @@ def train_trial(
     cfg: LoraopsConfig, root: Path, trial: Trial, parent_run_id: str
 ) -> tuple[TrainResult, tuple[float, int]]:
     """Train one trial in its own folders as a child run of the sweep run; (result, (seconds, peak memory bytes))."""
-    from loraops.registry import runs as registry
     from loraops.registry import store, tracking
+    from loraops.registry.values import log_new_params
     from loraops.train import base_model as modeling
     from loraops.train import trainer as training
 
@@ -81,7 +81,7 @@ def train_trial(
     run = client.create_run(parent.info.experiment_id, run_name=trial.name, tags=tags)
     live = tracking.LiveRun(client, parent.info.experiment_id, run.info.run_id)
     with tracking.ended_failed_on_error(live):
-        registry.log_new_params(client, live.run_id, local)
+        log_new_params(client, live.run_id, local)
         device = modeling.resolve_device(local.train)
         _reset_peak_memory(device)
         started = time.monotonic()
