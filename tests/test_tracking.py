@@ -6,6 +6,7 @@ Real SQLite MLflow stores, the real tiny training, a real Prefect test server, a
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -201,6 +202,24 @@ def test_a_logging_failure_mid_run_ends_the_run_failed_and_registers_nothing(cfg
     run = live.client.get_run(live.run_id)
     assert run.info.status == "FAILED"
     assert "adapter" in {item.path for item in live.client.list_artifacts(live.run_id)}, "it failed mid-upload"
+    assert live.client.search_model_versions(f"name = '{cfg.registry.model_name}'") == []
+
+
+def test_an_adapter_changed_after_training_is_refused_and_the_run_ends_failed(cfg, tmp_path, adapter, tiny_model_dir):
+    """Weights swapped between training and registration (e.g. after evaluation) are not registered."""
+    from registry_helpers import make_adapter
+
+    from loraops.registry.integrity import AdapterIntegrityError
+
+    live = tracking.start_run(cfg, tmp_path)
+    tracking.tag_adapter(live, adapter)  # what training does when it ends
+    other = make_adapter(tiny_model_dir, tmp_path / "other", seed=4)
+    shutil.copyfile(other / "adapter_model.safetensors", adapter / "adapter_model.safetensors")
+
+    with pytest.raises(AdapterIntegrityError, match=f"not the adapter MLflow run {live.run_id} trained"):
+        registry.log_and_register(cfg, root=tmp_path, **outcome(tmp_path, adapter, live.run_id))
+
+    assert live.client.get_run(live.run_id).info.status == "FAILED"
     assert live.client.search_model_versions(f"name = '{cfg.registry.model_name}'") == []
 
 

@@ -56,6 +56,20 @@ from mlflow import MlflowClient
 logger = logging.getLogger(__name__)
 
 
+def _check_trained_adapter(live: Run, record: RunRecord) -> None:
+    """Refuse an adapter folder that is not the one this run trained (its key was tagged when training ended)."""
+    trained_key = live.data.tags.get(ADAPTER_KEY_TAG)
+    if trained_key and trained_key != record.adapter_key:
+        from loraops.registry.integrity import AdapterIntegrityError
+
+        raise AdapterIntegrityError(
+            f"{record.train.adapter_dir} is not the adapter MLflow run {live.info.run_id} trained (its files "
+            f"changed after training: adapter key {record.adapter_key[:12]}, trained {trained_key[:12]}), so the "
+            "evaluation and the gate describe other weights. Nothing was registered; the run ends FAILED. "
+            "Rerun the retrain flow to train, evaluate and register one adapter"
+        )
+
+
 def log_and_register(
     cfg: LoraopsConfig,
     *,
@@ -90,6 +104,7 @@ def log_and_register(
     live = _live_run(client, trained.mlflow_run_id)
     if live is not None:  # the run training opened: fill it, register, and end it (FAILED if anything raises)
         with tracking.ended(client, live.info.run_id):
+            _check_trained_adapter(live, record)
             run = fill_live_run(client, cfg, record, live, extra)
             return _register_and_publish(client, cfg, record, run)
     run = log_training_run(client, experiment_id, cfg, record, run_key or derive_run_key(record), extra)
