@@ -69,9 +69,14 @@ def record_run_config(cfg: LoraopsConfig, root: Path) -> bool:
 
 
 @contextmanager
-def guarded_run(cfg: LoraopsConfig, root: Path, command: str) -> Iterator[None]:
-    """One run per checkout (the project lock), and MLflow requests that give up within registry.timeout_s."""
-    with project_lock(root, command, cfg.orchestration.lock_timeout_s), bounded_requests(cfg.registry.timeout_s):
+def guarded_run(cfg: LoraopsConfig, root: Path, command: str, parent_lock: str | None = None) -> Iterator[None]:
+    """One run per checkout (the project lock), and MLflow requests that give up within registry.timeout_s.
+
+    ``parent_lock``: the lock token of the run that started this one (a training run on a worker that shares
+    the retrain run's checkout works under its parent's lock; anyone else's lock still refuses it).
+    """
+    timeout_s = cfg.orchestration.lock_timeout_s
+    with project_lock(root, command, timeout_s, parent_lock), bounded_requests(cfg.registry.timeout_s):
         yield
 
 

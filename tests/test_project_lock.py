@@ -169,3 +169,87 @@ def test_a_retrain_flow_is_refused_while_another_run_holds_the_checkout(tiny_pro
     assert (tiny_project / "params.yaml").read_bytes() == params_before  # its -S override was never written
     assert not (tiny_project / "mlflow" / "mlflow.db").exists()  # nothing logged or registered
     assert not (tiny_project / "adapters").exists()
+
+
+def test_a_run_started_by_the_holder_runs_under_its_lock_and_anyone_else_is_refused(tmp_path):
+    """The train-adapter run a retrain waits for, on a worker sharing its checkout: no deadlock with its parent."""
+    release = tmp_path / "release"
+    parent = _start_holder(tmp_path, "retrain flow", release)  # the retrain run holding the checkout
+    try:
+        recorded = json.loads((tmp_path / RUN_LOCK_FILE).read_text())
+        token = recorded["token"]
+        with project_lock(tmp_path, "train-adapter flow", parent_token=token):
+            assert json.loads((tmp_path / RUN_LOCK_FILE).read_text()) == recorded  # still the parent's lock
+        assert json.loads((tmp_path / RUN_LOCK_FILE).read_text()) == recorded  # and the parent keeps it
+        for stranger in ("0" * 32, None):  # another run's token, or none
+            with pytest.raises(ProjectLockedError, match=rf"in use by 'retrain flow' \(pid {parent.pid} on"):
+                with project_lock(tmp_path, "train-adapter flow", parent_token=stranger):
+                    pytest.fail("ran under a lock its parent does not hold")
+    finally:
+        release.touch()
+        parent.wait(timeout=30)
+    # The parent gone (or a worker with its own checkout): the run takes the lock itself.
+    with project_lock(tmp_path, "train-adapter flow", parent_token=token):
+        mine = json.loads((tmp_path / RUN_LOCK_FILE).read_text())
+        assert mine["command"] == "train-adapter flow" and mine["token"] != token
+
+
+def test_the_hand_off_carries_the_retrain_runs_lock_token(tiny_project):
+    from loraops.project.lock import held_token
+    from loraops.project.params_file import load_config
+    from loraops.registry.handoff import handoff_parameters, prepare_handoff
+
+    cfg = load_config(tiny_project / "params.yaml")
+    assert held_token(tiny_project) is None
+    with project_lock(tiny_project, "retrain flow"):
+        token = json.loads((tiny_project / RUN_LOCK_FILE).read_text())["token"]
+        assert held_token(tiny_project) == token
+        parameters = handoff_parameters(prepare_handoff(cfg, tiny_project))
+    assert parameters["parent_lock"] == token  # the train-adapter flow's parameter
+    assert held_token(tiny_project) is None
+
+
+def test_the_train_adapter_flow_is_refused_while_another_run_holds_its_checkout(tiny_project, prefect_harness):
+    from flows.train import train_adapter
+    from loraops.project.params_file import load_config
+
+    cfg = load_config(tiny_project / "params.yaml")
+    release = tiny_project / "release"
+    holder = _start_holder(tiny_project, "retrain flow", release)
+    try:
+        with pytest.raises(ProjectLockedError, match=rf"in use by 'retrain flow' \(pid {holder.pid} on"):
+            train_adapter(
+                config=cfg,
+                data_dvc=(tiny_project / "data.dvc").read_text(),
+                train_key="k",
+                project_dir=str(tiny_project),
+                parent_lock="0" * 32,  # started by some other retrain run
+            )
+    finally:
+        release.touch()
+        holder.wait(timeout=30)
+    assert not (tiny_project / "models" / "base").exists() and not (tiny_project / "mlflow").exists()
+
+
+@pytest.mark.slow  # a tiny training inside a flow run: ~30 s on 2 busy cores
+def test_the_train_adapter_flow_trains_under_the_lock_of_the_retrain_run_that_started_it(tiny_project, prefect_harness):
+    from flows.train import train_adapter
+    from loraops.project.params_file import load_config
+
+    cfg = load_config(tiny_project / "params.yaml")
+    release = tiny_project / "release"
+    holder = _start_holder(tiny_project, "retrain flow", release)  # the retrain run on the shared checkout
+    try:
+        token = json.loads((tiny_project / RUN_LOCK_FILE).read_text())["token"]
+        trained = train_adapter(
+            config=cfg,
+            data_dvc=(tiny_project / "data.dvc").read_text(),
+            train_key="k",
+            project_dir=str(tiny_project),
+            parent_lock=token,
+        )
+        assert json.loads((tiny_project / RUN_LOCK_FILE).read_text())["token"] == token  # the parent still holds it
+    finally:
+        release.touch()
+        holder.wait(timeout=30)
+    assert trained.steps > 0 and (Path(trained.adapter_dir) / "adapter_model.safetensors").is_file()

@@ -9,7 +9,10 @@ The lock is an OS lock (``flock``) on that file, so it dies with its process: a 
 blocks the next one, which takes over and says whose lock it found. The file also records the
 holder (command, pid, host, start time, Prefect flow run) for the refusal message. Within one
 process the lock is reentrant (the flow calling stages); child processes the holder starts (``dvc``
-running ``loraops stage``) find it in ``LORAOPS_PROJECT_LOCK`` and run under it.
+running ``loraops stage``) find it in ``LORAOPS_PROJECT_LOCK`` and run under it. A run the holder started
+elsewhere (the ``train-adapter`` deployment run a retrain waits for, on a worker that shares its checkout)
+is no child process: the holder hands it its lock token (``held_token``) and that run accepts a lock held by
+exactly that token (``parent_token``); anyone else is refused as usual.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -46,6 +50,7 @@ class Holder:
     host: str = field(default_factory=socket.gethostname)
     started: str = field(default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"))
     flow_run_id: str | None = None
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)  # names this hold for runs it starts elsewhere
 
     def describe(self) -> str:
         run = f", Prefect flow run {self.flow_run_id}" if self.flow_run_id else ""
@@ -68,9 +73,22 @@ def lock_path(root: str | Path) -> Path:
     return Path(root).resolve() / RUN_LOCK_FILE
 
 
+def held_token(root: str | Path) -> str | None:
+    """The token of the run lock this process holds on ``root`` (None when it holds none), for runs it starts."""
+    with _guard:
+        hold = _held.get(lock_path(root))
+    return hold.holder.token if hold else None
+
+
 @contextmanager
-def project_lock(root: str | Path, command: str, timeout_s: float = 0.0) -> Iterator[None]:
-    """Hold the project's run lock while the block runs; raise ProjectLockedError if another run keeps it."""
+def project_lock(
+    root: str | Path, command: str, timeout_s: float = 0.0, parent_token: str | None = None
+) -> Iterator[None]:
+    """Hold the project's run lock while the block runs; raise ProjectLockedError if another run keeps it.
+
+    ``parent_token``: the token of the run that started this one (``held_token``); a lock held under that
+    token is the parent's, and this run works under it instead of waiting for its own parent.
+    """
     path = lock_path(root)
     with _guard:
         hold = _held.get(path)
@@ -81,14 +99,18 @@ def project_lock(root: str | Path, command: str, timeout_s: float = 0.0) -> Iter
         yield  # a child process of the holder (dvc repro -> loraops stage): it runs under the parent's lock
         return
     if hold is None:
-        hold = _acquire(path, command, timeout_s)
+        hold = _acquire(path, command, timeout_s, parent_token)
+        if hold is None:  # held by the run that started this one: it waits for this run, so work under its lock
+            yield
+            return
     try:
         yield
     finally:
         _release(path)
 
 
-def _acquire(path: Path, command: str, timeout_s: float) -> _Hold:
+def _acquire(path: Path, command: str, timeout_s: float, parent_token: str | None = None) -> _Hold | None:
+    """Take the lock (a _Hold), or None when the run whose token is ``parent_token`` holds it."""
     import fcntl
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,6 +123,10 @@ def _acquire(path: Path, command: str, timeout_s: float) -> _Hold:
             break
         except BlockingIOError:
             holder = _read_holder(fd)
+            if parent_token and holder is not None and holder.token == parent_token:
+                os.close(fd)
+                log.info("%s runs under the run lock of the run that started it, %s", command, holder.describe())
+                return None
             if time.monotonic() >= deadline:
                 os.close(fd)
                 raise ProjectLockedError(_refusal(path, holder, timeout_s)) from None

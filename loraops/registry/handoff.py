@@ -30,6 +30,7 @@ from loraops.names import (
     TRAIN_RESULT_FILE,
     TRAINING_ARTIFACTS,
 )
+from loraops.project.lock import held_token
 from loraops.registry import integrity, tracking
 from loraops.registry.store import artifact_root_for, client_for, ensure_experiment, resolve_tracking_uri
 from loraops.results import TrainResult
@@ -48,6 +49,7 @@ class TrainingHandoff(BaseModel):
     config: LoraopsConfig  # the run's settings, with the tracking URI resolved for the worker
     data_dvc: str  # the text of data.dvc: which dataset (by md5) to check out of the DVC remote
     train_key: str  # tags the MLflow run that carries the adapter back
+    parent_lock: str | None = None  # the retrain run's project-lock token: a worker sharing its checkout runs under it
 
 
 def prepare_handoff(cfg: LoraopsConfig, root: Path) -> TrainingHandoff:
@@ -67,7 +69,12 @@ def prepare_handoff(cfg: LoraopsConfig, root: Path) -> TrainingHandoff:
             "orchestration": cfg.orchestration.model_copy(update={"train_deployment": None}),
         }
     )
-    return TrainingHandoff(config=worker_cfg, data_dvc=(root / DATA_DVC_FILE).read_text(), train_key=uuid.uuid4().hex)
+    return TrainingHandoff(
+        config=worker_cfg,
+        data_dvc=(root / DATA_DVC_FILE).read_text(),
+        train_key=uuid.uuid4().hex,
+        parent_lock=held_token(root),
+    )
 
 
 def receive_inputs(root: Path, data_dvc: str) -> str:
