@@ -56,6 +56,7 @@ def retrain(
         freshness = pipeline.check_freshness(cfg, root, force)
         if freshness.unchanged:
             return run_context.unchanged_state(freshness)  # nothing new: no model loaded, nothing registered
+        pipeline.resolve_init_adapter(cfg, root)  # train.init_from: a champion that does not fit stops the run here
         pipeline.diff_data(cfg, root)  # rows added, removed, changed since the champion's data
         pipeline.record_run_config(cfg, root)
         pipeline.prepare_base_model(cfg, root)

@@ -56,6 +56,7 @@ def sweep(
     ):
         pipeline.check_servers(cfg, root)
         pipeline.record_run_config(cfg, root)
+        pipeline.resolve_init_adapter(cfg, root)  # train.init_from: refused before the baseline, not at a trial
         pipeline.prepare_base_model(cfg, root)
         pipeline.validate_dataset(cfg, root)
         if cfg.train.sanity_check:

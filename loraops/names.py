@@ -28,6 +28,7 @@ CONTRACT_DOCS_DIR = "data_docs"  # the contract's GX Data Docs (a folder of HTML
 QUARANTINE_DIR = "quarantine"  # rows the contract set aside (line, reasons)
 DIFF_FILE = "data_diff.json"  # the data diff against the champion; logged on the MLflow run
 EXAMPLE_LOSSES_DIR = "example_losses"
+INIT_ADAPTER_RECORD = "init_adapter.json"  # the adapter train.init_from resolved to (a dvc dep of train_adapter)
 
 # --- written next to models and adapters --------------------------------------------------------
 BASE_MARKER_FILE = "loraops-base.json"  # in a converted base model folder: what it was converted from

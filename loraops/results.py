@@ -129,6 +129,23 @@ class TrainResult(_Result):
         return cls.model_validate({**values, "adapter_dir": str(adapter_dir), "history_path": str(history_path)})
 
 
+class InitAdapterRecord(_Result):
+    """The adapter training starts from (``train.init_from``), by version and content: a DVC dep of train_adapter.
+
+    The resolve_init_adapter stage (``always_changed``: it asks the registry on every ``dvc repro``) and the
+    training stage write it; only a change of its content (another champion, other files) retrains.
+    """
+
+    init_from: str | None = None  # "champion", or None: a fresh adapter
+    model_name: str | None = None
+    version: str | None = None
+    adapter_sha256: dict[str, str] | None = None  # file -> sha256 of the adapter files training starts from
+
+    @property
+    def label(self) -> str | None:
+        return f"{self.model_name}/{self.version}" if self.version else None
+
+
 class ChampionRef(_Result):
     version: str
     loss: float | None  # validation loss recorded at registration

@@ -25,6 +25,7 @@ from loraops.names import (
     DVC_LOCK_FILE,
     GATE_DECISION,
     INIT_ADAPTER_DIR,
+    INIT_ADAPTER_RECORD,
     INIT_FROM_TAG,
     PARAMS_FILE,
     QUARANTINE_DIR,
@@ -47,6 +48,7 @@ from loraops.results import (
     EvalMetrics,
     ExampleLosses,
     GateDecision,
+    InitAdapterRecord,
     Lineage,
     Registration,
     TrainResult,
@@ -136,6 +138,18 @@ def diff_data(cfg: LoraopsConfig, root: Path) -> DataDiff:
     return diff
 
 
+def resolve_init_adapter(cfg: LoraopsConfig, root: Path) -> InitAdapterRecord:
+    """Pre-flight for train.init_from (champion, base, shape), before anything expensive; records what it resolved
+    in reports/init_adapter.json, so a new champion makes DVC retrain. Without init_from it asks no registry."""
+    record = InitAdapterRecord()
+    if cfg.train.init_from is not None:
+        from loraops.registry.warm_start import check_init_adapter
+
+        record = check_init_adapter(cfg, root)
+    record.write_json(_path(root, cfg.paths.reports_dir) / INIT_ADAPTER_RECORD)
+    return record
+
+
 def prepare_base_model(cfg: LoraopsConfig, root: Path) -> BaseModelRef:
     from loraops.train import base_model as modeling
 
@@ -214,6 +228,7 @@ def train_adapter(cfg: LoraopsConfig, root: Path, callbacks: tuple = ()) -> Trai
 
     base = modeling.read_base_model_ref(_path(root, cfg.paths.base_model_dir))
     init = fetch_init_adapter(cfg, root, _path(root, cfg.train.output_dir) / INIT_ADAPTER_DIR)  # train.init_from
+    (init.record if init else InitAdapterRecord()).write_json(_path(root, cfg.paths.reports_dir) / INIT_ADAPTER_RECORD)
     train_dataset, validation_dataset = tokenized_splits(cfg, root)
     metrics_dir = _path(root, cfg.paths.metrics_dir)
     local = cfg.model_copy(

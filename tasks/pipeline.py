@@ -20,6 +20,7 @@ from loraops.results import (
     ContractReport,
     EvalMetrics,
     GateDecision,
+    InitAdapterRecord,
     Lineage,
     Registration,
     TrainResult,
@@ -83,6 +84,12 @@ def diff_data(cfg: LoraopsConfig, root: Path) -> DataDiff:
     diff = stages.diff_data(cfg, root)
     create_markdown_artifact(diff.markdown(), key="data-diff")
     return diff
+
+
+@task(name="resolve-init-adapter", retries=0, **_stage)
+def resolve_init_adapter(cfg: LoraopsConfig, root: Path) -> InitAdapterRecord:
+    """Never retried: a champion of another shape or base stays so on a retry."""
+    return stages.resolve_init_adapter(cfg, root)
 
 
 @task(name="prepare-base-model", retries=1, **_stage)

@@ -171,6 +171,12 @@ def tiny_training_params(base_model: Path | str, workdir: Path, **sections) -> d
     return raw
 
 
+def dvc_changes(status: dict) -> dict:
+    """``dvc status`` without the standing "always changed" of resolve_init_adapter (dvc.yaml: it asks the registry
+    on every ``dvc repro``); keys may be ``stage`` or ``path/dvc.yaml:stage``."""
+    return {stage: changes for stage, changes in status.items() if changes != ["always changed"]}
+
+
 def make_project(directory: Path, base_model: Path, **sections) -> Path:
     """A real loraops project: git repo, DVC repo with a local remote, tiny data under data.dvc."""
     import shutil

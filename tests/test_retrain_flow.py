@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import dvc_changes
 
 from loraops.project.params_file import load_config
 
@@ -76,7 +77,7 @@ def test_retrain_registers_a_gated_adapter_with_lineage_and_versions_it(tiny_pro
     assert version.tags["loraops.base_model"] == cfg.model.base
 
     # dvc.lock matches the workspace: `dvc status` has nothing to report, outputs were pushed
-    assert "up to date" in _dvc(tiny_project, "status").lower()
+    assert dvc_changes(json.loads(_dvc(tiny_project, "status", "--json"))) == {}
     assert "in sync" in _dvc(tiny_project, "status", "--cloud").lower()
     metrics = json.loads((tiny_project / "metrics" / "adapter.json").read_text())
     assert metrics["loss"] == pytest.approx(result.candidate.loss)

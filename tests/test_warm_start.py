@@ -7,17 +7,22 @@ another base, or none at all is refused before any run opens.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import dvc_changes
 from registry_helpers import make_adapter, register
 from safetensors.torch import load_file
 
 from loraops import names, stages
 from loraops.config import ConfigError
 from loraops.project.params_file import load_config
+from loraops.registry.integrity import file_sha256
 from loraops.registry.runs import log_and_register
 from loraops.registry.store import make_client
 from loraops.registry.versions import promote_version
@@ -63,9 +68,11 @@ def _config(project: Path, store_uri: str, **overrides):
     return load_config(project / "params.yaml", settings)
 
 
-def _champion(cfg, project: Path, tiny_model_dir: Path, base_model: str | None = None) -> tuple[str, Path]:
+def _champion(
+    cfg, project: Path, tiny_model_dir: Path, base_model: str | None = None, seed: int = 3
+) -> tuple[str, Path]:
     """Register a small real adapter (r=4, alpha=8, all-linear) and make it the champion."""
-    adapter = make_adapter(tiny_model_dir, project.parent / f"champion-{uuid.uuid4().hex[:6]}", seed=3)
+    adapter = make_adapter(tiny_model_dir, project.parent / f"champion-{uuid.uuid4().hex[:6]}", seed=seed)
     registration = register(cfg, project, adapter, base_model or cfg.model.base)
     promote_version(make_client(cfg.registry.tracking_uri), cfg.registry.model_name, registration.version)
     return registration.version, adapter
@@ -214,4 +221,78 @@ def test_retrain_warm_starts_from_the_champion_and_dvc_sees_the_setting(tiny_pro
     run = make_client(f"sqlite:///{tiny_project}/mlflow/mlflow.db").get_run(second.registration.run_id)
     assert run.data.tags[names.INIT_FROM_TAG] == f"{warm.registry.model_name}/1"
     with Repo(str(tiny_project)) as repo:
-        assert not repo.status(), "dvc.lock records the warm-started run"
+        assert not dvc_changes(repo.status()), "dvc.lock records the warm-started run"
+
+
+def test_a_mismatching_champion_stops_the_retrain_flow_before_the_baseline(
+    tiny_project, tiny_model_dir, store_uri, prefect_harness
+):
+    """The pre-flight refuses it with training's own message, before any model is loaded or evaluated."""
+    from flows.retrain import retrain
+
+    cfg = _config(tiny_project, store_uri, **{"lora.r": 16})
+    version, _ = _champion(cfg, tiny_project, tiny_model_dir)
+    params_before = (tiny_project / "params.yaml").read_bytes()
+
+    with pytest.raises(ConfigError, match=rf"\({cfg.registry.model_name}/{version}\) has lora.r 4, this run 16"):
+        retrain(config=cfg, project_dir=str(tiny_project))
+
+    assert not (tiny_project / cfg.paths.metrics_dir / names.BASELINE_METRICS).exists(), "no baseline evaluated"
+    assert not (tiny_project / cfg.paths.base_model_dir).exists(), "no base model prepared"
+    assert _runs(cfg) == [], "no training run opened, no baseline metric logged"
+    assert (tiny_project / "params.yaml").read_bytes() == params_before
+
+
+def _record(cfg, project: Path) -> dict:
+    return json.loads((project / cfg.paths.reports_dir / names.INIT_ADAPTER_RECORD).read_text())
+
+
+def test_the_resolved_init_adapter_changes_only_with_the_champion(tiny_project, tiny_model_dir, store_uri):
+    cfg = _config(tiny_project, store_uri)
+    version, champion_dir = _champion(cfg, tiny_project, tiny_model_dir)
+
+    first = stages.resolve_init_adapter(cfg, tiny_project)
+    assert (first.model_name, first.version) == (cfg.registry.model_name, version)
+    assert first.adapter_sha256["adapter_model.safetensors"] == file_sha256(champion_dir / "adapter_model.safetensors")
+    recorded = _record(cfg, tiny_project)
+    assert stages.resolve_init_adapter(cfg, tiny_project) == first and _record(cfg, tiny_project) == recorded
+
+    newer, _ = _champion(cfg, tiny_project, tiny_model_dir, seed=4)
+    assert _record(cfg, tiny_project) == recorded, "promotion alone writes nothing into the checkout"
+    stages.resolve_init_adapter(cfg, tiny_project)
+    assert _record(cfg, tiny_project)["version"] == newer != version
+
+    fresh = load_config(tiny_project / "params.yaml", {"registry.tracking_uri": "http://127.0.0.1:9/unreachable"})
+    assert stages.resolve_init_adapter(fresh, tiny_project).init_from is None  # no init_from: no registry asked
+    assert _record(fresh, tiny_project) == {
+        "adapter_sha256": None,
+        "init_from": None,
+        "model_name": None,
+        "version": None,
+    }
+
+
+@pytest.mark.slow  # dvc repro of four stages on the tiny project: ~1-2 min on 2 busy cores
+def test_dvc_status_reports_the_train_stage_after_a_new_champion_and_not_otherwise(
+    tiny_project, tiny_model_dir, store_uri
+):
+    from dvc.repo import Repo
+
+    from loraops.project.params_file import write_params
+
+    cfg = _config(tiny_project, store_uri)
+    write_params(cfg, tiny_project / "params.yaml")  # init_from: champion, recorded where dvc reads it
+    first, _ = _champion(cfg, tiny_project, tiny_model_dir)
+    dvc = [str(Path(sys.executable).parent / "dvc"), "repro"]
+    subprocess.run([*dvc, "train_adapter"], cwd=tiny_project, check=True, capture_output=True, text=True)
+    assert _record(cfg, tiny_project)["version"] == first
+
+    def changed_after_resolving() -> set[str]:
+        subprocess.run([*dvc, "resolve_init_adapter"], cwd=tiny_project, check=True, capture_output=True, text=True)
+        with Repo(str(tiny_project)) as repo:
+            return {key.rsplit(":", 1)[-1] for key in dvc_changes(repo.status())}
+
+    assert "train_adapter" not in changed_after_resolving(), "the same champion: nothing to retrain"
+    second, _ = _champion(cfg, tiny_project, tiny_model_dir, seed=4)
+    assert "train_adapter" in changed_after_resolving(), f"champion v{first} -> v{second}: dvc must retrain"
+    assert _record(cfg, tiny_project)["version"] == second

@@ -265,6 +265,7 @@ class StageName(StrEnum):
     prepare_base_model = "prepare-base-model"
     validate_dataset = "validate-dataset"
     check_memory = "memory-check"
+    resolve_init_adapter = "resolve-init-adapter"
     evaluate_baseline = "evaluate-baseline"
     train_adapter = "train-adapter"
     evaluate_adapter = "evaluate-adapter"

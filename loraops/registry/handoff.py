@@ -24,6 +24,7 @@ from loraops.lineage import versioning
 from loraops.names import (
     ADAPTER_ARTIFACT_PATH,
     DATA_DVC_FILE,
+    INIT_ADAPTER_RECORD,
     STAGE_TAG,
     TRAIN_HISTORY,
     TRAIN_KEY_TAG,
@@ -104,6 +105,9 @@ def publish_training(cfg: LoraopsConfig, root: Path, trained: TrainResult, train
         training_dir.mkdir()
         trained.write_json(training_dir / TRAIN_RESULT_FILE)
         shutil.copy(trained.history_path, training_dir / TRAIN_HISTORY)
+        record = root / cfg.paths.reports_dir / INIT_ADAPTER_RECORD  # the champion version it started from
+        if record.is_file():
+            shutil.copy(record, training_dir / INIT_ADAPTER_RECORD)
         client.log_artifacts(run_id, str(training_dir), TRAINING_ARTIFACTS)
         client.log_artifacts(run_id, trained.adapter_dir, ADAPTER_ARTIFACT_PATH)
     log.info("adapter published to MLflow run %s (train key %s)", run_id, train_key)
@@ -126,6 +130,9 @@ def fetch_training(cfg: LoraopsConfig, root: Path, train_key: str) -> TrainResul
         history = metrics_dir / TRAIN_HISTORY
         history.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(Path(scratch) / TRAINING_ARTIFACTS / TRAIN_HISTORY, history)
+        record = Path(scratch) / TRAINING_ARTIFACTS / INIT_ADAPTER_RECORD
+        if record.is_file():  # dvc.lock then names the version the worker started from
+            shutil.copy(record, root / cfg.paths.reports_dir / INIT_ADAPTER_RECORD)
         _replace_folder(Path(scratch) / ADAPTER_ARTIFACT_PATH, adapter_dir)
     result = result.model_copy(update={"adapter_dir": str(adapter_dir), "history_path": str(history)})
     record_training(result, metrics_dir)

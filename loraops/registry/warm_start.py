@@ -5,6 +5,8 @@ Training continues from the champion's LoRA weights only when they have this run
 ``adapter_config.json``, else the champion's run params) on the same ``model.base``. Without a champion, or
 with another shape, the run is refused before training, naming the setting and what to change. The files
 come through ``integrity.download_verified``, like every other load of a registered adapter.
+``check_init_adapter`` runs the same checks as a pre-flight, before the baseline spends any time, and says which
+version and files training would start from (reports/init_adapter.json, the train stage's DVC dep).
 """
 
 from __future__ import annotations
@@ -12,16 +14,18 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loraops.config import ConfigError, LoraopsConfig
 from loraops.names import BASE_MODEL_TAG
-from loraops.registry.integrity import download_verified
+from loraops.registry.integrity import adapter_digests, download_verified
 from loraops.registry.store import client_for, resolve_tracking_uri, store_exists
 from loraops.registry.values import flatten_params
 from loraops.registry.versions import CHAMPION, get_version
+from loraops.results import InitAdapterRecord
 
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
@@ -39,6 +43,7 @@ class InitAdapter:
 
     adapter_dir: Path
     label: str
+    record: InitAdapterRecord  # the version and its files' sha256, for reports/init_adapter.json
 
 
 def fetch_init_adapter(cfg: LoraopsConfig, root: Path, destination: Path) -> InitAdapter | None:
@@ -54,7 +59,21 @@ def fetch_init_adapter(cfg: LoraopsConfig, root: Path, destination: Path) -> Ini
     adapter_dir = download_verified(client, version, destination)
     _check_shape(cfg, champion_shape(client, version, adapter_dir), label)
     logger.info("train.init_from: champion: training continues from %s (%s)", label, adapter_dir)
-    return InitAdapter(adapter_dir=adapter_dir, label=label)
+    record = InitAdapterRecord(
+        init_from=cfg.train.init_from,
+        model_name=name,
+        version=str(version.version),
+        adapter_sha256=adapter_digests(adapter_dir),
+    )
+    return InitAdapter(adapter_dir=adapter_dir, label=label, record=record)
+
+
+def check_init_adapter(cfg: LoraopsConfig, root: Path) -> InitAdapterRecord:
+    """Pre-flight: the adapter ``train.init_from`` names exists, is intact and fits this run (else ConfigError)."""
+    if cfg.train.init_from is None:
+        return InitAdapterRecord()
+    with tempfile.TemporaryDirectory(prefix="loraops-init-") as scratch:
+        return fetch_init_adapter(cfg, root, Path(scratch) / "adapter").record
 
 
 def _champion(cfg: LoraopsConfig, root: Path, name: str) -> ModelVersion:
