@@ -138,6 +138,7 @@ def diff_data(cfg: LoraopsConfig, root: Path) -> DataDiff:
     return diff
 
 
+@reports_lost_server("resolve-init-adapter")
 def resolve_init_adapter(cfg: LoraopsConfig, root: Path) -> InitAdapterRecord:
     """Pre-flight for train.init_from (champion, base, shape), before anything expensive; records what it resolved
     in reports/init_adapter.json, so a new champion makes DVC retrain. Without init_from it asks no registry."""

@@ -210,25 +210,33 @@ def test_the_hand_off_carries_the_retrain_runs_lock_token(tiny_project):
 
 
 def test_the_train_adapter_flow_is_refused_while_another_run_holds_its_checkout(tiny_project, prefect_harness):
+    from prefect import get_client
+
     from flows.train import train_adapter
     from loraops.project.params_file import load_config
 
-    cfg = load_config(tiny_project / "params.yaml")
+    token = "sk-loraopsTEST0123456789abcdefXYZ"  # a secret-looking probe prompt: not kept in the run's parameters
+    cfg = load_config(tiny_project / "params.yaml", {"export.probe_prompts": [f"my key is {token}"]})
     release = tiny_project / "release"
     holder = _start_holder(tiny_project, "retrain flow", release)
     try:
+        state = train_adapter(
+            config=cfg,
+            data_dvc=(tiny_project / "data.dvc").read_text(),
+            train_key="k",
+            project_dir=str(tiny_project),
+            parent_lock="0" * 32,  # started by some other retrain run
+            return_state=True,
+        )
         with pytest.raises(ProjectLockedError, match=rf"in use by 'retrain flow' \(pid {holder.pid} on"):
-            train_adapter(
-                config=cfg,
-                data_dvc=(tiny_project / "data.dvc").read_text(),
-                train_key="k",
-                project_dir=str(tiny_project),
-                parent_lock="0" * 32,  # started by some other retrain run
-            )
+            state.result()
     finally:
         release.touch()
         holder.wait(timeout=30)
     assert not (tiny_project / "models" / "base").exists() and not (tiny_project / "mlflow").exists()
+    with get_client(sync_client=True) as client:
+        stored = client.read_flow_run(state.state_details.flow_run_id).parameters
+    assert stored["config"]["export"]["probe_prompts"] == ["my key is ***"]
 
 
 @pytest.mark.slow  # a tiny training inside a flow run: ~30 s on 2 busy cores

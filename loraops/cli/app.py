@@ -71,6 +71,29 @@ def _exit_cleanly_on_user_error():
     except _user_errors() as error:
         typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
         raise typer.Exit(code=1) from None
+    except Exception as error:
+        line = _unanswered_request(error)
+        if line is None:
+            raise
+        typer.secho(f"error: {line}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=1) from None
+
+
+def _unanswered_request(error: BaseException) -> str | None:
+    """An MLflow request that got no answer (MLflow's "API request to URL failed with exception ..."), as one
+    line naming the server without its credentials; None for any other error."""
+    import re
+
+    from loraops.project.servers import redact_url
+
+    text = str(error)
+    found = re.search(r"API request to (https?://[^/\s]+)\S* failed with exception", text)
+    if found is None:
+        return None
+    return (
+        f"MLflow tracking server {redact_url(found.group(1))} did not answer: start it, or point registry.tracking_uri "
+        "(or MLFLOW_TRACKING_URI) at a running one; credentials go in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD"
+    )
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -89,16 +112,30 @@ def _config(params: Path, overrides: list[str] | None) -> LoraopsConfig:
 def _project_locked(params: Path, command: str):
     """The project's run lock (loraops/project/lock.py), waiting orchestration.lock_timeout_s."""
     from loraops.project.lock import project_lock
+    from loraops.registry.limits import bounded_requests
 
     cfg = load_config(params)
     with project_lock(params.resolve().parent, command, cfg.orchestration.lock_timeout_s):
-        yield
+        with bounded_requests(cfg.registry.timeout_s):  # a lost tracking server fails the stage within the budget
+            yield
 
 
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     """loraops: specialise LLMs with LoRA/QLoRA under a data contract, a gate and a registry."""
     _configure_logging(verbose)
+    _bound_mlflow_requests()
+
+
+def _bound_mlflow_requests() -> None:
+    """MLflow's HTTP retries bounded by the default registry.timeout_s (not minutes per request) for every command,
+    unless the environment sets them; runs and stages bound them by their own params.yaml."""
+    import os
+
+    from loraops.registry.limits import http_settings
+
+    for name, value in http_settings(LoraopsConfig().registry.timeout_s).items():
+        os.environ.setdefault(name, value)
 
 
 def _exit_cleanly_on_termination() -> None:

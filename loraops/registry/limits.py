@@ -90,11 +90,14 @@ _OUTCOME = {
     "train-adapter": "nothing was registered (its MLflow run stays RUNNING until the next run marks it FAILED)",
     "gate-candidate": "nothing was logged or registered",
     "register-adapter": "its registration may be incomplete (a rerun completes it: registration is keyed on the run)",
+    "resolve-init-adapter": "nothing was trained or registered",
 }
 
 
 def kept_files(cfg: LoraopsConfig, stage: str) -> str:
     """What a run that lost its server at ``stage`` leaves for the rerun."""
+    if stage == "resolve-init-adapter":
+        return "no model was loaded yet"
     if stage == "train-adapter":
         return f"the checkpoints written so far are kept in {cfg.train.output_dir}/ (a rerun resumes from the last)"
     return f"the adapter and metrics are kept in {cfg.paths.adapter_dir}/, {cfg.paths.metrics_dir}/"

@@ -57,13 +57,17 @@ def _redact(name: str, value: str) -> str:
     return value
 
 
+_URL_CREDENTIALS = r"(?<=://)[^/\s@]+:[^/\s@]+@"  # the user:password@ of a URL (e.g. registry.tracking_uri)
+
+
 def redact_secret_values(text: str) -> str:
-    """Replace whatever the data contract's secret patterns match (API keys, tokens, key blocks) by ``***``."""
+    """Replace whatever the data contract's secret patterns match (API keys, tokens, key blocks) by ``***``,
+    and a URL's ``user:password@`` by ``***@``."""
     from loraops.contract import SECRET_PATTERNS
 
     for pattern in SECRET_PATTERNS.values():
         text = re.sub(pattern, "***", text)
-    return text
+    return re.sub(_URL_CREDENTIALS, "***@", text)
 
 
 def redact_nested(values: Any) -> Any:
