@@ -261,3 +261,20 @@ def test_the_train_adapter_flow_trains_under_the_lock_of_the_retrain_run_that_st
         release.touch()
         holder.wait(timeout=30)
     assert trained.steps > 0 and (Path(trained.adapter_dir) / "adapter_model.safetensors").is_file()
+
+
+def test_a_sweep_is_refused_while_another_run_holds_the_checkout(tiny_project, prefect_harness):
+    """Sweep trials train in the sweep flow's process, under the lock it takes first."""
+    from flows.sweep import sweep
+
+    params_before = (tiny_project / "params.yaml").read_bytes()
+    release = tiny_project / "release"
+    holder = _start_holder(tiny_project, "retrain flow", release)
+    try:
+        with pytest.raises(ProjectLockedError, match=rf"in use by 'retrain flow' \(pid {holder.pid} on"):
+            sweep(param=["lora.r=4,8"], project_dir=str(tiny_project))
+    finally:
+        release.touch()
+        holder.wait(timeout=30)
+    assert (tiny_project / "params.yaml").read_bytes() == params_before
+    assert not (tiny_project / "adapters").exists() and not (tiny_project / "mlflow").exists()
