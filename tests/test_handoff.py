@@ -62,6 +62,8 @@ def test_the_worker_trains_on_the_pushed_dataset_and_the_adapter_comes_back(pare
     recorded = stages.read_training(cfg, parent)
     assert recorded == fetched.model_copy(update={"mlflow_run_id": None})  # metrics/train.json: numbers only
     assert Path(recorded.history_path).parent == parent / cfg.paths.metrics_dir
+    record = parent / cfg.paths.reports_dir / names.INIT_ADAPTER_RECORD  # what the worker's training started from
+    assert record.read_bytes() == (worker / cfg.paths.reports_dir / names.INIT_ADAPTER_RECORD).read_bytes()
     plots = json.loads((parent / cfg.paths.metrics_dir / "plots" / "train_loss.json").read_text())
     assert [row["step"] for row in plots] == list(range(1, trained.steps + 1))
 

@@ -132,6 +132,7 @@ def fetch_training(cfg: LoraopsConfig, root: Path, train_key: str) -> TrainResul
         shutil.copy(Path(scratch) / TRAINING_ARTIFACTS / TRAIN_HISTORY, history)
         record = Path(scratch) / TRAINING_ARTIFACTS / INIT_ADAPTER_RECORD
         if record.is_file():  # dvc.lock then names the version the worker started from
+            (root / cfg.paths.reports_dir).mkdir(parents=True, exist_ok=True)
             shutil.copy(record, root / cfg.paths.reports_dir / INIT_ADAPTER_RECORD)
         _replace_folder(Path(scratch) / ADAPTER_ARTIFACT_PATH, adapter_dir)
     result = result.model_copy(update={"adapter_dir": str(adapter_dir), "history_path": str(history)})
