@@ -252,6 +252,37 @@ def test_scheduled_retrain_deploys_runs_on_a_worker_and_registers_through_the_se
     assert logged.artifact_location.startswith("mlflow-artifacts:")  # uploaded through the server, not a local path
 
 
+def test_a_gpu_worker_sharing_the_retrain_checkout_trains_under_the_retrain_runs_lock(
+    servers, tiny_model_dir, tmp_path
+):
+    """One host, one checkout, both pools: the train-adapter run neither deadlocks on its parent's lock nor skips it."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, LogFilter, LogFilterFlowRunId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    project = _checkout(tmp_path, tiny_model_dir, servers["mlflow"])
+    env, _ = _deploy(servers, tmp_path, project)
+    host = {**env, "LORAOPS_PROJECT_DIR": str(project)}
+    with temporary_settings(updates={PREFECT_API_URL: servers["prefect"]}), get_client(sync_client=True) as client:
+        run = client.create_flow_run_from_deployment(
+            client.read_deployment_by_name("retrain/retrain").id, parameters={}
+        )
+        started = time.monotonic()
+        gpu_worker = [str(BIN / "prefect"), "worker", "start", "--pool", "gpu", "--limit", "1"]
+        with background_process(gpu_worker, {**host, "PREFECT_HOME": str(tmp_path / "gpu-home")}, tmp_path / "gpu.log"):
+            _cli([str(BIN / "prefect"), "worker", "start", "--pool", "cpu", "--run-once"], host, timeout=RUN_S)
+            run = _finished_run(client, run.id, started + RUN_S)
+        training = client.read_deployment_by_name("train-adapter/train-adapter")
+        (trained,) = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[training.id]))
+        )
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[trained.id])))
+    assert run.state.is_completed(), f"{run.state}\n{(tmp_path / 'gpu.log').read_text()[-3000:]}"
+    assert trained.state.is_completed() and trained.parameters["parent_lock"]
+    assert any("runs under the run lock of the run that started it" in log.message for log in logs)
+    assert (project / ".loraops" / "run.lock").read_text() == ""  # released by the retrain run at its end
+
+
 def _kill_processes_of_flow_run(flow_run_id) -> int:
     """SIGKILL every process running the flow run (Linux: its environment names the run); returns how many."""
     marker = f"PREFECT__FLOW_RUN_ID={flow_run_id}".encode()
