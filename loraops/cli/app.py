@@ -291,6 +291,7 @@ def _add_area_commands() -> None:
         "loraops.cli.plan",
         "loraops.cli.sanity",
         "loraops.cli.sweep",
+        "loraops.cli.serve",
     ):
         try:
             importlib.import_module(module).add_commands(app, _exit_cleanly_on_user_error)
