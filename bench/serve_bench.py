@@ -58,7 +58,8 @@ class Row:
     scenario: str
     latencies_s: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
-    first_token_s: list[float] = field(default_factory=list)
+    first_token_s: list[float] = field(default_factory=list)  # streamed answers with text: first text chunk
+    streamed_chars: list[int] = field(default_factory=list)  # characters of each streamed answer
     wall_s: float = 0.0
     clients: int = 1
 
@@ -212,7 +213,7 @@ def free_port() -> int:
 def start_server(work: Path, port: int, api_key: str, timeout: float) -> subprocess.Popen:
     """``loraops serve`` on loopback in WORKDIR (its params.yaml), waiting until ``/health`` answers."""
     loraops = Path(sys.executable).parent / "loraops"
-    env = {**os.environ, "LORAOPS_API_KEY": api_key, "LORAOPS_CACHE": str(work / "cache")}
+    env = {**os.environ, "LORAOPS_API_KEY": api_key}
     log = (work / "serve.log").open("w")
     server = subprocess.Popen(
         [str(loraops), "serve", "--host", "127.0.0.1", "--port", str(port)],
@@ -259,7 +260,8 @@ def chat(client, model: str, prompt: str, max_tokens: int, row: Row) -> None:
 
 
 def stream(client, model: str, prompt: str, max_tokens: int, row: Row) -> None:
-    """A streamed answer: time to the first chunk with text, and to the end; tokens from the plain answer's usage."""
+    """A streamed answer: time to the first chunk with text (none for an empty answer) and to the end; tokens from
+    the stream's usage chunk."""
     start, first = time.perf_counter(), None
     pieces = []
     for chunk in client.chat.completions.create(
@@ -277,6 +279,7 @@ def stream(client, model: str, prompt: str, max_tokens: int, row: Row) -> None:
             row.tokens.append(chunk.usage.completion_tokens)
     end = time.perf_counter()
     row.latencies_s.append(end - start)
+    row.streamed_chars.append(len("".join(pieces)))
     if first is not None:
         row.first_token_s.append(first - start)
 

@@ -13,6 +13,15 @@ import yaml
 INFRA = Path(__file__).resolve().parent.parent / "infra"
 
 
+def _base_model_dir_in_image() -> str:
+    """Where the server converts a ``pypi:`` base in the image: the project (WORKDIR) + ``paths.base_model_dir``."""
+    from loraops.project.params_file import load_config
+
+    lines = (INFRA / "Dockerfile.worker").read_text().splitlines()
+    (workdir,) = [line.split()[1] for line in lines if line.startswith("WORKDIR ")]
+    return f"{workdir}/{load_config(INFRA.parent / 'params.yaml').paths.base_model_dir}"
+
+
 def _serve_options(argv: list[str]) -> tuple[click.Command, dict[str, object]]:
     """Parse ``argv`` as the installed ``loraops`` script would: the serve command and its values by flag."""
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == argv[0]]
@@ -51,6 +60,7 @@ def test_compose_serve_service_runs_the_cli_on_its_published_port_after_mlflow()
     assert re.fullmatch(rf"\$\{{{envvar}(:-)?\}}", serve["environment"][envvar]), serve["environment"]
     assert serve["image"] == services["gpu-worker"]["image"] and serve["build"] == services["gpu-worker"]["build"]
     assert {volume.split(":")[0] for volume in serve["volumes"]} <= set(compose["volumes"])
+    assert _base_model_dir_in_image() in [volume.split(":")[1] for volume in serve["volumes"]]
 
 
 def test_kubernetes_serve_deployment_and_service_agree_with_the_cli():
@@ -78,5 +88,5 @@ def test_kubernetes_serve_deployment_and_service_agree_with_the_cli():
     assert env["MLFLOW_TRACKING_URI"]["value"].startswith("http")
     resources = container["resources"]
     assert resources["requests"]["cpu"] and resources["requests"]["memory"] and resources["limits"]["memory"]
-    mounts = {m["name"] for m in container["volumeMounts"]}
-    assert mounts <= {v["name"] for v in pod["spec"]["volumes"]}
+    assert {m["name"] for m in container["volumeMounts"]} <= {v["name"] for v in pod["spec"]["volumes"]}
+    assert _base_model_dir_in_image() in [m["mountPath"] for m in container["volumeMounts"]]

@@ -67,6 +67,8 @@ def test_smoke_run_serves_every_scenario_with_the_tiny_model(tmp_path, tiny_mode
         assert row["requests"] >= 1 and all(0 < s for s in row["latencies_s"]), name
         assert row["tokens"] and all(1 <= t <= 4 for t in row["tokens"]), name  # max_tokens 4 in smoke mode
     streamed = rows["streamed, one adapter"]
-    assert 0 < streamed["first_token_s"][0] <= streamed["latencies_s"][0]
+    # a first-token time exactly for an answer with text (the tiny model's 4 tokens may decode to whitespace only)
+    assert len(streamed["first_token_s"]) == sum(chars > 0 for chars in streamed["streamed_chars"]) <= 1
+    assert all(0 < first <= streamed["latencies_s"][0] for first in streamed["first_token_s"])
     assert rows["2 concurrent clients, alternating adapters"]["requests"] == 2
     assert result["meta"]["max_adapters"] >= 2
