@@ -8,7 +8,10 @@ and ``serve.max_adapters`` 1, so alias moves and adapter eviction happen within 
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +20,7 @@ from urllib.parse import unquote, urlparse
 
 import httpx
 import pytest
-from conftest import free_port
+from conftest import background_process, free_port, wait_until_healthy
 from registry_helpers import PROMPT, make_adapter, register, registry_config
 
 from loraops.config import ModelConfig, QuantConfig
@@ -69,6 +72,7 @@ def served(tiny_model_dir, store_uri, tmp_path_factory):
             "adapters": adapters,
             "client": client,
             "base": str(tiny_model_dir),
+            "cfg": cfg,
         }
     finally:
         server.should_exit = True
@@ -314,3 +318,22 @@ def test_the_pool_keeps_the_most_recently_used_adapters(served):
     assert pool.loaded() == ["a/1", "a/3"], "a/2 was the least recently used"
     assert answer("a/1") == first == local_answer(served["adapters"][1], served["base"])
     assert answer("a/3") == local_answer(served["adapters"][3], served["base"]) != first
+
+
+@pytest.mark.integration
+def test_the_cli_serves_the_project_with_the_key_from_the_environment(served, tmp_path):
+    name, params, port = served["name"], tmp_path / "params.yaml", free_port()
+    params.write_text(json.dumps(served["cfg"].model_dump(mode="json")))  # JSON is YAML
+    command = [sys.executable, "-m", "loraops", "serve", "-p", str(params), "--port", str(port)]
+    env, log = {**os.environ, "LORAOPS_API_KEY": "cli-key"}, tmp_path / "serve.log"
+    with background_process(command, env, log, cwd=tmp_path) as process:
+        url = f"http://127.0.0.1:{port}"
+        wait_until_healthy("loraops serve", f"{url}/health", process, log, time.monotonic() + 180)
+        api = openai.OpenAI(base_url=f"{url}/v1", api_key="cli-key", max_retries=0, timeout=120)
+
+        assert f"{name}@champion" in [model.id for model in api.models.list()]
+        assert chat(api, f"{name}@champion").choices[0].message.content == local_answer(
+            served["adapters"][1], served["base"]
+        )
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+    assert f"{name}@champion -> version 1" in log.read_text() and "cli-key" not in log.read_text()
