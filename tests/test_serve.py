@@ -337,3 +337,35 @@ def test_the_cli_serves_the_project_with_the_key_from_the_environment(served, tm
         )
         assert httpx.get(f"{url}/v1/models").status_code == 401
     assert f"{name}@champion -> version 1" in log.read_text() and "cli-key" not in log.read_text()
+
+
+class _PieceTokenizer:
+    """Token id i decodes to PIECES[i]: enough of a tokenizer for the text assembler."""
+
+    PIECES = ["Hello", " wor", "ld", "!", " bye", "\ufffd"]
+
+    def decode(self, ids, **_options) -> str:
+        return "".join(self.PIECES[i] for i in ids)
+
+
+def test_streamed_pieces_never_include_a_stop_string_or_text_that_may_still_change():
+    from loraops.serve.generation import TextAssembler
+
+    def pieces(ids: list[int], stop: list[str]) -> list[str]:
+        assembler = TextAssembler(_PieceTokenizer(), stop)
+        sent = [assembler.push([i]) for i in ids]
+        return [piece for piece in [*sent, assembler.finish()] if piece]
+
+    assert pieces([0, 1, 2, 3], ["world"]) == ["Hello"], "' wor' was held back: it may start the stop string"
+    assert pieces([0, 1, 2, 3], ["xyz"]) == ["Hello", " wor", "ld", "!"]
+    assert pieces([0, 1, 5, 2], []) == ["Hello", " wor", "\ufffdld"], "an incomplete character waits for the next token"
+    assert pieces([0, 4], [" b"]) == ["Hello"]
+
+
+def test_serve_settings_are_checked_and_leave_the_params_hash_alone():
+    from loraops.config import ConfigError, LoraopsConfig, config_from_dict
+
+    changed = config_from_dict({"serve": {"port": 9000, "max_adapters": 8, "alias_ttl_s": 0}})
+    assert changed.params_hash() == LoraopsConfig().params_hash(), "serving settings do not make a retrain 'changed'"
+    with pytest.raises(ConfigError, match=r"serve\.max_adapters"):
+        config_from_dict({"serve": {"max_adapters": 0}})
