@@ -11,10 +11,11 @@ values do not change the timing), and a SQLite MLflow store where ``log_and_regi
 and 2 of one model, ``@champion`` -> 1, ``@challenger`` -> 2. Then starts ``loraops serve`` on loopback (its own
 process, API key set) and drives it with the official ``openai`` client, greedy, ``--max-tokens`` per answer:
 
-* first request per model: the adapter's download and load from the registry (the base is loaded at start);
-* base, one adapter, and requests alternating between the two adapters (the switch cost: alternating vs one);
-* time to first streamed token (adapter), and the whole streamed answer;
-* ``--concurrency`` clients at once, each alternating between the two adapters: requests and tokens per second.
+* the first request to each model: for an adapter its download, hash check and load (the base loads at start);
+* then ``--rounds`` rounds of, each ``--requests`` requests: the base; one adapter; the two adapters alternating,
+  every request switching (the switch cost: alternating vs one adapter); one adapter streamed (time to the first
+  streamed text); ``--concurrency`` clients at once, each alternating between the adapters (throughput).
+  Rounds spread a change of the machine's load over every scenario.
 
 Latency is the client's wall clock per request; tokens are the server's ``usage.completion_tokens``. Prints a
 markdown table (and writes ``--out`` JSON).
@@ -91,18 +92,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", help="base model (HF id or local folder); default: model.base of params.yaml")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="where the server runs")
-    parser.add_argument("--requests", type=int, default=6, help="timed requests per scenario (default 6)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over all scenarios (default 3)")
+    parser.add_argument("--requests", type=int, default=2, help="requests per scenario and round (default 2)")
     parser.add_argument("--max-tokens", type=int, default=16, help="max_tokens of each request (default 16)")
     parser.add_argument("--concurrency", type=int, default=4, help="clients at once in the last scenario")
     parser.add_argument("--workdir", type=Path, help="where base, adapters, store and logs go (default: a temp dir)")
     parser.add_argument("--startup-timeout", type=float, default=600, help="seconds to wait for /health")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
-    parser.add_argument("--smoke", action="store_true", help="one request per scenario, 4 tokens, 2 clients")
+    parser.add_argument("--smoke", action="store_true", help="one round, one request per scenario, 4 tokens, 2 clients")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.requests, args.max_tokens, args.concurrency = 1, 4, 2
-    if args.requests < 1 or args.max_tokens < 1 or args.concurrency < 1:
-        parser.error("--requests, --max-tokens and --concurrency must be at least 1")
+        args.rounds, args.requests, args.max_tokens, args.concurrency = 1, 1, 4, 2
+    if min(args.rounds, args.requests, args.max_tokens, args.concurrency) < 1:
+        parser.error("--rounds, --requests, --max-tokens and --concurrency must be at least 1")
     return args
 
 
@@ -284,17 +286,16 @@ def stream(client, model: str, prompt: str, max_tokens: int, row: Row) -> None:
         row.first_token_s.append(first - start)
 
 
-def timed(row: Row, requests) -> Row:
+def timed(row: Row, requests) -> None:
+    """Run ``requests`` one after the other, adding their latencies and wall time to ``row``."""
     start = time.perf_counter()
     for request in requests:
         request(row)
-    row.wall_s = time.perf_counter() - start
-    return row
+    row.wall_s += time.perf_counter() - start
 
 
-def concurrent(client, models: list[str], args: argparse.Namespace) -> Row:
+def concurrent(row: Row, client, models: list[str], args: argparse.Namespace) -> None:
     """``args.concurrency`` clients at once, each sending ``args.requests`` requests alternating over ``models``."""
-    row = Row(f"{args.concurrency} concurrent clients, alternating adapters", clients=args.concurrency)
     lock, errors = threading.Lock(), []
 
     def client_loop(offset: int) -> None:
@@ -315,36 +316,33 @@ def concurrent(client, models: list[str], args: argparse.Namespace) -> Row:
         thread.start()
     for thread in threads:
         thread.join()
-    row.wall_s = time.perf_counter() - start
+    row.wall_s += time.perf_counter() - start
     if errors:
         raise errors[0]
-    return row
 
 
 def run_scenarios(client, base_id: str, args: argparse.Namespace) -> list[Row]:
+    """The first request to each model, then ``args.rounds`` rounds of every scenario in turn (so that a change in
+    the machine's load during the run spreads over all scenarios instead of falling on one)."""
     champion, challenger = f"{MODEL_NAME}@champion", f"{MODEL_NAME}@challenger"
     n, tokens = args.requests, args.max_tokens
     prompt = lambda i: PROMPTS[i % len(PROMPTS)]  # noqa: E731
-    first = Row("first request per model (base loaded; adapter fetched from the registry and loaded)")
+    first = Row("first request to each model (adapters: fetched from the registry, verified, loaded)")
     for model in (base_id, champion, challenger):
         chat(client, model, prompt(0), tokens, first)
-    return [
-        first,
-        timed(Row(f"base ({base_id})"), [lambda r, i=i: chat(client, base_id, prompt(i), tokens, r) for i in range(n)]),
-        timed(
-            Row(f"one adapter ({champion})"),
-            [lambda r, i=i: chat(client, champion, prompt(i), tokens, r) for i in range(n)],
-        ),
-        timed(
-            Row("alternating two adapters (@champion, @challenger)"),
-            [lambda r, i=i: chat(client, (champion, challenger)[i % 2], prompt(i), tokens, r) for i in range(n)],
-        ),
-        timed(
-            Row(f"streamed, one adapter ({champion})"),
-            [lambda r, i=i: stream(client, champion, prompt(i), tokens, r) for i in range(n)],
-        ),
-        concurrent(client, [champion, challenger], args),
-    ]
+    base, one = Row(f"base ({base_id})"), Row(f"one adapter ({champion})")
+    alternating = Row("two adapters alternating (@champion, @challenger)")
+    streamed = Row(f"streamed, one adapter ({champion})")
+    together = Row(f"{args.concurrency} concurrent clients, adapters alternating", clients=args.concurrency)
+    models = (champion, challenger)
+    for _ in range(args.rounds):
+        timed(base, [lambda r, i=i: chat(client, base_id, prompt(i), tokens, r) for i in range(n)])
+        timed(one, [lambda r, i=i: chat(client, champion, prompt(i), tokens, r) for i in range(n)])
+        # challenger first: the adapter active before is champion, so every request here switches
+        timed(alternating, [lambda r, i=i: chat(client, models[(i + 1) % 2], prompt(i), tokens, r) for i in range(n)])
+        timed(streamed, [lambda r, i=i: stream(client, champion, prompt(i), tokens, r) for i in range(n)])
+        concurrent(together, client, list(models), args)
+    return [first, base, one, alternating, streamed, together]
 
 
 def base_model_id(client) -> str:
@@ -368,6 +366,7 @@ def markdown_table(rows: list[Row], meta: dict) -> str:
 
     lines = [
         f"{meta['base']} on {meta['device']}, {meta['cpus']} CPUs, greedy, max_tokens {meta['max_tokens']}, "
+        f"{meta['rounds']} rounds, "
         f"serve.max_adapters {meta['max_adapters']}; load average {meta['load_start']:.1f} at the start, "
         f"{meta['load_end']:.1f} at the end",
         "",
@@ -404,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": args.device,
         "cpus": os.cpu_count(),
         "max_tokens": args.max_tokens,
+        "rounds": args.rounds,
         "max_adapters": cfg.serve.max_adapters if hasattr(cfg, "serve") else None,
         "load_start": load_start,
         "load_end": os.getloadavg()[0],

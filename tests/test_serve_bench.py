@@ -26,10 +26,10 @@ def _load_bench():
 def test_arguments_smoke_mode_and_bad_counts():
     bench = _load_bench()
     args = bench.parse_args(["--device", "cuda", "--requests", "3", "--max-tokens", "8"])
-    assert (args.device, args.requests, args.max_tokens, args.concurrency) == ("cuda", 3, 8, 4)
+    assert (args.device, args.rounds, args.requests, args.max_tokens, args.concurrency) == ("cuda", 3, 3, 8, 4)
     smoke = bench.parse_args(["--smoke", "--requests", "9"])
-    assert (smoke.requests, smoke.max_tokens, smoke.concurrency) == (1, 4, 2)
-    for bad in (["--requests", "0"], ["--device", "tpu"], ["--concurrency", "-1"]):
+    assert (smoke.rounds, smoke.requests, smoke.max_tokens, smoke.concurrency) == (1, 1, 4, 2)
+    for bad in (["--requests", "0"], ["--rounds", "0"], ["--device", "tpu"], ["--concurrency", "-1"]):
         with pytest.raises(SystemExit):
             bench.parse_args(bad)
 
@@ -46,7 +46,7 @@ def test_percentiles_match_numpy_and_the_table_reports_each_scenario():
     assert summary["ttft_p50_s"] is None
     no_usage = bench.Row("streamed", latencies_s=[1.0], first_token_s=[0.25], wall_s=1.0).summary()
     assert no_usage["tokens_per_s"] is None and no_usage["ttft_p50_s"] == pytest.approx(0.25)
-    meta = {"base": "b", "device": "cpu", "cpus": 2, "max_tokens": 4, "max_adapters": 4}
+    meta = {"base": "b", "device": "cpu", "cpus": 2, "max_tokens": 4, "max_adapters": 4, "rounds": 1}
     table = bench.markdown_table([row], {**meta, "load_start": 1.0, "load_end": 2.0})
     assert "| one adapter | 2 | 2.00 | 2.90 | 15.0 | 6.0 | – | – |" in table.splitlines()
 
@@ -62,7 +62,7 @@ def test_smoke_run_serves_every_scenario_with_the_tiny_model(tmp_path, tiny_mode
     result = json.loads(out.read_text())
     rows = {row["scenario"].split(" (")[0]: row for row in result["rows"]}
     assert len(rows) == 6
-    assert rows["first request per model"]["requests"] == 3
+    assert rows["first request to each model"]["requests"] == 3
     for name, row in rows.items():
         assert row["requests"] >= 1 and all(0 < s for s in row["latencies_s"]), name
         assert row["tokens"] and all(1 <= t <= 4 for t in row["tokens"]), name  # max_tokens 4 in smoke mode
@@ -70,5 +70,5 @@ def test_smoke_run_serves_every_scenario_with_the_tiny_model(tmp_path, tiny_mode
     # a first-token time exactly for an answer with text (the tiny model's 4 tokens may decode to whitespace only)
     assert len(streamed["first_token_s"]) == sum(chars > 0 for chars in streamed["streamed_chars"]) <= 1
     assert all(0 < first <= streamed["latencies_s"][0] for first in streamed["first_token_s"])
-    assert rows["2 concurrent clients, alternating adapters"]["requests"] == 2
+    assert rows["2 concurrent clients, adapters alternating"]["requests"] == 2
     assert result["meta"]["max_adapters"] >= 2
