@@ -17,8 +17,10 @@ process, API key set) and drives it with the official ``openai`` client, greedy,
   streamed text); ``--concurrency`` clients at once, each alternating between the adapters (throughput).
   Rounds spread a change of the machine's load over every scenario.
 
-Latency is the client's wall clock per request; tokens are the server's ``usage.completion_tokens``. Prints a
-markdown table (and writes ``--out`` JSON).
+Latency is the client's wall clock per request; tokens are the server's ``usage.completion_tokens``. Generated
+tokens/s (all) is a scenario's tokens over its wall time (for concurrent clients: the server's throughput); "per
+request p50" is the median of each request's tokens over its latency, robust to a few requests slowed by other jobs.
+Prints a markdown table (and writes ``--out`` JSON).
 """
 
 from __future__ import annotations
@@ -71,6 +73,10 @@ class Row:
             "p95_s": percentile(self.latencies_s, 95),
             "mean_tokens": statistics.fmean(self.tokens) if self.tokens else None,
             "tokens_per_s": sum(self.tokens) / self.wall_s if self.wall_s and self.tokens else None,
+            # per request (its tokens over its latency), the median: robust to a few requests slowed by other jobs
+            "request_tokens_per_s_p50": percentile([n / s for n, s in zip(self.tokens, self.latencies_s)], 50)
+            if len(self.tokens) == len(self.latencies_s)
+            else None,
             "requests_per_s": len(self.latencies_s) / self.wall_s if self.wall_s else None,
             "ttft_p50_s": percentile(self.first_token_s, 50),
             "ttft_p95_s": percentile(self.first_token_s, 95),
@@ -370,14 +376,16 @@ def markdown_table(rows: list[Row], meta: dict) -> str:
         f"serve.max_adapters {meta['max_adapters']}; load average {meta['load_start']:.1f} at the start, "
         f"{meta['load_end']:.1f} at the end",
         "",
-        "| scenario | requests | latency p50 s | p95 s | tokens/request | generated tokens/s | first token p50 s | p95 s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| scenario | requests | latency p50 s | p95 s | tokens/request | generated tokens/s (all) | per request p50 "
+        "| first token p50 s | p95 s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         s = row.summary()
         lines.append(
             f"| {row.scenario} | {s['requests']} | {fmt(s['p50_s'])} | {fmt(s['p95_s'])} | {fmt(s['mean_tokens'], 1)} "
-            f"| {fmt(s['tokens_per_s'], 1)} | {fmt(s['ttft_p50_s'])} | {fmt(s['ttft_p95_s'])} |"
+            f"| {fmt(s['tokens_per_s'], 1)} | {fmt(s['request_tokens_per_s_p50'], 1)} "
+            f"| {fmt(s['ttft_p50_s'])} | {fmt(s['ttft_p95_s'])} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -48,7 +48,8 @@ def test_percentiles_match_numpy_and_the_table_reports_each_scenario():
     assert no_usage["tokens_per_s"] is None and no_usage["ttft_p50_s"] == pytest.approx(0.25)
     meta = {"base": "b", "device": "cpu", "cpus": 2, "max_tokens": 4, "max_adapters": 4, "rounds": 1}
     table = bench.markdown_table([row], {**meta, "load_start": 1.0, "load_end": 2.0})
-    assert "| one adapter | 2 | 2.00 | 2.90 | 15.0 | 6.0 | – | – |" in table.splitlines()
+    assert summary["request_tokens_per_s_p50"] == pytest.approx(np.median([10 / 1.0, 20 / 3.0]))
+    assert "| one adapter | 2 | 2.00 | 2.90 | 15.0 | 6.0 | 8.3 | – | – |" in table.splitlines()
 
 
 @pytest.mark.slow
