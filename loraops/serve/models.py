@@ -115,13 +115,12 @@ class ModelResolver:
         with self.registry_lock:
             try:
                 version = get_version(self.client, name, wanted)
-            except LookupError as error:
+            except LookupError:
                 self._cache.pop(key, None)
                 if self._served.pop(key, None) is not None:
                     logger.info("%s@%s no longer exists: refused from now on", name, wanted)
-                raise UnknownModel(
-                    f"the model {name}{'/' if wanted.isdigit() else '@'}{wanted} does not exist: {error}"
-                ) from None
+                what = f"version {wanted}" if wanted.isdigit() else f"alias {wanted!r}"
+                raise UnknownModel(f"the registered model {name!r} has no {what} (GET /v1/models lists them)") from None
             except MlflowException as error:
                 if error.error_code != "RESOURCE_DOES_NOT_EXIST":
                     raise
