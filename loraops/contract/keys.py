@@ -1,6 +1,6 @@
 """64-bit keys per example, question and answer: duplicates within a split and train/validation leakage.
 
-Vectorised over a batch's turns, with the one key scheme of ``data.keys`` (blake2b digests mixed
+Vectorised over a batch's turns, with the one key scheme of ``data.keys`` (64-bit text keys mixed
 with role and position), so a row's keys here equal ``data.keys.overlap_keys`` of that row.
 """
 
@@ -12,15 +12,11 @@ from typing import TYPE_CHECKING
 from loraops.contract.facts import SplitFacts, Turns, snippet
 from loraops.contract.patterns import ASCII_WHITESPACE_RUN
 from loraops.data.batches import RowBatch
-from loraops.data.keys import digests, mix, normalize_text, tagged, turn_salts
+from loraops.data.keys import digests, hash_strings, mix, normalize_text, tagged, turn_salts
 
 if TYPE_CHECKING:
     import numpy as np
     import pyarrow as pa
-
-
-def _hash_strings(array: pa.Array) -> np.ndarray:
-    return digests(array.to_numpy(zero_copy_only=False))
 
 
 def normalized_hashes(content: pa.Array, unusual: np.ndarray) -> np.ndarray:
@@ -33,12 +29,12 @@ def normalized_hashes(content: pa.Array, unusual: np.ndarray) -> np.ndarray:
     import numpy as np
     import pyarrow.compute as pc
 
-    hashes = _hash_strings(pc.ascii_lower(content))
+    hashes = hash_strings(pc.ascii_lower(content))
     if not len(unusual):
         return hashes
     odd = content.take(unusual)
     spaced = pc.replace_substring_regex(pc.ascii_lower(odd), ASCII_WHITESPACE_RUN, " ")
-    hashes[unusual] = _hash_strings(pc.utf8_trim(spaced, " "))
+    hashes[unusual] = hash_strings(pc.utf8_trim(spaced, " "))
     foreign = np.flatnonzero(~pc.fill_null(pc.string_is_ascii(odd), True).to_numpy(zero_copy_only=False))
     if len(foreign):
         texts = odd.take(foreign).to_pylist()
@@ -86,11 +82,11 @@ def keys_of(facts: SplitFacts, turns: Turns, well_formed: np.ndarray, unusual: n
     normalised = normalized_hashes(turns.content, unusual)
     encoded = pc.dictionary_encode(turns.role)
     role_hash = (
-        _hash_strings(encoded.dictionary)[encoded.indices.to_numpy()] if len(turns.role) else np.zeros(0, np.uint64)
+        hash_strings(encoded.dictionary)[encoded.indices.to_numpy()] if len(turns.role) else np.zeros(0, np.uint64)
     )
     salt = turn_salts(role_hash, turns.position)
     whole = _per_row_sum(turns, mix(normalised ^ salt))
-    exact_whole = _per_row_sum(turns, mix(_hash_strings(turns.content) ^ salt))
+    exact_whole = _per_row_sum(turns, mix(hash_strings(turns.content) ^ salt))
     whole[~well_formed] = 0
     exact_whole[~well_formed] = 0
     facts.add("key", whole)
