@@ -222,12 +222,9 @@ def _quiet_gx_logging() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def run_checkpoint(
-    context: Any, fmt: str, split: str, frame: pd.DataFrame, entries: list[SuiteEntry], parameters: dict[str, Any]
-) -> Any:
-    """Validate ``frame`` with the suite through a checkpoint that updates Data Docs; the suite's result."""
+def add_checkpoint(context: Any, fmt: str, split: str, entries: list[SuiteEntry]) -> Any:
+    """The split's checkpoint: ``entries`` as one suite over a pandas frame asset, results in SUMMARY format."""
     import great_expectations as gx
-    from great_expectations.core.run_identifier import RunIdentifier
 
     name = f"{fmt}_{split}"
     batch = context.data_sources.add_pandas(name).add_dataframe_asset("examples")
@@ -238,16 +235,25 @@ def run_checkpoint(
         config.meta = {**(config.meta or {}), "check": entry_name(entry)}
         suite.add_expectation(config.to_domain_obj())
     validation = context.validation_definitions.add(gx.ValidationDefinition(name=name, data=definition, suite=suite))
-    checkpoint = context.checkpoints.add(
+    return context.checkpoints.add(
         gx.Checkpoint(name=name, validation_definitions=[validation], result_format=RESULT_FORMAT)
     )
+
+
+def run_checkpoint(checkpoint: Any, split: str, frame: pd.DataFrame, parameters: dict[str, Any]) -> tuple[Any, Any]:
+    """Validate ``frame`` (a chunk of the split's table): the result's store key and the suite's result."""
+    from great_expectations.core.run_identifier import RunIdentifier
+
     result = checkpoint.run(
         batch_parameters={"dataframe": frame}, expectation_parameters=parameters, run_id=RunIdentifier(run_name=split)
     )
-    key, suite_result = next(iter(result.run_results.items()))
+    return next(iter(result.run_results.items()))
+
+
+def store_result(context: Any, key: Any, suite_result: Any) -> None:
+    """Keep the split's (merged) result for Data Docs, with file and line next to the unexpected values."""
     _show_lines_in_docs(suite_result)
     context.validation_results_store.set(key, suite_result)
-    return suite_result
 
 
 def _show_lines_in_docs(suite_result: Any) -> None:
