@@ -66,6 +66,7 @@ class SplitRun:
             self.pending = [example_frame(facts, np.zeros(0, dtype=bool))]
         if sum(len(part) for part in self.pending) or not self.results:
             self._validate(None)
+        logger.info("%s: GX validated %d rows in %d chunk(s)", self.split, self.kept, len(self.results))
         result = merge_results(self.results)
         store_result(self.context, self.key, result)
         return result, self.entries, self.quarantine.record(facts)
