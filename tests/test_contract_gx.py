@@ -296,3 +296,25 @@ def test_chunked_validation_gives_the_verdicts_and_counts_of_one_piece(tmp_path,
     quarantined = [tmp_path / name / "quarantine" / "train.jsonl" for name in ("whole", "chunked")]
     assert quarantined[0].read_text() == quarantined[1].read_text() and '"line": 9' in quarantined[1].read_text()
     assert "line" in html.unescape((Path(chunked.data_docs).parent).joinpath("index.html").read_text())
+
+
+def test_the_quarantine_sets_aside_the_rows_the_suite_finds(tmp_path):
+    """The quarantine follows the suite's expectation (here an edited ``emails`` regex), not a second check."""
+    gx_dir = copy_gx(tmp_path)
+    suite = gx_dir / "expectations" / "chat.json"
+    content = json.loads(suite.read_text())
+    emails = next(entry for entry in content["expectations"] if entry["meta"].get("rule") == "emails")
+    emails["kwargs"]["regex"] = r"@example\.org"  # the team only minds one domain
+    suite.write_text(json.dumps(content, indent=2))
+    train = tmp_path / "train.jsonl"
+    rows = [chat("Who?", "Write to ann@example.com."), chat("And?", "Write to bob@example.org."), chat("Ok?", "Yes.")]
+    train.write_text("\n".join(rows) + "\n")
+    config = DataConfig(contract={"gx_dir": str(gx_dir), "quarantine": ["emails"]})
+
+    report = validate_dataset(train, None, None, config, tmp_path / "reports")
+
+    record = report.quarantine["train"]
+    aside = [json.loads(line) for line in Path(record.path).read_text().splitlines()]
+    assert [row["line"] for row in aside] == [2] and record.by_rule == {"emails": 1}
+    assert aside[0]["reasons"] == ["emails: e-mail address 'b***@example.org' in content of message 2 (assistant)"]
+    assert check(report, "train", "emails").observed == "0 of 2 rows (0.0%); 1 quarantined"

@@ -1,7 +1,9 @@
 """Chunked validation of one split: quarantine, the example table and its GX checkpoint, batch by batch.
 
 ``scan_split`` calls ``SplitRun.add`` after each read batch, once every fact of its rows is known.
-The batch's rows are quarantined, its kept rows become rows of the example table, and each time
+The batch's rows become rows of the example table; with ``data.contract.quarantine`` set, the
+expectations of those rules run on them first and the rows they find unexpected are set aside
+(the suite's verdict, as for the contract itself: one implementation per rule). Each time
 ``data.contract.chunk_rows`` rows are waiting GX validates them and they are dropped, so the text
 columns of at most one chunk (plus one read batch) are in memory whatever the file's size.
 ``finish`` validates the rest and merges the chunks' results into the split's one result
@@ -16,7 +18,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraops.config import DataConfig
-from loraops.contract.context import SuiteEntry, add_checkpoint, load_suite, run_checkpoint, store_result
+from loraops.contract.context import (
+    EVERY_ROW,
+    SuiteEntry,
+    add_checkpoint,
+    load_suite,
+    run_checkpoint,
+    store_result,
+)
 from loraops.contract.facts import SplitFacts
 from loraops.contract.merge import merge_results, needs_whole_table
 from loraops.contract.quarantine import Quarantine
@@ -40,19 +49,24 @@ class SplitRun:
         self.results: list[Any] = []
         self.key: Any = None
         self.checkpoint: Any = None
+        self.aside: Any = None  # the checkpoint of the quarantine rules' expectations (None: no quarantine)
         self.entries: list[SuiteEntry] = []
         self.kept = 0
 
     def add(self, facts: SplitFacts) -> None:
         """Quarantine the rows scanned since the last call, queue the kept ones and validate full chunks."""
-        start, stop = facts.table_start, facts.rows
-        keep = self.quarantine.take(facts, start, stop)
-        frame = example_frame(facts, keep)
+        import numpy as np
+
+        frame = example_frame(facts, np.ones(facts.rows - facts.table_start, dtype=bool))
         facts.drop_table()
-        self.kept += len(frame)
-        self.pending.append(frame)
         if self.checkpoint is None:
             self._prepare(facts.format)
+        if self.aside is not None:
+            aside = self.quarantine.write(facts, self._broken(frame))
+            if aside:
+                frame = frame[~frame["line"].isin(aside)].reset_index(drop=True)
+        self.kept += len(frame)
+        self.pending.append(frame)
         while self.chunk_rows and sum(len(part) for part in self.pending) >= self.chunk_rows:
             self._validate(self.chunk_rows)
 
@@ -74,6 +88,9 @@ class SplitRun:
     def _prepare(self, fmt: str) -> None:
         self.entries = load_suite(self.data, fmt, self.split, self.tokenized)
         self.checkpoint = add_checkpoint(self.context, fmt, self.split, self.entries)
+        aside = [entry for entry in self.entries if entry.rule in self.quarantine.rules]
+        if aside:
+            self.aside = add_checkpoint(self.context, fmt, f"{self.split}_quarantine", aside, EVERY_ROW)
         whole = needs_whole_table(self.entries)
         if whole and self.chunk_rows:
             logger.warning(
@@ -83,6 +100,19 @@ class SplitRun:
             )
             self.chunk_rows = 0
 
+    def _broken(self, frame: pd.DataFrame) -> dict[str, dict[int, Any]]:
+        """Per quarantine rule, the rows of ``frame`` its expectation finds unexpected (line -> value)."""
+        _, result = run_checkpoint(self.aside, self.split, frame, self._parameters())
+        broken = {}
+        for item in result.results:
+            column = item.expectation_config.kwargs.get("column")
+            found = (item.result or {}).get("unexpected_index_list") or []
+            broken[item.expectation_config.meta["check"]] = {int(row["line"]): row.get(column) for row in found}
+        return broken
+
+    def _parameters(self) -> dict[str, Any]:
+        return {"min_rows": getattr(self.data.contract.min_rows, self.split), "max_length": self.data.max_length}
+
     def _validate(self, rows: int | None) -> None:
         """Validate the first ``rows`` waiting rows (all of them for None); keep the rest waiting."""
         import pandas as pd
@@ -90,6 +120,5 @@ class SplitRun:
         waiting = pd.concat(self.pending, ignore_index=True) if len(self.pending) > 1 else self.pending[0]
         chunk = waiting if rows is None else waiting.iloc[:rows].reset_index(drop=True)
         self.pending = [] if rows is None else [waiting.iloc[rows:].reset_index(drop=True)]
-        parameters = {"min_rows": getattr(self.data.contract.min_rows, self.split), "max_length": self.data.max_length}
-        self.key, result = run_checkpoint(self.checkpoint, self.split, chunk, parameters)
+        self.key, result = run_checkpoint(self.checkpoint, self.split, chunk, self._parameters())
         self.results.append(result)

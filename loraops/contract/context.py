@@ -38,6 +38,7 @@ RESULT_FORMAT = {
     "unexpected_index_column_names": ["file", "line"],
     "partial_unexpected_count": 20,
 }
+EVERY_ROW = {"result_format": "COMPLETE", "unexpected_index_column_names": ["line"]}  # the quarantine's rows
 
 
 @dataclass(frozen=True)
@@ -222,8 +223,10 @@ def _quiet_gx_logging() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def add_checkpoint(context: Any, fmt: str, split: str, entries: list[SuiteEntry]) -> Any:
-    """The split's checkpoint: ``entries`` as one suite over a pandas frame asset, results in SUMMARY format."""
+def add_checkpoint(
+    context: Any, fmt: str, split: str, entries: list[SuiteEntry], result_format: dict[str, Any] = RESULT_FORMAT
+) -> Any:
+    """The split's checkpoint: ``entries`` as one suite over a pandas frame asset (SUMMARY results by default)."""
     import great_expectations as gx
 
     name = f"{fmt}_{split}"
@@ -236,7 +239,7 @@ def add_checkpoint(context: Any, fmt: str, split: str, entries: list[SuiteEntry]
         suite.add_expectation(config.to_domain_obj())
     validation = context.validation_definitions.add(gx.ValidationDefinition(name=name, data=definition, suite=suite))
     return context.checkpoints.add(
-        gx.Checkpoint(name=name, validation_definitions=[validation], result_format=RESULT_FORMAT)
+        gx.Checkpoint(name=name, validation_definitions=[validation], result_format=result_format)
     )
 
 

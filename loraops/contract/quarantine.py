@@ -6,15 +6,12 @@ import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
-from loraops.contract.facts import SplitFacts
+from loraops.contract.facts import SplitFacts, snippet
 from loraops.data.formats import DataError
 from loraops.names import CONTRACT_SUMMARY, QUARANTINE_DIR
 from loraops.results import ContractReport, QuarantineRecord
-
-if TYPE_CHECKING:
-    import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -33,26 +30,25 @@ class Quarantine:
             self.target.parent.mkdir(parents=True, exist_ok=True)
             self.partial.write_text("")
 
-    def take(self, facts: SplitFacts, start: int, stop: int) -> np.ndarray:
-        """Write rows ``start:stop`` that break a rule; return the mask of the rows kept."""
-        import numpy as np
+    def write(self, facts: SplitFacts, broken: dict[str, dict[int, Any]]) -> set[int]:
+        """Write the rows the suite found breaking a quarantine rule (rule -> line -> offending value), with reasons.
 
-        if not self.rules:
-            return np.ones(stop - start, dtype=bool)
-        line = facts.window("line", start, stop)
-        flagged = {rule: facts.window(rule, start, stop) for rule in self.rules if rule in facts.columns}
-        aside = np.zeros(len(line), dtype=bool)
-        for rule, mask in flagged.items():
-            aside |= mask
-            self.by_rule[rule] = self.by_rule.get(rule, 0) + int(mask.sum())
+        The verdicts are GX's (the rule's expectation in the suite, ``chunks.SplitRun``); the reasons are
+        the scan's explanations, else the offending value. Returns the lines set aside.
+        """
+        lines = sorted(set().union(*broken.values())) if broken else []
         with self.partial.open("a", encoding="utf-8") as handle:
-            for row in np.flatnonzero(aside):
-                broken = [rule for rule, mask in flagged.items() if mask[row]]
-                reasons = [f"{rule}: {facts.reasons.get(rule, {}).get(int(line[row]), '')}" for rule in broken]
-                handle.write(json.dumps({"line": int(line[row]), "rules": broken, "reasons": reasons}) + "\n")
-        facts.quarantined.update(int(value) for value in line[aside])
-        self.rows += int(aside.sum())
-        return ~aside
+            for line in lines:
+                rules = [rule for rule, found in broken.items() if line in found]
+                reasons = [
+                    f"{rule}: {facts.reasons.get(rule, {}).get(line) or snippet(broken[rule][line])}" for rule in rules
+                ]
+                handle.write(json.dumps({"line": line, "rules": rules, "reasons": reasons}) + "\n")
+        for rule, found in broken.items():
+            self.by_rule[rule] = self.by_rule.get(rule, 0) + len(found)
+        facts.quarantined.update(lines)
+        self.rows += len(lines)
+        return set(lines)
 
     def record(self, facts: SplitFacts) -> QuarantineRecord | None:
         """What was set aside, for the report (None when no rule is configured)."""
@@ -67,18 +63,11 @@ class Quarantine:
             source_md5=file_md5(Path(facts.path)),
             path=str(self.target),
             rows=self.rows,
-            by_rule={rule: self.by_rule.get(rule, 0) for rule in self.rules if rule in facts.columns},
+            by_rule={rule: self.by_rule[rule] for rule in self.rules if rule in self.by_rule},
         )
         if record.rows:
             logger.warning("Quarantined %d %s rows (%s) in %s", record.rows, facts.name, record.by_rule, self.target)
         return record
-
-
-def quarantine(facts: SplitFacts, rules: Iterable[str], report_dir: Path) -> tuple[np.ndarray, QuarantineRecord | None]:
-    """Quarantine a whole scanned split at once: the mask of kept rows and the record (None: no rules)."""
-    aside = Quarantine(facts.name, rules, report_dir)
-    keep = aside.take(facts, 0, facts.rows)
-    return keep, aside.record(facts)
 
 
 def quarantined_lines(report_dir: str | Path, split: str, source: str | Path) -> set[int]:
