@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from loraops.contract.facts import SplitFacts, Turns, snippet
 from loraops.contract.patterns import ASCII_WHITESPACE_RUN
 from loraops.data.batches import RowBatch
-from loraops.data.keys import digests, hash_strings, mix, normalize_text, tagged, turn_salts
+from loraops.data.keys import digests, hash_strings, hash_strings_and_lowered, mix, normalize_text, tagged, turn_salts
 
 if TYPE_CHECKING:
     import numpy as np
@@ -20,18 +20,24 @@ if TYPE_CHECKING:
 
 
 def normalized_hashes(content: pa.Array, unusual: np.ndarray) -> np.ndarray:
-    """``digests([normalize_text(s)])`` of every turn, computed by Arrow except for non-ASCII turns.
+    """``digests([normalize_text(s)])`` of every turn (see ``turn_hashes``)."""
+    return turn_hashes(content, unusual)[1]
+
+
+def turn_hashes(content: pa.Array, unusual: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``digests`` of every turn as written and of its ``normalize_text``, computed by Arrow and numpy.
 
     For plain ASCII text ``normalize_text`` (casefold, split on whitespace, join with one space)
-    is lower-casing; unusual ASCII turns also get their whitespace runs collapsed by Arrow, and
-    only non-ASCII turns (Unicode case folding and spaces) go through Python.
+    is lower-casing, hashed from the same read of the bytes as the exact key; unusual ASCII turns
+    also get their whitespace runs collapsed by Arrow, and only non-ASCII turns (Unicode case
+    folding and spaces) go through Python.
     """
     import numpy as np
     import pyarrow.compute as pc
 
-    hashes = hash_strings(pc.ascii_lower(content))
+    exact, hashes = hash_strings_and_lowered(content)
     if not len(unusual):
-        return hashes
+        return exact, hashes
     odd = content.take(unusual)
     spaced = pc.replace_substring_regex(pc.ascii_lower(odd), ASCII_WHITESPACE_RUN, " ")
     hashes[unusual] = hash_strings(pc.utf8_trim(spaced, " "))
@@ -39,7 +45,7 @@ def normalized_hashes(content: pa.Array, unusual: np.ndarray) -> np.ndarray:
     if len(foreign):
         texts = odd.take(foreign).to_pylist()
         hashes[unusual[foreign]] = digests(normalize_text(text) for text in texts)
-    return hashes
+    return exact, hashes
 
 
 @dataclass
@@ -79,14 +85,14 @@ def keys_of(facts: SplitFacts, turns: Turns, well_formed: np.ndarray, unusual: n
     import numpy as np
     import pyarrow.compute as pc
 
-    normalised = normalized_hashes(turns.content, unusual)
+    exact, normalised = turn_hashes(turns.content, unusual)
     encoded = pc.dictionary_encode(turns.role)
     role_hash = (
         hash_strings(encoded.dictionary)[encoded.indices.to_numpy()] if len(turns.role) else np.zeros(0, np.uint64)
     )
     salt = turn_salts(role_hash, turns.position)
     whole = _per_row_sum(turns, mix(normalised ^ salt))
-    exact_whole = _per_row_sum(turns, mix(hash_strings(turns.content) ^ salt))
+    exact_whole = _per_row_sum(turns, mix(exact ^ salt))
     whole[~well_formed] = 0
     exact_whole[~well_formed] = 0
     facts.add("key", whole)

@@ -43,14 +43,25 @@ def digests(texts: Iterable[str | None]) -> np.ndarray:
 
 def hash_strings(array: pa.Array) -> np.ndarray:
     """uint64 key of each value of an Arrow string or binary array (0 for null), from its buffers."""
+    return hash_strings_and_lowered(array, lowered=False)[0]
+
+
+def hash_strings_and_lowered(array: pa.Array, lowered: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    """``hash_strings`` of each value and (``lowered``) of its ASCII-lowercased form, from one read of the bytes.
+
+    The second equals ``hash_strings(pyarrow.compute.ascii_lower(array))``: only A-Z change.
+    """
     import numpy as np
 
-    parts = [_hash_slice(array.slice(start, HASH_SLICE)) for start in range(0, len(array), HASH_SLICE)]
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64)
+    parts = [_hash_slice(array.slice(start, HASH_SLICE), lowered) for start in range(0, len(array), HASH_SLICE)]
+    if not parts:
+        return np.zeros(0, dtype=np.uint64), np.zeros(0, dtype=np.uint64) if lowered else None
+    exact = np.concatenate([part[0] for part in parts])
+    return exact, np.concatenate([part[1] for part in parts]) if lowered else None
 
 
-def _hash_slice(array: pa.Array) -> np.ndarray:
-    """``hash_strings`` of up to HASH_SLICE values (the temporaries stay a few MB)."""
+def _hash_slice(array: pa.Array, lowered: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """``hash_strings_and_lowered`` of up to HASH_SLICE values (the temporaries stay a few MB)."""
     import numpy as np
     import pyarrow as pa
 
@@ -74,15 +85,40 @@ def _hash_slice(array: pa.Array) -> np.ndarray:
     tails = np.flatnonzero(lengths & 7)  # a text's last word holds bytes of the next text: mask them off
     kept_bits = (lengths[tails] & 7).astype(np.uint64) * np.uint64(8)
     values[first[tails + 1] - 1] &= (np.uint64(1) << kept_bits) - np.uint64(1)
-    salt = np.uint64(WORD_SALT)
-    values = (values ^ position.astype(np.uint64) * salt) * np.uint64(0xBF58476D1CE4E5B9)
-    values ^= values >> np.uint64(29)
-    values *= np.uint64(0x94D049BB133111EB)
-    sums = np.zeros(len(values) + 1, dtype=np.uint64)
-    np.cumsum(values, out=sums[1:])
-    keys = mix((sums[first[1:]] - sums[first[:-1]]) ^ mix(lengths.astype(np.uint64) + salt))
-    if array.null_count:
-        keys[~array.is_valid().to_numpy(zero_copy_only=False)] = 0
+    salt = position.astype(np.uint64) * np.uint64(WORD_SALT)
+    length_salt = mix(lengths.astype(np.uint64) + np.uint64(WORD_SALT))
+    invalid = ~array.is_valid().to_numpy(zero_copy_only=False) if array.null_count else None
+    keys = [_combine(values, salt, first, length_salt, invalid)]
+    if lowered:
+        keys.append(_combine(_ascii_lower(values), salt, first, length_salt, invalid))
+    return keys[0], keys[1] if lowered else None
+
+
+def _ascii_lower(words: np.ndarray) -> np.ndarray:
+    """Bytes A-Z of each 8-byte word made a-z, all eight at once (no carry crosses a byte)."""
+    import numpy as np
+
+    low7 = words & np.uint64(0x7F7F7F7F7F7F7F7F)
+    at_least_a = low7 + np.uint64(0x3F3F3F3F3F3F3F3F)  # high bit set where the byte's low 7 bits >= 'A'
+    past_z = low7 + np.uint64(0x2525252525252525)  # ... where they are > 'Z'
+    upper = at_least_a & ~past_z & ~words & np.uint64(0x8080808080808080)  # ASCII bytes only
+    return words | (upper >> np.uint64(2))  # 0x80 >> 2 == 0x20, the case bit
+
+
+def _combine(
+    values: np.ndarray, salt: np.ndarray, first: np.ndarray, length_salt: np.ndarray, invalid: np.ndarray | None
+) -> np.ndarray:
+    """Mix each word with its position, sum a text's words, mix the sum with the length."""
+    import numpy as np
+
+    mixed = (values ^ salt) * np.uint64(0xBF58476D1CE4E5B9)
+    mixed ^= mixed >> np.uint64(29)
+    mixed *= np.uint64(0x94D049BB133111EB)
+    sums = np.zeros(len(mixed) + 1, dtype=np.uint64)
+    np.cumsum(mixed, out=sums[1:])
+    keys = mix((sums[first[1:]] - sums[first[:-1]]) ^ length_salt)
+    if invalid is not None:
+        keys[invalid] = 0
     return keys
 
 
