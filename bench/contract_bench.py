@@ -219,7 +219,8 @@ def section(results: list[dict], rows: int, size_mb: float) -> str:
         "so the paths that explain failing rows run too.",
         "- Tokenised runs use a subsample (the first rows of the same file); tokenising renders each row's chat "
         "template (Jinja, per row) and encodes in batches of 256, so its cost scales with rows.",
-        f"- Peak RSS is the process's maximum resident set; {results[0]['rss_before_mb']} MB of it is already "
+        f"- Peak RSS is the process's maximum resident set ({results[0]['runs']} runs of the first row share one "
+        f"process, so its peak covers them all); {results[0]['rss_before_mb']} MB of it is already "
         f"taken after the imports. The file is read in {chunk_mb:g} MB chunks (`data.contract.chunk_mb`), the "
         f"next one parsed on a second thread, and GX validates {chunk_rows:,} rows at a time "
         "(`data.contract.chunk_rows`, results merged): the table's text columns (`prompt`, `completion`, `text`, "

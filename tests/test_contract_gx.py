@@ -295,7 +295,13 @@ def test_chunked_validation_gives_the_verdicts_and_counts_of_one_piece(tmp_path,
             assert {key: ours["result"].get(key) for key in keys} == {key: theirs["result"].get(key) for key in keys}
     quarantined = [tmp_path / name / "quarantine" / "train.jsonl" for name in ("whole", "chunked")]
     assert quarantined[0].read_text() == quarantined[1].read_text() and '"line": 9' in quarantined[1].read_text()
-    assert "line" in html.unescape((Path(chunked.data_docs).parent).joinpath("index.html").read_text())
+    site = Path(chunked.data_docs).parent  # one merged result per split; no page per chunk or quarantine pass
+    pages = sorted(path.relative_to(site).parts[:2] for path in site.rglob("*.html") if path.name != "index.html")
+    assert pages == [("expectations", "chat_train.html"), ("expectations", "chat_validation.html"),
+                     ("validations", "chat_train"), ("validations", "chat_validation")]  # fmt: skip
+    docs = site / "validations" / "chat_train"
+    text = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", next(docs.rglob("*.html")).read_text())))
+    assert f"human,assistant 1 {train} 5" in text and f"2 1 {train} 11" in text  # chunks 2 and 3, with file:line
 
 
 def test_the_quarantine_sets_aside_the_rows_the_suite_finds(tmp_path):

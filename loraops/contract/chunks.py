@@ -83,6 +83,8 @@ class SplitRun:
         logger.info("%s: GX validated %d rows in %d chunk(s)", self.split, self.kept, len(self.results))
         result = merge_results(self.results)
         store_result(self.context, self.key, result)
+        if self.aside is not None:  # a helper suite: not one of the contract's, so not in Data Docs
+            self.context.suites.delete(self.aside.validation_definitions[0].suite.name)
         return result, self.entries, self.quarantine.record(facts)
 
     def _prepare(self, fmt: str) -> None:
@@ -102,7 +104,7 @@ class SplitRun:
 
     def _broken(self, frame: pd.DataFrame) -> dict[str, dict[int, Any]]:
         """Per quarantine rule, the rows of ``frame`` its expectation finds unexpected (line -> value)."""
-        _, result = run_checkpoint(self.aside, self.split, frame, self._parameters())
+        _, result = run_checkpoint(self.context, self.aside, self.split, frame, self._parameters())
         broken = {}
         for item in result.results:
             column = item.expectation_config.kwargs.get("column")
@@ -120,5 +122,5 @@ class SplitRun:
         waiting = pd.concat(self.pending, ignore_index=True) if len(self.pending) > 1 else self.pending[0]
         chunk = waiting if rows is None else waiting.iloc[:rows].reset_index(drop=True)
         self.pending = [] if rows is None else [waiting.iloc[rows:].reset_index(drop=True)]
-        self.key, result = run_checkpoint(self.checkpoint, self.split, chunk, self._parameters())
+        self.key, result = run_checkpoint(self.context, self.checkpoint, self.split, chunk, self._parameters())
         self.results.append(result)

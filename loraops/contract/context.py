@@ -248,14 +248,23 @@ def add_checkpoint(
     )
 
 
-def run_checkpoint(checkpoint: Any, split: str, frame: pd.DataFrame, parameters: dict[str, Any]) -> tuple[Any, Any]:
-    """Validate ``frame`` (a chunk of the split's table): the result's store key and the suite's result."""
+def run_checkpoint(
+    context: Any, checkpoint: Any, split: str, frame: pd.DataFrame, parameters: dict[str, Any]
+) -> tuple[Any, Any]:
+    """Validate ``frame`` (a chunk of the split's table): the result's store key and the suite's result.
+
+    GX stores every run's result; a chunk's is taken out again, so Data Docs show only the merged
+    result of the split (``store_result``).
+    """
     from great_expectations.core.run_identifier import RunIdentifier
 
     result = checkpoint.run(
         batch_parameters={"dataframe": frame}, expectation_parameters=parameters, run_id=RunIdentifier(run_name=split)
     )
-    return next(iter(result.run_results.items()))
+    key, suite_result = next(iter(result.run_results.items()))
+    if context.validation_results_store.has_key(key):
+        context.validation_results_store.remove_key(key)
+    return key, suite_result
 
 
 def store_result(context: Any, key: Any, suite_result: Any) -> None:
