@@ -324,3 +324,26 @@ def test_the_quarantine_sets_aside_the_rows_the_suite_finds(tmp_path):
     assert [row["line"] for row in aside] == [2] and record.by_rule == {"emails": 1}
     assert aside[0]["reasons"] == ["emails: e-mail address 'b***@example.org' in content of message 2 (assistant)"]
     assert check(report, "train", "emails").observed == "0 of 2 rows (0.0%); 1 quarantined"
+
+
+def test_an_expectation_over_the_whole_column_validates_the_split_in_one_piece(tmp_path, caplog):
+    """Uniqueness cannot be merged from chunks: the split is validated in one piece, with a warning."""
+    gx_dir = copy_gx(tmp_path)
+    add_expectations(
+        gx_dir, "chat",
+        {"type": "expect_column_values_to_be_unique", "kwargs": {"column": "completion"}, "meta": {"name": "unique"}},
+    )  # fmt: skip
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join([chat("One?", "Same."), chat("Two?", "Other."), chat("Three?", "Same.")]) + "\n")
+    config = DataConfig(contract={"gx_dir": str(gx_dir), "chunk_rows": 2})
+
+    with caplog.at_level(logging.INFO, logger="loraops.contract.chunks"):
+        report = validate_dataset(train, None, None, config, tmp_path / "reports")
+
+    assert "train: unique needs the whole column at once" in caplog.text
+    assert "train: GX validated 3 rows in 1 chunk(s)" in caplog.messages
+    unique = check(report, "train", "unique")
+    assert not unique.passed and unique.examples == [
+        f"{train}:1: completion = 'Same.'",
+        f"{train}:3: completion = 'Same.'",
+    ]
