@@ -103,7 +103,8 @@ class ContractConfig(_Section):
     quarantine: list[RowRule] = Field(
         [], description="Rules whose failing rows are set aside (reports_dir/quarantine/) instead of failing"
     )
-    chunk_mb: float = Field(32.0, gt=0, description="Files above this size are validated in chunks of this size")
+    chunk_mb: float = Field(32.0, gt=0, description="Files are read and scanned in chunks of this size")
+    chunk_rows: int = Field(200_000, ge=0, description="Rows GX validates at a time, results merged (0: all)")
     gx_dir: str = Field(
         "gx",
         description="The GX file context holding the suites (expectations/chat.json, alpaca.json, text.json); "
