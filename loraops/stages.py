@@ -196,10 +196,13 @@ def sanity_check(cfg: LoraopsConfig, root: Path):
 
 
 @reports_lost_server("train-adapter")
-def train_adapter(cfg: LoraopsConfig, root: Path, callbacks: tuple = ()) -> TrainResult:
+def train_adapter(
+    cfg: LoraopsConfig, root: Path, callbacks: tuple = (), run_tags: dict[str, str] | None = None
+) -> TrainResult:
     """Train in a live MLflow run (opened now, step metrics as they happen); later stages log into it.
 
-    ``callbacks``: more TrainerCallbacks (e.g. a test watching the run while it trains).
+    ``callbacks``: more TrainerCallbacks (e.g. a test watching the run while it trains); ``run_tags``: tags
+    for that run (a sweep trial's make it a child of the sweep run).
     """
     from loraops.registry import tracking
     from loraops.registry.warm_start import fetch_init_adapter
@@ -214,7 +217,7 @@ def train_adapter(cfg: LoraopsConfig, root: Path, callbacks: tuple = ()) -> Trai
     local = cfg.model_copy(
         update={"train": cfg.train.model_copy(update={"output_dir": str(_path(root, cfg.train.output_dir))})}
     )
-    live = tracking.start_run(cfg, root)
+    live = tracking.start_run(cfg, root, run_tags)
     with tracking.ended_failed_on_error(live):
         if live and init:
             live.client.set_tag(live.run_id, INIT_FROM_TAG, init.label)
