@@ -1,0 +1,83 @@
+"""The sweep on a GPU pool: its trials as runs of the train-adapter deployment, on a real Prefect server with
+process workers and a real MLflow server (the harness of tests/test_deployments.py)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from conftest import REPO_ROOT, background_process
+from test_deployments import BIN, _checkout, _cli, _host_env, servers  # noqa: F401  (servers: a fixture)
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_sweep_trials_run_as_train_adapter_runs_within_the_pool_limit_and_the_winner_registers(
+    servers,  # noqa: F811
+    tiny_model_dir,
+    tmp_path,
+):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.sweep import sweep
+    from loraops.names import PREFECT_FLOW_RUN_ID_TAG, TRAIN_KEY_TAG
+    from loraops.project.params_file import load_config
+    from mlflow import MlflowClient
+
+    project = _checkout(tmp_path, tiny_model_dir, servers["mlflow"])  # orchestration.train_deployment set
+    env = _host_env(servers, tmp_path)
+    _cli([str(REPO_ROOT / "infra" / "work-pools.sh")], {**env, "PREFECT": str(BIN / "prefect")})  # gpu limit 1
+    deploy = [str(BIN / "prefect"), "--no-prompt", "deploy", "--name", "train-adapter"]
+    _cli([*deploy, "--prefect-file", "infra/prefect.yaml"], env)
+    # Two GPU hosts, each with its own data-less checkout and a worker that takes one run at a time: without
+    # the pool's limit of 1 they would train the two trials side by side.
+    hosts = [tmp_path / f"gpu-host-{name}" for name in ("a", "b")]
+    for host in hosts:
+        subprocess.run(["git", "clone", "-q", str(project), str(host)], check=True)
+    worker = [str(BIN / "prefect"), "worker", "start", "--pool", "gpu", "--limit", "1"]
+    cfg = load_config(project / "params.yaml")
+
+    with temporary_settings(updates={PREFECT_API_URL: servers["prefect"]}):
+        with (
+            background_process(worker, {**env, "LORAOPS_PROJECT_DIR": str(hosts[0])}, tmp_path / "gpu-a.log"),
+            background_process(worker, {**env, "LORAOPS_PROJECT_DIR": str(hosts[1])}, tmp_path / "gpu-b.log"),
+        ):
+            result = sweep(param=["lora.r=4,8"], config=cfg, project_dir=str(project))
+        with get_client(sync_client=True) as client:
+            training = client.read_deployment_by_name("train-adapter/train-adapter")
+            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[training.id])))
+            assert client.read_work_pool("gpu").concurrency_limit == 1
+
+    logs = "\n".join((tmp_path / f"gpu-{name}.log").read_text()[-2000:] for name in ("a", "b"))
+    assert [trial.status for trial in result.trials] == ["done", "done"], (result.trials, logs)
+    # Each trial ran as its own train-adapter flow run, a subflow of the sweep's task.
+    by_name = {run.name: run for run in runs}
+    assert sorted(by_name) == ["sweep-01-r4", "sweep-02-r8"]
+    assert all(run.state.is_completed() and run.parent_task_run_id is not None for run in runs)
+    # The pool's limit held: the recorded runs never overlapped.
+    first, second = sorted(runs, key=lambda run: run.start_time)
+    assert first.end_time <= second.start_time, [(run.name, run.start_time, run.end_time) for run in runs]
+    # Each trial trained in its own folders on the host that ran it, as its own child MLflow run.
+    mlflow = MlflowClient(tracking_uri=servers["mlflow"])
+    for trial in result.trials:
+        trained_on = [host for host in hosts if (host / "adapters" / "sweep" / trial.trial.name).is_dir()]
+        assert len(trained_on) == 1, trial.trial.name
+        assert (trained_on[0] / "adapters" / "sweep" / trial.trial.name / "adapter_model.safetensors").is_file()
+        assert not (trained_on[0] / "adapters" / "candidate").exists()  # never the project's adapter folder
+        run = mlflow.get_run(trial.run_id)
+        assert run.info.status == "FINISHED" and run.data.params["lora.r"] == str(trial.trial.values["lora.r"])
+        assert run.data.tags["mlflow.runName"] == trial.trial.name
+        assert run.data.tags[PREFECT_FLOW_RUN_ID_TAG] == str(by_name[f"sweep-{trial.trial.name}"].id)
+        assert run.data.metrics["adapter_val_loss"] == trial.val_loss and run.data.metrics["train_time_s"] > 0
+    keys = {mlflow.get_run(trial.run_id).data.tags[TRAIN_KEY_TAG] for trial in result.trials}
+    assert len(keys) == 2  # a train key of its own
+    parents = {mlflow.get_run(trial.run_id).data.tags["mlflow.parentRunId"] for trial in result.trials}
+    (parent,) = parents
+    assert mlflow.get_run(parent).data.tags["loraops.sweep_winner"] == result.winner.trial.name
+
+    # The winner, fetched back and evaluated here, went through the gate and was registered; the other was not.
+    assert result.registration.version == "1" and result.registration.run_id == result.winner.run_id
+    assert [v.version for v in mlflow.search_model_versions("name='tiny-adapter'")] == ["1"]
+    assert (project / "adapters" / "sweep" / result.winner.trial.name / "adapter_model.safetensors").is_file()
