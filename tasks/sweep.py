@@ -138,7 +138,8 @@ def _wait_for_trials(deployment: str, submitted: list[remote.RemoteTrial], timeo
     from prefect.client.orchestration import get_client
     from prefect.states import Cancelled, Cancelling
 
-    deadline = time.monotonic() + timeout_s * len(submitted)
+    waited = timeout_s * len(submitted)
+    deadline = time.monotonic() + waited
     with get_client(sync_client=True) as client:
         runs = {trial.flow_run_id: client.read_flow_run(trial.flow_run_id) for trial in submitted}
         while not all(run.state.is_final() for run in runs.values()) and time.monotonic() < deadline:
@@ -146,13 +147,14 @@ def _wait_for_trials(deployment: str, submitted: list[remote.RemoteTrial], timeo
             runs = {run_id: client.read_flow_run(run_id) for run_id in runs}
         ended = []
         for trial in submitted:
-            state = runs[trial.flow_run_id].state
-            if not state.is_final():  # the deadline passed: stop it (a worker ends a running one)
-                client.set_flow_run_state(trial.flow_run_id, Cancelling() if state.is_running() else Cancelled())
-            error = (
-                None
-                if state.is_completed()
-                else handoff.describe_unfinished(deployment, state.name, state.message, timeout_s * len(submitted))
-            )
+            run = runs[trial.flow_run_id]
+            if run.state.is_completed():
+                ended.append(trial)
+                continue
+            if run.state.is_final():
+                error = f"its run {run.name} of deployment '{deployment}' ended {run.state.name}: {run.state.message}"
+            else:  # the deadline passed: stop it (a worker ends a running one)
+                client.set_flow_run_state(trial.flow_run_id, Cancelling() if run.state.is_running() else Cancelled())
+                error = handoff.describe_unfinished(deployment, run.state.name, run.state.message, waited)
             ended.append(trial.model_copy(update={"error": error}))
     return ended

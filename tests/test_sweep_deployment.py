@@ -12,7 +12,7 @@ from test_deployments import BIN, _checkout, _cli, _host_env, servers  # noqa: F
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_sweep_trials_run_as_train_adapter_runs_within_the_pool_limit_and_the_winner_registers(
+def test_sweep_trials_run_as_train_adapter_runs_within_the_pool_limit_a_failed_one_is_recorded(
     servers,  # noqa: F811
     tiny_model_dir,
     tmp_path,
@@ -22,7 +22,7 @@ def test_sweep_trials_run_as_train_adapter_runs_within_the_pool_limit_and_the_wi
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.sweep import sweep
-    from loraops.names import PREFECT_FLOW_RUN_ID_TAG, TRAIN_KEY_TAG
+    from loraops.names import PREFECT_FLOW_RUN_ID_TAG, PREFECT_TRAIN_FLOW_RUN_ID_TAG, TRAIN_KEY_TAG
     from loraops.project.params_file import load_config
     from mlflow import MlflowClient
 
@@ -44,40 +44,49 @@ def test_sweep_trials_run_as_train_adapter_runs_within_the_pool_limit_and_the_wi
             background_process(worker, {**env, "LORAOPS_PROJECT_DIR": str(hosts[0])}, tmp_path / "gpu-a.log"),
             background_process(worker, {**env, "LORAOPS_PROJECT_DIR": str(hosts[1])}, tmp_path / "gpu-b.log"),
         ):
-            result = sweep(param=["lora.r=4,8"], config=cfg, project_dir=str(project))
+            # A learning rate of 1e30 passes the config and makes that trial's training diverge on its worker.
+            result = sweep(param=["train.learning_rate=1e30,0.01"], config=cfg, project_dir=str(project))
         with get_client(sync_client=True) as client:
             training = client.read_deployment_by_name("train-adapter/train-adapter")
             runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[training.id])))
             assert client.read_work_pool("gpu").concurrency_limit == 1
 
     logs = "\n".join((tmp_path / f"gpu-{name}.log").read_text()[-2000:] for name in ("a", "b"))
-    assert [trial.status for trial in result.trials] == ["done", "done"], (result.trials, logs)
+    failed, done = result.trials
+    assert (failed.status, done.status) == ("failed", "done"), (result.trials, logs)
     # Each trial ran as its own train-adapter flow run, a subflow of the sweep's task.
     by_name = {run.name: run for run in runs}
-    assert sorted(by_name) == ["sweep-01-r4", "sweep-02-r8"]
-    assert all(run.state.is_completed() and run.parent_task_run_id is not None for run in runs)
+    assert sorted(by_name) == [f"sweep-{failed.trial.name}", f"sweep-{done.trial.name}"]
+    assert all(run.parent_task_run_id is not None for run in runs)
+    assert by_name[f"sweep-{failed.trial.name}"].state.is_failed()
+    assert by_name[f"sweep-{done.trial.name}"].state.is_completed()
     # The pool's limit held: the recorded runs never overlapped.
     first, second = sorted(runs, key=lambda run: run.start_time)
     assert first.end_time <= second.start_time, [(run.name, run.start_time, run.end_time) for run in runs]
-    # Each trial trained in its own folders on the host that ran it, as its own child MLflow run.
-    mlflow = MlflowClient(tracking_uri=servers["mlflow"])
-    for trial in result.trials:
-        trained_on = [host for host in hosts if (host / "adapters" / "sweep" / trial.trial.name).is_dir()]
-        assert len(trained_on) == 1, trial.trial.name
-        assert (trained_on[0] / "adapters" / "sweep" / trial.trial.name / "adapter_model.safetensors").is_file()
-        assert not (trained_on[0] / "adapters" / "candidate").exists()  # never the project's adapter folder
-        run = mlflow.get_run(trial.run_id)
-        assert run.info.status == "FINISHED" and run.data.params["lora.r"] == str(trial.trial.values["lora.r"])
-        assert run.data.tags["mlflow.runName"] == trial.trial.name
-        assert run.data.tags[PREFECT_FLOW_RUN_ID_TAG] == str(by_name[f"sweep-{trial.trial.name}"].id)
-        assert run.data.metrics["adapter_val_loss"] == trial.val_loss and run.data.metrics["train_time_s"] > 0
-    keys = {mlflow.get_run(trial.run_id).data.tags[TRAIN_KEY_TAG] for trial in result.trials}
-    assert len(keys) == 2  # a train key of its own
-    parents = {mlflow.get_run(trial.run_id).data.tags["mlflow.parentRunId"] for trial in result.trials}
-    (parent,) = parents
-    assert mlflow.get_run(parent).data.tags["loraops.sweep_winner"] == result.winner.trial.name
 
-    # The winner, fetched back and evaluated here, went through the gate and was registered; the other was not.
-    assert result.registration.version == "1" and result.registration.run_id == result.winner.run_id
+    # Each trial was its own child MLflow run, opened by the worker that trained it; the failed one ended
+    # FAILED with its error, and the sweep went on.
+    mlflow = MlflowClient(tracking_uri=servers["mlflow"])
+    failed_run, done_run = mlflow.get_run(failed.run_id), mlflow.get_run(done.run_id)
+    assert failed_run.info.status == "FAILED" and done_run.info.status == "FINISHED"
+    assert failed.note.startswith(f"its run sweep-{failed.trial.name} of deployment 'train-adapter/train-adapter'")
+    assert "ended Failed" in failed.note and "diverged" in failed.note
+    assert failed_run.data.tags["loraops.sweep_error"] == failed.note
+    assert failed_run.data.tags[PREFECT_FLOW_RUN_ID_TAG] == str(by_name[f"sweep-{failed.trial.name}"].id)
+    # the winner's run: registration adds the sweep's links and keeps the worker's as train_*
+    assert done_run.data.tags[PREFECT_TRAIN_FLOW_RUN_ID_TAG] == str(by_name[f"sweep-{done.trial.name}"].id)
+    assert done_run.data.tags[TRAIN_KEY_TAG] and done_run.data.params["train.learning_rate"] == "0.01"
+    (parent,) = {run.data.tags["mlflow.parentRunId"] for run in (failed_run, done_run)}
+    assert mlflow.get_run(parent).data.tags["loraops.sweep_winner"] == done.trial.name
+    assert {run.data.tags["mlflow.runName"] for run in (failed_run, done_run)} == {failed.trial.name, done.trial.name}
+    assert done_run.data.metrics["adapter_val_loss"] == done.val_loss and done_run.data.metrics["train_time_s"] > 0
+    # It trained in its own folders on the host that ran it, never in the project's adapter folder.
+    trained_on = [host for host in hosts if (host / "adapters" / "sweep" / done.trial.name).is_dir()]
+    assert len(trained_on) == 1 and not (trained_on[0] / "adapters" / "candidate").exists()
+    assert (trained_on[0] / "adapters" / "sweep" / done.trial.name / "adapter_model.safetensors").is_file()
+
+    # The winner, fetched back and evaluated here, went through the gate and was registered, alone.
+    assert result.winner.trial == done.trial
+    assert result.registration.version == "1" and result.registration.run_id == done.run_id
     assert [v.version for v in mlflow.search_model_versions("name='tiny-adapter'")] == ["1"]
-    assert (project / "adapters" / "sweep" / result.winner.trial.name / "adapter_model.safetensors").is_file()
+    assert (project / "adapters" / "sweep" / done.trial.name / "adapter_model.safetensors").is_file()
