@@ -159,3 +159,23 @@ def test_sweep_command_refuses_a_bad_param_before_starting_anything(tmp_path):
     assert result.exit_code == 1
     assert "lora.r" in result.output and "greater than 0" in result.output
     assert not (tmp_path / ".loraops").exists() and not (tmp_path / "mlflow").exists()  # no lock, no store
+
+
+def test_each_trial_on_a_train_deployment_has_its_own_settings_folders_key_and_parent_run():
+    from loraops.registry.handoff import TrainingHandoff, handoff_parameters
+    from loraops.sweep.remote import trial_handoff
+
+    outgoing = TrainingHandoff(config=CFG, data_dvc="outs: []\n", train_key="sweep")
+    assert "run_tags" not in handoff_parameters(outgoing)  # retrain's runs: parameters as before
+    params = parse_params(["lora.r=4,8"], CFG)
+    sent = [trial_handoff(outgoing, trial, "parent-run") for trial in trial_order(params)]
+    assert [one.config.lora.r for one in sent] == [4, 8]
+    assert len({one.train_key for one in sent}) == 2 and "sweep" not in {one.train_key for one in sent}
+    first = sent[0]
+    assert first.data_dvc == outgoing.data_dvc and first.config.train.learning_rate == CFG.train.learning_rate
+    assert first.config.train.output_dir == f"{CFG.train.output_dir}/sweep/01-r4"
+    assert first.config.paths.adapter_dir == "adapters/sweep/01-r4"
+    assert first.config.paths.metrics_dir == f"{CFG.paths.metrics_dir}/sweep/01-r4"
+    assert first.run_tags == {"mlflow.parentRunId": "parent-run", "loraops.sweep": "01-r4", "mlflow.runName": "01-r4"}
+    assert handoff_parameters(first)["run_tags"] == first.run_tags
+    assert outgoing.config == CFG  # the sweep's own settings are untouched
