@@ -106,24 +106,26 @@ def test_a_failed_trial_is_recorded_and_the_sweep_goes_on_with_the_rest(tiny_pro
     assert f"{done.trial.name} (winner)" in table
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # about 50 s: contract, baseline and a training that diverges at its second step
 def test_a_sweep_whose_trials_all_fail_fails_and_registers_nothing(tiny_project, prefect_harness):
-    from flows.sweep import sweep
-    from loraops.sweep.plan import SweepError
+    from typer.testing import CliRunner
 
-    cfg = load_config(tiny_project / "params.yaml")
+    from loraops.cli.app import app
+
     params_before = (tiny_project / "params.yaml").read_text()
-    with pytest.raises(SweepError) as error:
-        sweep(param=["train.learning_rate=1e30"], config=cfg, project_dir=str(tiny_project))
-    message = str(error.value)
+    cli = ["sweep", "--param", "train.learning_rate=1e30", "--params", str(tiny_project / "params.yaml")]
+    result = CliRunner().invoke(app, cli)
+
+    assert result.exit_code == 1, result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    message = line.removeprefix("error: ")
     assert message.startswith("no sweep trial finished (01-learning_rate1e_30 failed: TrainingDivergedError: ")
     assert message.endswith("nothing gated or registered")
 
     client = _client(tiny_project)
     assert client.search_registered_models() == []
-    (parent,) = client.search_runs(
-        [client.get_experiment_by_name(cfg.registry.experiment).experiment_id], "tags.`loraops.sweep` LIKE 'train%'"
-    )
+    experiment = client.get_experiment_by_name(load_config(tiny_project / "params.yaml").registry.experiment)
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.`loraops.sweep` LIKE 'train%'")
     assert parent.info.status == "FAILED" and parent.data.tags["loraops.sweep_error"] == message
     assert "failed: TrainingDivergedError" in (tiny_project / "reports" / "sweep" / "sweep.md").read_text()
     assert (tiny_project / "params.yaml").read_text() == params_before
