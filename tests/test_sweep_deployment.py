@@ -80,6 +80,7 @@ def test_sweep_trials_run_as_train_adapter_runs_within_the_pool_limit_a_failed_o
     assert mlflow.get_run(parent).data.tags["loraops.sweep_winner"] == done.trial.name
     assert {run.data.tags["mlflow.runName"] for run in (failed_run, done_run)} == {failed.trial.name, done.trial.name}
     assert done_run.data.metrics["adapter_val_loss"] == done.val_loss and done_run.data.metrics["train_time_s"] > 0
+    assert done.peak_memory_bytes == done_run.data.metrics["peak_memory_bytes"] > 0  # measured on its worker
     # It trained in its own folders on the host that ran it, never in the project's adapter folder.
     trained_on = [host for host in hosts if (host / "adapters" / "sweep" / done.trial.name).is_dir()]
     assert len(trained_on) == 1 and not (trained_on[0] / "adapters" / "candidate").exists()

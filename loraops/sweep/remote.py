@@ -20,9 +20,11 @@ from pydantic import BaseModel
 
 from loraops.config import LoraopsConfig
 from loraops.registry import handoff
+from loraops.registry.store import client_for
 from loraops.results import TrainResult
 from loraops.sweep.plan import Trial, config_for
 from loraops.sweep.trials import SWEEP_FOLDER, fresh_sweep_folder, trial_paths, trial_tags
+from loraops.train.peak_memory import PEAK_MEMORY_METRIC
 
 log = logging.getLogger(__name__)
 
@@ -60,16 +62,19 @@ def _under(folder: str, trial: Trial) -> str:
     return str(Path(folder) / SWEEP_FOLDER / trial.name)
 
 
-def fetch_trial(cfg: LoraopsConfig, root: Path, remote: RemoteTrial) -> tuple[TrainResult, tuple[float | None, None]]:
+def fetch_trial(
+    cfg: LoraopsConfig, root: Path, remote: RemoteTrial
+) -> tuple[TrainResult, tuple[float | None, int | None]]:
     """The trial's adapter (``adapters/sweep/<trial>``) and history fetched from its MLflow run; as ``train_trial``
-    returns them: (result, (training seconds from the trainer's own clock, peak memory: not measured there))."""
+    returns them: (result, (training seconds by the trainer's own clock, the peak memory the worker logged))."""
     _, adapter_dir, _ = trial_paths(cfg, root, remote.trial)
     fresh_sweep_folder(adapter_dir)
     metrics_dir = adapter_dir.with_name(f"{remote.trial.name}.metrics")  # train.json, history, loss series
     paths = cfg.paths.model_copy(update={"adapter_dir": str(adapter_dir), "metrics_dir": str(metrics_dir)})
     trained = handoff.fetch_training(cfg.model_copy(update={"paths": paths}), root, remote.train_key)
     log.info("trial %s: adapter fetched from MLflow run %s", remote.trial.name, trained.mlflow_run_id)
-    return trained, (_train_runtime(Path(trained.history_path)), None)
+    peak = client_for(cfg.registry, root).get_run(trained.mlflow_run_id).data.metrics.get(PEAK_MEMORY_METRIC)
+    return trained, (_train_runtime(Path(trained.history_path)), None if peak is None else int(peak))
 
 
 def _train_runtime(history: Path) -> float | None:

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-import resource
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from loraops.sweep.plan import (
     table_markdown,
 )
 from loraops.train import datasets
+from loraops.train.peak_memory import peak_memory, reset_peak_memory
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +93,7 @@ def train_trial(
     with tracking.ended_failed_on_error(live):
         log_new_params(client, live.run_id, local)
         device = modeling.resolve_device(local.train)
-        _reset_peak_memory(device)
+        reset_peak_memory(device)
         started = time.monotonic()
         result = training.train_adapter(
             local,
@@ -105,7 +104,7 @@ def train_trial(
             history_path=history,
             extra_callbacks=(tracking.metrics_callback(live),),
         )
-        seconds, peak = time.monotonic() - started, _peak_memory(device)
+        seconds, peak = time.monotonic() - started, peak_memory(device)
         tracking.tag_adapter(live, adapter_dir)
     result.mlflow_run_id = live.run_id
     return result, (seconds, peak)
@@ -117,23 +116,6 @@ def fresh_sweep_folder(adapter_dir: Path) -> None:
     (adapter_dir.parent / ".gitignore").write_text("*\n")
     if adapter_dir.exists():
         shutil.rmtree(adapter_dir)
-
-
-def _reset_peak_memory(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak_memory(device: str) -> int:
-    """Peak GPU memory allocated during the trial on CUDA; on the CPU the process's peak resident memory so far."""
-    if device.startswith("cuda"):
-        import torch
-
-        return int(torch.cuda.max_memory_allocated())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def adopt_trial(cfg: LoraopsConfig, root: Path, trial: Trial, trained: TrainResult) -> TrainResult:
