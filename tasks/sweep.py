@@ -1,4 +1,5 @@
-"""The sweep's tasks. The work lives in loraops.sweep.trials; tasks add names, retries and artifacts."""
+"""The sweep's tasks. The work lives in loraops.sweep (trials, remote); tasks add names, retries, artifacts, and
+submit trials to the train deployment and wait for them."""
 
 from __future__ import annotations
 

@@ -46,6 +46,7 @@ def test_sweep_trials_run_as_train_adapter_runs_within_the_pool_limit_a_failed_o
         ):
             # A learning rate of 1e30 passes the config and makes that trial's training diverge on its worker.
             result = sweep(param=["train.learning_rate=1e30,0.01"], config=cfg, project_dir=str(project))
+        _drain_prefect_workers()  # the flow ran in this process: its logs and events go out before the server stops
         with get_client(sync_client=True) as client:
             training = client.read_deployment_by_name("train-adapter/train-adapter")
             runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[training.id])))
@@ -91,3 +92,13 @@ def test_sweep_trials_run_as_train_adapter_runs_within_the_pool_limit_a_failed_o
     assert result.registration.version == "1" and result.registration.run_id == done.run_id
     assert [v.version for v in mlflow.search_model_versions("name='tiny-adapter'")] == ["1"]
     assert (project / "adapters" / "sweep" / done.trial.name / "adapter_model.safetensors").is_file()
+
+
+def _drain_prefect_workers() -> None:
+    """Send this process's queued Prefect logs and events to the test's server now; left queued, the session's
+    harness would drain them at exit into a server long stopped, and wait on it."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)
+    EventsWorker.drain_all(timeout=30)
