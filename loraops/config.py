@@ -307,13 +307,13 @@ class VersionConfig(_Section):
 
 
 class OrchestrationConfig(_Section):
-    """Where the retrain flow's training stage runs."""
+    """Where the retrain flow's training stage (and a sweep's trials) runs."""
 
     train_deployment: str | None = Field(
         None,
         pattern=r"^[^/\s]+/[^/\s]+$",
         description="Prefect deployment 'flow/deployment' that runs training on a GPU work pool "
-        "(infra/prefect.yaml: train-adapter/train-adapter); empty = train inside the retrain run",
+        "(infra/prefect.yaml: train-adapter/train-adapter); empty = train inside the retrain (or sweep) run",
     )
     train_timeout_s: int = Field(
         86_400, gt=0, description="Seconds the retrain run waits for the training run to finish"

@@ -37,6 +37,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from loraops.project.lock import ProjectLockedError
     from loraops.project.servers import ServerUnreachableError
     from loraops.registry.integrity import AdapterIntegrityError
+    from loraops.sweep.plan import SweepError
 
     errors: list[type[BaseException]] = [
         ConfigError,
@@ -48,6 +49,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         AdapterIntegrityError,
         ProjectLockedError,
         DvcLockedError,
+        SweepError,
     ]
     try:
         from loraops.train.trainer import TrainingDivergedError

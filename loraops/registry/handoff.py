@@ -48,6 +48,7 @@ class TrainingHandoff(BaseModel):
     config: LoraopsConfig  # the run's settings, with the tracking URI resolved for the worker
     data_dvc: str  # the text of data.dvc: which dataset (by md5) to check out of the DVC remote
     train_key: str  # tags the MLflow run that carries the adapter back
+    run_tags: dict[str, str] = {}  # more tags for that run (a sweep trial's: its parent run and name)
 
 
 def prepare_handoff(cfg: LoraopsConfig, root: Path) -> TrainingHandoff:
@@ -174,5 +175,6 @@ def describe_unfinished(deployment: str, state_name: str, message: str | None, t
 
 
 def handoff_parameters(handoff: TrainingHandoff) -> dict:
-    """The ``train-adapter`` flow's parameters, as JSON the Prefect server validates."""
-    return json.loads(handoff.model_dump_json())
+    """The ``train-adapter`` flow's parameters, as JSON the Prefect server validates (no ``run_tags`` when it has
+    none: a deployment made before that parameter existed still takes retrain's runs)."""
+    return json.loads(handoff.model_dump_json(exclude=None if handoff.run_tags else {"run_tags"}))
