@@ -17,7 +17,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 
 PYTEST_ARGS ?=
 
-.PHONY: install lint demo data test test-slow test-all bench bench-train bench-contract bench-padding bench-wheels bench-train-gpu clean-outputs
+.PHONY: install lint demo data test test-slow test-all bench bench-train bench-contract bench-padding bench-serve bench-wheels bench-train-gpu clean-outputs
 
 install: $(STAMP)
 
@@ -63,6 +63,10 @@ bench-contract: install
 
 bench-padding: install
 	$(BIN)/python bench/padding_report.py
+
+# `loraops serve` with the real SmolLM2 default and two registered adapters, driven by the openai client (minutes).
+bench-serve: install
+	$(BIN)/python bench/serve_bench.py
 
 # Wheels a bare GPU machine lacks (trl, bitsandbytes, datasets, liger-kernel, pydantic) for bench/gpu_run.sh.
 bench-wheels: install

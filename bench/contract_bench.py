@@ -37,6 +37,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SECTION = "## Data contract"
+EARLIER = "### Earlier measurements"
 WORDS = (
     "the a of to and in is it you that he was for on are with as his they be at one have this from or had by hot "
     "word but what some we can out other were all there when up use your how said an each she which do their time "
@@ -179,7 +180,7 @@ def machine() -> str:
 def section(results: list[dict], rows: int, size_mb: float) -> str:
     from loraops.config import ContractConfig
 
-    chunk_mb = ContractConfig().chunk_mb
+    chunk_mb, chunk_rows = ContractConfig().chunk_mb, ContractConfig().chunk_rows
     lines = [
         SECTION,
         "",
@@ -203,7 +204,9 @@ def section(results: list[dict], rows: int, size_mb: float) -> str:
             f"{result['peak_rss_mb']} | {result['load_avg_at_start']} |"
         )
     imports = results[0]["imports_s"]
-    loads = ", ".join(f"{result['tokenizer']} {result['tokenizer_load_s']} s" for result in results[1:]) or "n/a"
+    loads = ", ".join(
+        f"{result['tokenizer']} {result['tokenizer_load_s']} s" for result in results if result["tokenizer"] != "none"
+    )
     broken = sorted({name for result in results for name in result["failed_checks"]})
     plain = results[0]
     lines += [
@@ -216,11 +219,14 @@ def section(results: list[dict], rows: int, size_mb: float) -> str:
         "so the paths that explain failing rows run too.",
         "- Tokenised runs use a subsample (the first rows of the same file); tokenising renders each row's chat "
         "template (Jinja, per row) and encodes in batches of 256, so its cost scales with rows.",
-        f"- Peak RSS is the process's maximum resident set; {results[0]['rss_before_mb']} MB of it is already "
+        f"- Peak RSS is the process's maximum resident set ({results[0]['runs']} runs of the first row share one "
+        f"process, so its peak covers them all); {results[0]['rss_before_mb']} MB of it is already "
         f"taken after the imports. The file is read in {chunk_mb:g} MB chunks (`data.contract.chunk_mb`), the "
-        "next one parsed on a second thread; per row the contract keeps ~15 booleans, the token length, "
-        "a few 64-bit keys and the table's text columns (`prompt`, `completion`, `text`, `roles`: Arrow, handed to "
-        "GX as Arrow-backed pandas columns without a copy).",
+        f"next one parsed on a second thread, and GX validates {chunk_rows:,} rows at a time "
+        "(`data.contract.chunk_rows`, results merged): the table's text columns (`prompt`, `completion`, `text`, "
+        "`roles`: Arrow, handed to GX as Arrow-backed pandas columns without a copy) exist for one chunk at a "
+        "time; per row of the whole file the contract keeps ~15 booleans, the token length, its line and a few "
+        "64-bit keys (about 100 bytes).",
         "- CPU s counts both threads. The load average is the machine's at the start of the best run: other "
         "jobs shared the two cores and the memory bandwidth, so an idle machine is faster.",
         "",
@@ -229,7 +235,11 @@ def section(results: list[dict], rows: int, size_mb: float) -> str:
 
 
 def write_section(text: str, path: Path) -> None:
-    """Replace this benchmark's section of BENCHMARKS.md (or add it), leaving the other sections alone."""
+    """Replace this benchmark's section of BENCHMARKS.md (or add it), leaving the other sections alone.
+
+    The section's ``### Earlier measurements`` part (written by hand: before/after figures of past
+    changes) is kept below the new table.
+    """
     old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n\n"
     start = old.find(SECTION + "\n")
     if start < 0:
@@ -237,6 +247,9 @@ def write_section(text: str, path: Path) -> None:
     else:
         following = re.search(r"^## ", old[start + len(SECTION) :], flags=re.MULTILINE)
         end = start + len(SECTION) + following.start() if following else len(old)
+        earlier = old.find(EARLIER, start, end)
+        if earlier >= 0:
+            text = text.rstrip("\n") + "\n\n" + old[earlier:end].rstrip("\n") + "\n"
         new = old[:start] + text + ("\n" + old[end:] if following else "")
     path.write_text(new.rstrip("\n") + "\n", encoding="utf-8")
 
@@ -245,6 +258,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--tokenize-rows", type=int, default=20_000)
+    parser.add_argument("--memory-rows", type=int, default=200_000, help="a run on the first rows, for peak RSS")
     parser.add_argument("--repeat", type=int, default=3, help="runs without tokenisation; the best one is reported")
     parser.add_argument("--no-write", action="store_true", help="print the section instead of writing BENCHMARKS.md")
     parser.add_argument("--measure", help=argparse.SUPPRESS)
@@ -263,6 +277,11 @@ def main() -> None:
         size_mb = (train.stat().st_size + validation.stat().st_size) / 2**20
         results = [run_measurement(train, validation, "none", scratch / "reports", args.repeat)]
         print(results[-1], file=sys.stderr)
+        if args.memory_rows < args.rows:  # peak RSS must not grow with the rows: the same run on fewer rows
+            part_train = head(train, scratch / "train_part.jsonl", args.memory_rows)
+            part_validation = head(validation, scratch / "validation_part.jsonl", max(1, args.memory_rows // 50))
+            results.append(run_measurement(part_train, part_validation, "none", scratch / "reports"))
+            print(results[-1], file=sys.stderr)
         small_train = head(train, scratch / "train_small.jsonl", args.tokenize_rows)
         small_validation = head(validation, scratch / "validation_small.jsonl", max(1, args.tokenize_rows // 50))
         for name in ("tiny", "smollm2"):

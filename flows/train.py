@@ -16,13 +16,19 @@ from tasks import pipeline, run_context
 @flow(name="train-adapter")  # loraops logs through logging; captured prints would include dill's dis output
 @run_context.with_loraops_logs  # training steps and losses in the run's logs
 def train_adapter(
-    config: LoraopsConfig, data_dvc: str, train_key: str, project_dir: str = ".", parent_lock: str | None = None
+    config: LoraopsConfig,
+    data_dvc: str,
+    train_key: str,
+    project_dir: str = ".",
+    parent_lock: str | None = None,
+    run_tags: dict[str, str] | None = None,
 ) -> TrainResult:
     """Check out the retrain run's dataset, train (resuming an interrupted run), publish the adapter to MLflow.
 
     ``data_dvc`` is the retrain run's data.dvc (the dataset by md5, pulled from the DVC remote);
     ``train_key`` tags the MLflow run the retrain run fetches the adapter from; ``parent_lock`` is the retrain
-    run's project-lock token: this run holds the checkout's lock, or works under it when that retrain holds it.
+    run's project-lock token: this run holds the checkout's lock, or works under it when that retrain holds it;
+    ``run_tags`` are more tags for that run (a sweep trial's: a child run of the sweep run, named after the trial).
     """
     run_context.hide_secret_parameters()  # the run's stored config keeps no secret-looking values
     root = Path(project_dir).resolve()
@@ -33,6 +39,6 @@ def train_adapter(
         pipeline.prepare_base_model(config, root)
         pipeline.check_memory(config, root)  # against this worker's GPU
         with tracking.flow_runs_failed_on_error(config, root):
-            trained = pipeline.train_adapter(config, root)
+            trained = pipeline.train_adapter(config, root, run_tags)
             pipeline.publish_training(config, root, trained, train_key)
     return trained

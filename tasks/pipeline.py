@@ -145,9 +145,9 @@ def _worth_retrying(task, task_run, state) -> bool:
 
 
 @task(name="train-adapter", retries=1, retry_delay_seconds=10, retry_condition_fn=_worth_retrying, **_stage)
-def train_adapter(cfg: LoraopsConfig, root: Path) -> TrainResult:
+def train_adapter(cfg: LoraopsConfig, root: Path, run_tags: dict[str, str] | None = None) -> TrainResult:
     """A retry continues from the last checkpoint (optimizer, scheduler and RNG state restored)."""
-    trained = stages.train_adapter(cfg, root)
+    trained = stages.train_adapter(cfg, root, run_tags=run_tags)
     create_markdown_artifact(reporting.training_markdown(trained, trained.adapter_dir), key="training")
     if trained.mlflow_run_id:
         create_markdown_artifact(tracking.run_markdown(cfg, root, trained.mlflow_run_id), key="mlflow-run")

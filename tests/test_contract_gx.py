@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -245,3 +246,104 @@ def test_the_pipeline_stage_enforces_the_projects_suite_and_dvc_sees_the_edit(tm
     assert f"{root / 'data' / 'train.jsonl'}:1: completion = " in str(caught.value)
     status = json.loads(subprocess.run(dvc, cwd=root, capture_output=True, text=True, check=True).stdout)
     assert {"changed deps": {"gx/expectations": "modified"}} in status["validate_dataset"]
+
+
+def test_chunked_validation_gives_the_verdicts_and_counts_of_one_piece(tmp_path, tiny_tokenizer, caplog):
+    """GX validates 4 rows at a time (read in ~300-byte batches); merged, the results equal one whole-table run.
+
+    Line 7 repeats line 1 and line 11 repeats line 2 from other chunks; the user's expectation fails in
+    the first chunk on its own (1 of 3 answers, over its 30%) but not over the split (2 of 9).
+    """
+    gx_dir = copy_gx(tmp_path)
+    add_expectations(
+        gx_dir, "chat",
+        {"type": "expect_column_values_to_not_match_regex",
+         "kwargs": {"column": "completion", "regex": "Two plus two", "mostly": 0.7}, "meta": {"name": "no_two"}},
+    )  # fmt: skip
+    train = tmp_path / "train.jsonl"
+    lines = (BAD / "train.jsonl").read_text().splitlines()
+    train.write_text("\n".join([*lines, lines[1], chat("What is nine plus one?", "Ten.")]) + "\n")
+
+    def run(name: str, **contract) -> tuple[ContractReport, dict]:
+        config = DataConfig(max_length=100, contract={"gx_dir": str(gx_dir), "quarantine": ["over_length"], **contract})
+        report = validate_dataset(train, BAD / "validation.jsonl", tiny_tokenizer, config, tmp_path / name)
+        return report, json.loads(Path(report.report_path).read_text())
+
+    whole, whole_raw = run("whole", chunk_rows=0)
+    with caplog.at_level(logging.INFO, logger="loraops.contract.chunks"):
+        chunked, chunked_raw = run("chunked", chunk_rows=4, chunk_mb=300 / 2**20)
+    assert "train: GX validated 11 rows in 3 chunk(s)" in caplog.messages
+
+    def verdicts(report: ContractReport) -> list[tuple]:
+        return [(c.split, c.expectation, c.passed, c.observed, c.examples) for c in report.checks]
+
+    assert verdicts(chunked) == verdicts(whole)
+    assert check(chunked, "train", "duplicates").examples == [
+        f"{train}:7: same example as line 1 after normalising case and whitespace",
+        f"{train}:11: same example as line 2",
+    ]
+    assert check(chunked, "train", "no_two").passed and check(chunked, "train", "no_two").observed.startswith("2 of ")
+    assert (
+        not check(chunked, "train", "roles").passed
+        and check(chunked, "train", "min_rows").observed == "11 rows; 1 quarantined"
+    )
+    keys = ("element_count", "unexpected_count", "missing_count", "partial_unexpected_index_list", "observed_value")
+    for split in ("train", "validation"):
+        assert chunked_raw[split]["statistics"] == whole_raw[split]["statistics"]
+        for ours, theirs in zip(chunked_raw[split]["results"], whole_raw[split]["results"], strict=True):
+            assert ours["success"] == theirs["success"]
+            assert {key: ours["result"].get(key) for key in keys} == {key: theirs["result"].get(key) for key in keys}
+    quarantined = [tmp_path / name / "quarantine" / "train.jsonl" for name in ("whole", "chunked")]
+    assert quarantined[0].read_text() == quarantined[1].read_text() and '"line": 9' in quarantined[1].read_text()
+    site = Path(chunked.data_docs).parent  # one merged result per split; no page per chunk or quarantine pass
+    pages = sorted(path.relative_to(site).parts[:2] for path in site.rglob("*.html") if path.name != "index.html")
+    assert pages == [("expectations", "chat_train.html"), ("expectations", "chat_validation.html"),
+                     ("validations", "chat_train"), ("validations", "chat_validation")]  # fmt: skip
+    docs = site / "validations" / "chat_train"
+    text = re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", next(docs.rglob("*.html")).read_text())))
+    assert f"human,assistant 1 {train} 5" in text and f"2 1 {train} 11" in text  # chunks 2 and 3, with file:line
+
+
+def test_the_quarantine_sets_aside_the_rows_the_suite_finds(tmp_path):
+    """The quarantine follows the suite's expectation (here an edited ``emails`` regex), not a second check."""
+    gx_dir = copy_gx(tmp_path)
+    suite = gx_dir / "expectations" / "chat.json"
+    content = json.loads(suite.read_text())
+    emails = next(entry for entry in content["expectations"] if entry["meta"].get("rule") == "emails")
+    emails["kwargs"]["regex"] = r"@example\.org"  # the team only minds one domain
+    suite.write_text(json.dumps(content, indent=2))
+    train = tmp_path / "train.jsonl"
+    rows = [chat("Who?", "Write to ann@example.com."), chat("And?", "Write to bob@example.org."), chat("Ok?", "Yes.")]
+    train.write_text("\n".join(rows) + "\n")
+    config = DataConfig(contract={"gx_dir": str(gx_dir), "quarantine": ["emails"]})
+
+    report = validate_dataset(train, None, None, config, tmp_path / "reports")
+
+    record = report.quarantine["train"]
+    aside = [json.loads(line) for line in Path(record.path).read_text().splitlines()]
+    assert [row["line"] for row in aside] == [2] and record.by_rule == {"emails": 1}
+    assert aside[0]["reasons"] == ["emails: e-mail address 'b***@example.org' in content of message 2 (assistant)"]
+    assert check(report, "train", "emails").observed == "0 of 2 rows (0.0%); 1 quarantined"
+
+
+def test_an_expectation_over_the_whole_column_validates_the_split_in_one_piece(tmp_path, caplog):
+    """Uniqueness cannot be merged from chunks: the split is validated in one piece, with a warning."""
+    gx_dir = copy_gx(tmp_path)
+    add_expectations(
+        gx_dir, "chat",
+        {"type": "expect_column_values_to_be_unique", "kwargs": {"column": "completion"}, "meta": {"name": "unique"}},
+    )  # fmt: skip
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join([chat("One?", "Same."), chat("Two?", "Other."), chat("Three?", "Same.")]) + "\n")
+    config = DataConfig(contract={"gx_dir": str(gx_dir), "chunk_rows": 2})
+
+    with caplog.at_level(logging.INFO, logger="loraops.contract.chunks"):
+        report = validate_dataset(train, None, None, config, tmp_path / "reports")
+
+    assert "train: unique needs the whole column at once" in caplog.text
+    assert "train: GX validated 3 rows in 1 chunk(s)" in caplog.messages
+    unique = check(report, "train", "unique")
+    assert not unique.passed and unique.examples == [
+        f"{train}:1: completion = 'Same.'",
+        f"{train}:3: completion = 'Same.'",
+    ]

@@ -84,3 +84,25 @@ def test_contract_keys_are_the_keys_training_splits_by(tmp_path):
         assert {int(key) for key in keys[key_lines == line]} == overlap_keys(example), line
     assert example_key(split.examples[0]) == example_key(split.examples[3])  # case and spacing are normalised
     assert overlap_keys(split.examples[0]) & overlap_keys(split.examples[6])  # they share the question
+
+
+def test_text_keys_from_arrow_buffers_match_the_python_path_and_ascii_lowering():
+    """The one-read exact and lowered keys equal ``digests`` of the texts and of their ``ascii_lower``."""
+    import random
+
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from loraops.data.keys import digests, hash_strings, hash_strings_and_lowered
+
+    rnd = random.Random(0)
+    alphabet = "aAzZ@[`{ \x00\x7f" + "Hello Wörld ÜNÏCÖDÉ"  # the bytes around A-Z, and multi-byte UTF-8
+    texts = ["".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 40))) for _ in range(3000)] + [None, ""]
+    array = pa.array(texts).slice(1)  # an Arrow offset too
+    exact, lowered = hash_strings_and_lowered(array)
+
+    assert exact.tolist() == digests(texts[1:]).tolist() == hash_strings(array).tolist()
+    assert lowered.tolist() == hash_strings(pc.ascii_lower(array)).tolist()
+    assert exact[-2] == 0 and exact[-1] != 0  # null vs empty text
+    distinct = {text for text in texts[1:] if text is not None}
+    assert len(set(exact.tolist())) == len(distinct) + 1

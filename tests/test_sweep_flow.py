@@ -79,3 +79,53 @@ def test_rank_sweep_logs_child_runs_stops_raising_and_registers_the_winner_only(
 
     markdown = _prefect_artifacts(parent.data.tags["loraops.prefect_flow_run_id"], "sweep")
     assert markdown and "01-r4 (winner)" in markdown[0]
+
+
+@pytest.mark.slow  # about 60 s on 2 busy cores: one diverging and one good training, then the gate
+def test_a_failed_trial_is_recorded_and_the_sweep_goes_on_with_the_rest(tiny_project, prefect_harness):
+    from flows.sweep import sweep
+
+    cfg = load_config(tiny_project / "params.yaml")
+    # A learning rate of 1e30 passes the config (> 0) and makes training diverge at its second step.
+    result = sweep(param=["train.learning_rate=1e30,0.01"], config=cfg, project_dir=str(tiny_project))
+
+    failed, done = result.trials
+    assert failed.status == "failed" and failed.note.startswith("TrainingDivergedError: ")
+    assert done.status == "done" and result.winner.trial == done.trial
+    assert result.registration.version == "1" and result.registration.run_id == done.run_id
+
+    client = _client(tiny_project)
+    assert len(client.search_model_versions("name='tiny-adapter'")) == 1
+    failed_run, done_run = client.get_run(failed.run_id), client.get_run(done.run_id)
+    assert failed_run.info.status == "FAILED"
+    assert failed_run.data.tags["loraops.sweep_error"] == failed.note and "diverged" in failed.note
+    assert failed_run.data.tags["mlflow.parentRunId"] == done_run.data.tags["mlflow.parentRunId"]
+    assert failed_run.data.tags["mlflow.runName"] == failed.trial.name
+    table = (tiny_project / "reports" / "sweep" / "sweep.md").read_text()
+    assert f"| {failed.trial.name} | 1e+30 |" in table and "| failed: TrainingDivergedError: " in table
+    assert f"{done.trial.name} (winner)" in table
+
+
+@pytest.mark.slow  # about 50 s: contract, baseline and a training that diverges at its second step
+def test_a_sweep_whose_trials_all_fail_fails_and_registers_nothing(tiny_project, prefect_harness):
+    from typer.testing import CliRunner
+
+    from loraops.cli.app import app
+
+    params_before = (tiny_project / "params.yaml").read_text()
+    cli = ["sweep", "--param", "train.learning_rate=1e30", "--params", str(tiny_project / "params.yaml")]
+    result = CliRunner().invoke(app, cli)
+
+    assert result.exit_code == 1, result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    message = line.removeprefix("error: ")
+    assert message.startswith("no sweep trial finished (01-learning_rate1e_30 failed: TrainingDivergedError: ")
+    assert message.endswith("nothing gated or registered")
+
+    client = _client(tiny_project)
+    assert client.search_registered_models() == []
+    experiment = client.get_experiment_by_name(load_config(tiny_project / "params.yaml").registry.experiment)
+    (parent,) = client.search_runs([experiment.experiment_id], "tags.`loraops.sweep` LIKE 'train%'")
+    assert parent.info.status == "FAILED" and parent.data.tags["loraops.sweep_error"] == message
+    assert "failed: TrainingDivergedError" in (tiny_project / "reports" / "sweep" / "sweep.md").read_text()
+    assert (tiny_project / "params.yaml").read_text() == params_before

@@ -88,6 +88,7 @@ def test_the_run_is_running_during_training_with_step_metrics_and_the_prefect_ru
     assert run.info.status == "FAILED", "the flow failed after training: its run ends FAILED, not RUNNING"
     stamps = [point.timestamp for point in client.get_metric_history(run.info.run_id, "loss")]
     assert len(stamps) == 8 and stamps == sorted(stamps) and stamps[-1] > stamps[0]
+    assert run.data.metrics["peak_memory_bytes"] > 0  # this process's peak RSS on the CPU
     assert run.info.start_time <= stamps[0]
     evals = {point.step: point.value for point in client.get_metric_history(run.info.run_id, "eval_loss")}
     assert evals[trained.best_step] == pytest.approx(trained.best_eval_loss)

@@ -37,6 +37,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from loraops.project.lock import ProjectLockedError
     from loraops.project.servers import ServerUnreachableError
     from loraops.registry.integrity import AdapterIntegrityError
+    from loraops.sweep.plan import SweepError
 
     errors: list[type[BaseException]] = [
         ConfigError,
@@ -48,6 +49,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         AdapterIntegrityError,
         ProjectLockedError,
         DvcLockedError,
+        SweepError,
     ]
     try:
         from loraops.train.trainer import TrainingDivergedError
@@ -329,6 +331,7 @@ def _add_area_commands() -> None:
         "loraops.cli.plan",
         "loraops.cli.sanity",
         "loraops.cli.sweep",
+        "loraops.cli.serve",
     ):
         try:
             importlib.import_module(module).add_commands(app, _exit_cleanly_on_user_error)

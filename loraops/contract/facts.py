@@ -30,6 +30,31 @@ class SplitFacts:
     quarantined: set[int] = field(default_factory=set)  # lines set aside
     table: dict[str, list[pa.Array]] = field(default_factory=dict)  # the example table's text columns, per batch
     template_errors: dict[int, str] = field(default_factory=dict)  # line -> why the chat template refused it
+    table_start: int = 0  # the split's row where ``table`` begins: rows before it were validated and dropped
+
+    @property
+    def rows(self) -> int:
+        """Rows scanned so far."""
+        return sum(len(part) for part in self.columns.get("line", []))
+
+    def drop_table(self) -> None:
+        """Forget the text columns of the rows validated so far (chunked validation keeps one chunk)."""
+        self.table_start += sum(len(part) for part in self.table.get("text", []))
+        self.table.clear()
+
+    def window(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` of a per-row column, joining only the parts they span (the last batch's, mostly)."""
+        import numpy as np
+
+        pieces, end = [], sum(len(part) for part in self.columns.get(name, []))
+        for part in reversed(self.columns.get(name, [])):
+            begin = end - len(part)
+            if begin < stop and end > start:
+                pieces.insert(0, part[max(start - begin, 0) : min(stop, end) - begin])
+            if begin <= start:
+                break
+            end = begin
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces else np.zeros(0, dtype=bool)
 
     def add_column(self, name: str, values: pa.Array) -> None:
         self.table.setdefault(name, []).append(values)

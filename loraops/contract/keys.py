@@ -1,6 +1,6 @@
 """64-bit keys per example, question and answer: duplicates within a split and train/validation leakage.
 
-Vectorised over a batch's turns, with the one key scheme of ``data.keys`` (blake2b digests mixed
+Vectorised over a batch's turns, with the one key scheme of ``data.keys`` (64-bit text keys mixed
 with role and position), so a row's keys here equal ``data.keys.overlap_keys`` of that row.
 """
 
@@ -12,38 +12,40 @@ from typing import TYPE_CHECKING
 from loraops.contract.facts import SplitFacts, Turns, snippet
 from loraops.contract.patterns import ASCII_WHITESPACE_RUN
 from loraops.data.batches import RowBatch
-from loraops.data.keys import digests, mix, normalize_text, tagged, turn_salts
+from loraops.data.keys import digests, hash_strings, hash_strings_and_lowered, mix, normalize_text, tagged, turn_salts
 
 if TYPE_CHECKING:
     import numpy as np
     import pyarrow as pa
 
 
-def _hash_strings(array: pa.Array) -> np.ndarray:
-    return digests(array.to_numpy(zero_copy_only=False))
-
-
 def normalized_hashes(content: pa.Array, unusual: np.ndarray) -> np.ndarray:
-    """``digests([normalize_text(s)])`` of every turn, computed by Arrow except for non-ASCII turns.
+    """``digests([normalize_text(s)])`` of every turn (see ``turn_hashes``)."""
+    return turn_hashes(content, unusual)[1]
+
+
+def turn_hashes(content: pa.Array, unusual: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``digests`` of every turn as written and of its ``normalize_text``, computed by Arrow and numpy.
 
     For plain ASCII text ``normalize_text`` (casefold, split on whitespace, join with one space)
-    is lower-casing; unusual ASCII turns also get their whitespace runs collapsed by Arrow, and
-    only non-ASCII turns (Unicode case folding and spaces) go through Python.
+    is lower-casing, hashed from the same read of the bytes as the exact key; unusual ASCII turns
+    also get their whitespace runs collapsed by Arrow, and only non-ASCII turns (Unicode case
+    folding and spaces) go through Python.
     """
     import numpy as np
     import pyarrow.compute as pc
 
-    hashes = _hash_strings(pc.ascii_lower(content))
+    exact, hashes = hash_strings_and_lowered(content)
     if not len(unusual):
-        return hashes
+        return exact, hashes
     odd = content.take(unusual)
     spaced = pc.replace_substring_regex(pc.ascii_lower(odd), ASCII_WHITESPACE_RUN, " ")
-    hashes[unusual] = _hash_strings(pc.utf8_trim(spaced, " "))
+    hashes[unusual] = hash_strings(pc.utf8_trim(spaced, " "))
     foreign = np.flatnonzero(~pc.fill_null(pc.string_is_ascii(odd), True).to_numpy(zero_copy_only=False))
     if len(foreign):
         texts = odd.take(foreign).to_pylist()
         hashes[unusual[foreign]] = digests(normalize_text(text) for text in texts)
-    return hashes
+    return exact, hashes
 
 
 @dataclass
@@ -83,14 +85,14 @@ def keys_of(facts: SplitFacts, turns: Turns, well_formed: np.ndarray, unusual: n
     import numpy as np
     import pyarrow.compute as pc
 
-    normalised = normalized_hashes(turns.content, unusual)
+    exact, normalised = turn_hashes(turns.content, unusual)
     encoded = pc.dictionary_encode(turns.role)
     role_hash = (
-        _hash_strings(encoded.dictionary)[encoded.indices.to_numpy()] if len(turns.role) else np.zeros(0, np.uint64)
+        hash_strings(encoded.dictionary)[encoded.indices.to_numpy()] if len(turns.role) else np.zeros(0, np.uint64)
     )
     salt = turn_salts(role_hash, turns.position)
     whole = _per_row_sum(turns, mix(normalised ^ salt))
-    exact_whole = _per_row_sum(turns, mix(_hash_strings(turns.content) ^ salt))
+    exact_whole = _per_row_sum(turns, mix(exact ^ salt))
     whole[~well_formed] = 0
     exact_whole[~well_formed] = 0
     facts.add("key", whole)
@@ -185,36 +187,71 @@ def leakage(
     facts.explain("train_overlap", batch.lines, leaks, why)
 
 
+class FirstSeen:
+    """The keys seen so far in a split (sorted) and the line of each key's first row."""
+
+    def __init__(self) -> None:
+        import numpy as np
+
+        self.keys = np.zeros(0, dtype=np.uint64)
+        self.lines = np.zeros(0, dtype=np.int64)
+
+    def first_lines(self, keys: np.ndarray, lines: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """Line of the first row with each row's key, earlier batches included (its own line for a first
+        occurrence or an invalid row); remembers this batch's new keys."""
+        import numpy as np
+
+        first = lines.copy()
+        rows = np.flatnonzero(valid)
+        if not len(rows):
+            return first
+        unique, start, inverse = np.unique(keys[rows], return_index=True, return_inverse=True)
+        where = np.minimum(np.searchsorted(self.keys, unique), max(len(self.keys) - 1, 0))
+        known = self.keys[where] == unique if len(self.keys) else np.zeros(len(unique), dtype=bool)
+        earliest = lines[rows[start]]
+        earliest[known] = self.lines[where[known]]
+        first[rows] = earliest[inverse]
+        new = np.flatnonzero(~known)
+        at = np.searchsorted(self.keys, unique[new])
+        self.keys = np.insert(self.keys, at, unique[new])
+        self.lines = np.insert(self.lines, at, earliest[new])
+        return first
+
+
+class Duplicates:
+    """Rows repeating an earlier row of the split (exactly, or after normalising case and spacing), batch by batch.
+
+    The keys of every earlier row are kept (16 bytes per distinct row), so a repeat is found however
+    far apart the two rows are: across read chunks and across the chunks GX validates.
+    """
+
+    def __init__(self, normalized: bool) -> None:
+        self.normalized = normalized
+        self.first, self.exact = FirstSeen(), FirstSeen()
+
+    def mark(self, facts: SplitFacts, start: int, stop: int) -> None:
+        """Add ``duplicates`` and ``duplicate_of`` for rows ``start:stop`` of the split, with reasons."""
+        import numpy as np
+
+        line, valid = facts.window("line", start, stop), facts.window("well_formed", start, stop)
+        exact_key = facts.window("exact_key", start, stop)
+        first = self.first.first_lines(facts.window("key", start, stop) if self.normalized else exact_key, line, valid)
+        exact_first = self.exact.first_lines(exact_key, line, valid)
+        repeats = valid & (first != line)
+        facts.add("duplicates", repeats)
+        facts.add("duplicate_of", np.where(repeats, first, 0))
+
+        def why(row: int) -> str:
+            if exact_first[row] != line[row]:
+                return f"same example as line {exact_first[row]}"
+            return f"same example as line {first[row]} after normalising case and whitespace"
+
+        facts.explain("duplicates", line, repeats, why)
+
+
 def mark_duplicates(facts: SplitFacts, normalized: bool) -> None:
-    """Rows repeating an earlier row of the split (exactly, or after normalising case and spacing)."""
-    import numpy as np
-
-    line, well_formed = facts.column("line"), facts.column("well_formed")
-    first = _first_occurrence(facts.column("key" if normalized else "exact_key"), well_formed)
-    repeats = well_formed & (first != np.arange(len(line)))
-    grouped = repeats.copy()
-    grouped[first[repeats]] = True  # exact copies can only be among rows with a normalised twin
-    exact_first = _first_occurrence(facts.column("exact_key"), grouped)
-    exact = exact_first != np.arange(len(line))
-    facts.columns["duplicates"] = [repeats]
-    facts.columns["duplicate_of"] = [np.where(repeats, line[first], 0)]
+    """Mark the duplicates of a whole scanned split again (``scan_split`` marks them with ``data.contract``'s setting)."""
+    for name in ("duplicates", "duplicate_of"):
+        facts.columns.pop(name, None)
     facts.reasons.pop("duplicates", None)
-
-    def why(row: int) -> str:
-        if exact[row]:
-            return f"same example as line {line[exact_first[row]]}"
-        return f"same example as line {line[first[row]]} after normalising case and whitespace"
-
-    facts.explain("duplicates", line, repeats, why)
-
-
-def _first_occurrence(keys: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Index of the first row with the same key (the row itself when it is the first or not valid)."""
-    import numpy as np
-
-    first = np.arange(len(keys))
-    rows = np.flatnonzero(valid)
-    if len(rows):
-        _, start, inverse = np.unique(keys[rows], return_index=True, return_inverse=True)
-        first[rows] = rows[start[inverse]]
-    return first
+    Duplicates(normalized).mark(facts, 0, facts.rows)

@@ -6,56 +6,68 @@ import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
-from loraops.contract.facts import SplitFacts
+from loraops.contract.facts import SplitFacts, snippet
 from loraops.data.formats import DataError
 from loraops.names import CONTRACT_SUMMARY, QUARANTINE_DIR
 from loraops.results import ContractReport, QuarantineRecord
 
-if TYPE_CHECKING:
-    import numpy as np
-
 logger = logging.getLogger(__name__)
 
 
-def quarantine(facts: SplitFacts, rules: Iterable[str], report_dir: Path) -> tuple[np.ndarray, QuarantineRecord | None]:
-    """Set aside rows breaking ``rules``; write them, with line and reasons, to ``quarantine/<split>.jsonl``.
+class Quarantine:
+    """Sets aside a split's rows breaking ``rules``, batch by batch, into ``quarantine/<split>.jsonl`` with reasons."""
 
-    Returns the mask of kept rows and the record for the report (None when nothing is configured).
-    """
-    import numpy as np
+    def __init__(self, split: str, rules: Iterable[str], report_dir: Path) -> None:
+        self.rules = list(rules)
+        self.target = report_dir / QUARANTINE_DIR / f"{split}.jsonl"
+        self.target.unlink(missing_ok=True)  # never leave a quarantine of an earlier run behind
+        self.partial = self.target.with_suffix(".jsonl.partial")  # renamed to target once the split is done
+        self.by_rule: dict[str, int] = {}
+        self.rows = 0
+        if self.rules:
+            self.target.parent.mkdir(parents=True, exist_ok=True)
+            self.partial.write_text("")
 
-    from loraops.data.files import file_md5
+    def write(self, facts: SplitFacts, broken: dict[str, dict[int, Any]]) -> set[int]:
+        """Write the rows the suite found breaking a quarantine rule (rule -> line -> offending value), with reasons.
 
-    line = facts.column("line")
-    target = report_dir / QUARANTINE_DIR / f"{facts.name}.jsonl"
-    target.unlink(missing_ok=True)  # never leave a quarantine of an earlier run behind
-    rules = list(rules)
-    if not rules:
-        return np.ones(len(line), dtype=bool), None
-    flagged = {rule: facts.column(rule) for rule in rules if rule in facts.columns}
-    aside = np.zeros(len(line), dtype=bool)
-    for mask in flagged.values():
-        aside |= mask
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with target.open("w", encoding="utf-8") as handle:
-        for row in np.flatnonzero(aside):
-            broken = [rule for rule, mask in flagged.items() if mask[row]]
-            reasons = [f"{rule}: {facts.reasons.get(rule, {}).get(int(line[row]), '')}" for rule in broken]
-            handle.write(json.dumps({"line": int(line[row]), "rules": broken, "reasons": reasons}) + "\n")
-    facts.quarantined = {int(value) for value in line[aside]}
-    record = QuarantineRecord(
-        split=facts.name,
-        source=facts.path,
-        source_md5=file_md5(Path(facts.path)),
-        path=str(target),
-        rows=int(aside.sum()),
-        by_rule={rule: int(mask.sum()) for rule, mask in flagged.items()},
-    )
-    if record.rows:
-        logger.warning("Quarantined %d %s rows (%s) in %s", record.rows, facts.name, record.by_rule, target)
-    return ~aside, record
+        The verdicts are GX's (the rule's expectation in the suite, ``chunks.SplitRun``); the reasons are
+        the scan's explanations, else the offending value. Returns the lines set aside.
+        """
+        lines = sorted(set().union(*broken.values())) if broken else []
+        with self.partial.open("a", encoding="utf-8") as handle:
+            for line in lines:
+                rules = [rule for rule, found in broken.items() if line in found]
+                reasons = [
+                    f"{rule}: {facts.reasons.get(rule, {}).get(line) or snippet(broken[rule][line])}" for rule in rules
+                ]
+                handle.write(json.dumps({"line": line, "rules": rules, "reasons": reasons}) + "\n")
+        for rule, found in broken.items():
+            self.by_rule[rule] = self.by_rule.get(rule, 0) + len(found)
+        facts.quarantined.update(lines)
+        self.rows += len(lines)
+        return set(lines)
+
+    def record(self, facts: SplitFacts) -> QuarantineRecord | None:
+        """What was set aside, for the report (None when no rule is configured)."""
+        from loraops.data.files import file_md5
+
+        if not self.rules:
+            return None
+        self.partial.replace(self.target)
+        record = QuarantineRecord(
+            split=facts.name,
+            source=facts.path,
+            source_md5=file_md5(Path(facts.path)),
+            path=str(self.target),
+            rows=self.rows,
+            by_rule={rule: self.by_rule[rule] for rule in self.rules if rule in self.by_rule},
+        )
+        if record.rows:
+            logger.warning("Quarantined %d %s rows (%s) in %s", record.rows, facts.name, record.by_rule, self.target)
+        return record
 
 
 def quarantined_lines(report_dir: str | Path, split: str, source: str | Path) -> set[int]:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraops.config import DataConfig
 from loraops.contract.facts import SplitFacts, Turns, turn_name
-from loraops.contract.keys import TrainIndex, keys_of, leakage
+from loraops.contract.keys import Duplicates, TrainIndex, keys_of, leakage
 from loraops.contract.patterns import content_patterns, unusual_turns
 from loraops.contract.table import LAST_ROLE, ROLE_ORDER, batch_columns
 from loraops.contract.tokens import token_lengths
@@ -25,16 +26,26 @@ def scan_split(
     data: DataConfig,
     tokenizer: Any,
     train_index: TrainIndex | None = None,
+    on_batch: Callable[[SplitFacts], None] | None = None,
 ) -> SplitFacts:
-    """Stream a split and compute every per-row fact; leakage needs the train split's index."""
+    """Stream a split and compute every per-row fact; leakage needs the train split's index.
+
+    ``on_batch`` is called after each batch, when every fact of its rows is known (duplicates of
+    earlier rows included): the contract validates and drops the example table's text there.
+    """
     contract = data.contract
     facts = SplitFacts(name, str(path), EMPTY_FORMAT, keep_all_reasons=frozenset(contract.quarantine))
+    duplicates = Duplicates(contract.duplicates.normalized)
     for batch in read_batches(path, data.format, int(contract.chunk_mb * 2**20)):
         if len(batch) == 0:
             facts.format = batch.format if facts.format == EMPTY_FORMAT else facts.format
             continue
         facts.format = batch.format
+        start = facts.rows
         _scan_batch(facts, batch, tokenizer, data.max_length, train_index)
+        duplicates.mark(facts, start, facts.rows)
+        if on_batch is not None:
+            on_batch(facts)
     return facts
 
 

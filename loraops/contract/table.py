@@ -97,15 +97,22 @@ def _last_answer(turns: Turns, malformed: pa.Array, rows: int) -> pa.Array:
 
 
 def example_frame(facts: SplitFacts, keep: np.ndarray) -> pd.DataFrame:
-    """The table of the kept rows as a pandas frame."""
+    """The kept rows of the table's current rows (from ``facts.table_start``) as a pandas frame."""
     import numpy as np
     import pandas as pd
     import pyarrow as pa
 
     rows = np.flatnonzero(keep)
+    start, stop = facts.table_start, facts.table_start + len(keep)
     take = None if len(rows) == len(keep) else pa.array(rows)
+
+    def compact(name: str, default: float | int) -> np.ndarray:
+        if name not in facts.columns:
+            return np.full(len(rows), default)
+        return facts.window(name, start, stop)[rows]
+
     frame = pd.DataFrame({"file": pd.Categorical.from_codes(np.zeros(len(rows), np.int8), [facts.path])})
-    frame["line"] = facts.column("line")[rows]
+    frame["line"] = compact("line", 0)
     for name in TEXT_COLUMNS:  # Arrow-backed: no copy, and pandas runs the suites' regexes with RE2
         column = facts.table_column(name)
         frame[name] = pd.arrays.ArrowExtensionArray(column if take is None else column.take(take))
@@ -114,17 +121,12 @@ def example_frame(facts: SplitFacts, keep: np.ndarray) -> pd.DataFrame:
     frame["shortest_turn"] = (
         (shortest if take is None else shortest.take(take)).to_numpy(zero_copy_only=False).astype(float)
     )
-    tokens = facts.column("token_length")[rows] if "token_length" in facts.columns else np.full(len(rows), np.nan)
-    frame["n_tokens"] = tokens  # NaN: not tokenised
+    frame["n_tokens"] = compact("token_length", np.nan)  # NaN: not tokenised
     frame["template_error"] = _by_line(frame["line"].to_numpy(), facts.template_errors)
-    duplicate_of = (
-        facts.column("duplicate_of")[rows] if "duplicate_of" in facts.columns else np.zeros(len(rows), np.int64)
-    )
+    duplicate_of = compact("duplicate_of", 0)
     frame["duplicate_of"] = pd.array(duplicate_of, dtype="Int64")
     frame.loc[duplicate_of == 0, "duplicate_of"] = pd.NA
-    frame["train_line"] = (
-        facts.column("train_line")[rows] if "train_line" in facts.columns else np.zeros(len(rows), np.int64)
-    )
+    frame["train_line"] = compact("train_line", 0)
     return frame
 
 

@@ -1,4 +1,4 @@
-"""The entry point: scan both splits, quarantine, run each split's GX suite, write the reports."""
+"""The entry point: scan both splits, quarantine and validate them chunk by chunk with GX, write the reports."""
 
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from loraops.config import DataConfig
-from loraops.contract.context import gx_dir, load_suite, run_checkpoint, run_context
-from loraops.contract.keys import TrainIndex, mark_duplicates
-from loraops.contract.quarantine import quarantine
+from loraops.contract.chunks import SplitRun
+from loraops.contract.context import gx_dir, run_context
+from loraops.contract.keys import TrainIndex
 from loraops.contract.report import format_check, not_checked_without_validation, to_checks
 from loraops.contract.scan import scan_split
-from loraops.contract.table import example_frame
 from loraops.data.formats import EMPTY_FORMAT
 from loraops.names import CONTRACT_DOCS_DIR, CONTRACT_SUMMARY
 from loraops.results import ContractCheck, ContractReport, QuarantineRecord
@@ -32,29 +31,28 @@ def validate_dataset(
     the pipeline always passes one.
     """
     report_dir = Path(report_dir)
-    contract = data.contract
-    train_facts = scan_split("train", train, data, tokenizer)
-    splits = [train_facts]
-    if validation is not None:
-        splits.append(scan_split("validation", validation, data, tokenizer, TrainIndex.of(train_facts)))
     context = run_context(report_dir / CONTRACT_DOCS_DIR)
+    tokenized = tokenizer is not None
+    runs = [SplitRun(context, data, "train", tokenized, report_dir)]
+    splits = [scan_split("train", train, data, tokenizer, on_batch=runs[0].add)]
+    if validation is not None:
+        runs.append(SplitRun(context, data, "validation", tokenized, report_dir))
+        index = TrainIndex.of(splits[0])
+        splits.append(scan_split("validation", validation, data, tokenizer, index, on_batch=runs[1].add))
+    train_facts = splits[0]
     checks: list[ContractCheck] = []
     raw: dict[str, Any] = {}
     records: dict[str, QuarantineRecord] = {}
     known = [facts.format for facts in splits if facts.format != EMPTY_FORMAT]
-    for facts in splits:
-        mark_duplicates(facts, contract.duplicates.normalized)
-        keep, record = quarantine(facts, contract.quarantine, report_dir)
+    for facts, run in zip(splits, runs):
+        fmt = facts.format if facts.format != EMPTY_FORMAT else (known[0] if known else "chat")
+        result, entries, record = run.finish(facts, fmt)
         if record is not None:
             records[facts.name] = record
-        fmt = facts.format if facts.format != EMPTY_FORMAT else (known[0] if known else "chat")
-        entries = load_suite(data, fmt, facts.name, tokenizer is not None)
-        parameters = {"min_rows": getattr(contract.min_rows, facts.name), "max_length": data.max_length}
-        result = run_checkpoint(context, fmt, facts.name, example_frame(facts, keep), entries, parameters)
         raw[facts.name] = result.to_json_dict()
         counts = {"min_rows": record.rows if record else 0, **(record.by_rule if record else {})}
         suite = str(gx_dir(data) / "expectations" / f"{fmt}.json")
-        checks += to_checks(facts, entries, result, counts, int(keep.sum()), suite)
+        checks += to_checks(facts, entries, result, counts, run.kept, suite)
     checks += [format_check(splits)] if validation is not None else not_checked_without_validation()
     context.build_data_docs()
     report = ContractReport(

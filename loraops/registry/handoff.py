@@ -51,6 +51,7 @@ class TrainingHandoff(BaseModel):
     data_dvc: str  # the text of data.dvc: which dataset (by md5) to check out of the DVC remote
     train_key: str  # tags the MLflow run that carries the adapter back
     parent_lock: str | None = None  # the retrain run's project-lock token: a worker sharing its checkout runs under it
+    run_tags: dict[str, str] = {}  # more tags for that run (a sweep trial's: its parent run and name)
 
 
 def prepare_handoff(cfg: LoraopsConfig, root: Path) -> TrainingHandoff:
@@ -189,5 +190,7 @@ def describe_unfinished(deployment: str, state_name: str, message: str | None, t
 
 
 def handoff_parameters(handoff: TrainingHandoff) -> dict:
-    """The ``train-adapter`` flow's parameters, as JSON the Prefect server validates."""
-    return json.loads(handoff.model_dump_json())
+    """The ``train-adapter`` flow's parameters, as JSON the Prefect server validates (``run_tags`` and
+    ``parent_lock`` only when set: a deployment made before those parameters existed still takes retrain's runs)."""
+    unset = {name for name in ("run_tags", "parent_lock") if not getattr(handoff, name)}
+    return json.loads(handoff.model_dump_json(exclude=unset or None))

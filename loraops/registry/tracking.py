@@ -62,10 +62,11 @@ class LiveRun:
 # --- opening and ending ---------------------------------------------------------------------
 
 
-def start_run(cfg: LoraopsConfig, root: Path) -> LiveRun | None:
+def start_run(cfg: LoraopsConfig, root: Path, tags: dict[str, str] | None = None) -> LiveRun | None:
     """Open the pipeline's MLflow run as training starts (None on other ranks of a multi-process run).
 
-    A retried training task of the same Prefect flow run continues in that flow run's run.
+    A retried training task of the same Prefect flow run continues in that flow run's run. ``tags`` are
+    added to a new run (a sweep trial's: its parent run and name, ``mlflow.runName`` included).
     """
     if int(os.environ.get("RANK", "0")) != 0:
         return None
@@ -79,8 +80,9 @@ def start_run(cfg: LoraopsConfig, root: Path) -> LiveRun | None:
         return LiveRun(client, experiment_id, earlier)
     workspace = workspace_key(root)
     fail_orphans(client, experiment_id, WORKSPACE_TAG, workspace)
-    run_name = f"{cfg.lora.variant}-r{cfg.lora.r}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run = client.create_run(experiment_id, run_name=run_name, tags={**links, WORKSPACE_TAG: workspace})
+    tags = {**links, WORKSPACE_TAG: workspace, **(tags or {})}
+    run_name = tags.get("mlflow.runName") or f"{cfg.lora.variant}-r{cfg.lora.r}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = client.create_run(experiment_id, run_name=run_name, tags=tags)
     live = LiveRun(client, experiment_id, run.info.run_id)
     with ended_failed_on_error(live):
         log_new_params(client, run.info.run_id, cfg)

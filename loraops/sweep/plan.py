@@ -18,7 +18,7 @@ RANK_KEY = "lora.r"
 
 
 class SweepError(ValueError):
-    """A sweep that cannot pick a winner (no trial finished)."""
+    """A sweep that cannot pick a winner: every trial failed or was skipped."""
 
 
 class SweptParam(BaseModel):
@@ -39,7 +39,7 @@ class Trial(BaseModel):
 
 class TrialResult(BaseModel):
     trial: Trial
-    status: Literal["done", "skipped"]
+    status: Literal["done", "skipped", "failed"]
     val_loss: float | None = None
     trainable_params: int | None = None
     train_time_s: float | None = None
@@ -47,7 +47,7 @@ class TrialResult(BaseModel):
     run_id: str | None = None  # the trial's child MLflow run
     trained: TrainResult | None = None  # in the trial's folders
     experiment: str | None = None  # the trial's DVC experiment
-    note: str = ""
+    note: str = ""  # why it was skipped, or the error it failed with
 
 
 # --- --param ---------------------------------------------------------------------------------
@@ -151,16 +151,52 @@ def _result_at(done: list[TrialResult], trial: Trial, param: SweptParam, positio
     return next((result for result in done if result.trial.values == wanted), None)
 
 
+def next_wave(
+    trials: list[Trial], params: list[SweptParam], done: list[TrialResult], min_gain: float | None
+) -> list[Trial]:
+    """The trials without a result whose stop rule can be decided now: trials to run side by side.
+
+    Without a stop rule, every trial at once. With one, a trial at the third value of a setting or later waits
+    for the results of the values before it along that setting (the others fixed), as ``skip_reason`` reads them.
+    """
+    pending = [trial for trial in trials if not any(result.trial.index == trial.index for result in done)]
+    if min_gain is None:
+        return pending
+    return [trial for trial in pending if all(_result_at(done, trial, *before) for before in _before(trial, params))]
+
+
+def _before(trial: Trial, params: list[SweptParam]) -> list[tuple[SweptParam, int]]:
+    """(setting, position) of the trials whose results the stop rule reads for ``trial``."""
+    positions = [(param, param.values.index(trial.values[param.key])) for param in params]
+    return [(param, at) for param, position in positions if position >= 2 for at in range(position)]
+
+
+def finished(results: list[TrialResult]) -> list[TrialResult]:
+    """The trials that trained and were evaluated: the candidates for the winner."""
+    return [result for result in results if _finished(result)]
+
+
+def failure_summary(results: list[TrialResult]) -> str:
+    """Why no trial can win: each trial and how it ended."""
+    ends = "; ".join(f"{result.trial.name} {result.status}: {_first_line(result.note)}" for result in results)
+    return f"no sweep trial finished ({ends}): nothing gated or registered"
+
+
+def _first_line(text: str, limit: int = 200) -> str:
+    line = (text or "").strip().splitlines()[0] if (text or "").strip() else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
 # --- the winner ------------------------------------------------------------------------------
 
 
 def pick_winner(results: list[TrialResult], margin: float = 0.0) -> TrialResult:
     """Lowest validation loss; trials within ``margin`` nats of it count as tied and the smaller rank wins."""
-    finished = [result for result in results if _finished(result)]
-    if not finished:
-        raise SweepError("no sweep trial finished: nothing to gate or register")
-    best = min(result.val_loss for result in finished)
-    tied = [result for result in finished if result.val_loss <= best + margin]
+    candidates = finished(results)
+    if not candidates:
+        raise SweepError(failure_summary(results))
+    best = min(result.val_loss for result in candidates)
+    tied = [result for result in candidates if result.val_loss <= best + margin]
     return min(tied, key=lambda result: (result.trial.values.get(RANK_KEY, 0), result.val_loss, result.trial.index))
 
 
@@ -168,7 +204,10 @@ def pick_winner(results: list[TrialResult], margin: float = 0.0) -> TrialResult:
 
 
 def table_markdown(params: list[SweptParam], results: list[TrialResult], winner: TrialResult | None = None) -> str:
-    """One row per trial: its values, trainable parameters, validation loss, training time, peak memory."""
+    """One row per trial: its values, trainable parameters, validation loss, training time, peak memory.
+
+    The note is why a trial was skipped, or the first line of the error it failed with.
+    """
     keys = [param.key for param in params]
     header = ["trial", *keys, "trainable params", "val loss", "train time (s)", "peak memory (MiB)", "note"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -181,10 +220,15 @@ def table_markdown(params: list[SweptParam], results: list[TrialResult], winner:
             _cell(result.val_loss, "{:.4f}"),
             _cell(result.train_time_s, "{:.1f}"),
             _cell(result.peak_memory_bytes / 2**20 if result.peak_memory_bytes else None, "{:.0f}"),
-            result.note or result.status,
+            _note(result),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _note(result: TrialResult) -> str:
+    note = _first_line(result.note).replace("|", "\\|")
+    return f"failed: {note}" if result.status == "failed" else note or result.status
 
 
 def _cell(value: Any, form: str) -> str:

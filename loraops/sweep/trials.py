@@ -5,29 +5,39 @@ checkpoint folder ``<train.output_dir>/sweep/<trial>`` and adapter folder ``adap
 child MLflow run of the sweep run). ``adopt_trial`` copies its adapter and history to the project's paths,
 so the project's stages evaluate and version it (``save_trial_experiment``: one DVC experiment per trial)
 and, for the winner, gate and register it as they do a retrain's adapter. ``finish_trial`` ends the child
-run with the trial's numbers. The choices (order, stop rule, winner) are loraops.sweep.plan's.
+run with the trial's numbers; ``record_failed_trial`` ends a failed trial's child run FAILED with its error,
+and the sweep goes on. Trials on a train deployment (GPU pool) are loraops.sweep.remote's. The choices
+(order, stop rule, winner) are loraops.sweep.plan's.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import resource
 import shutil
-import sys
 import time
 from pathlib import Path
 
 from loraops import stages
 from loraops.config import LoraopsConfig
 from loraops.results import EvalMetrics, Lineage, Registration, TrainResult
-from loraops.sweep.plan import SweptParam, Trial, TrialResult, config_for, plot_losses, table_markdown
+from loraops.sweep.plan import (
+    SweptParam,
+    Trial,
+    TrialResult,
+    config_for,
+    failure_summary,
+    plot_losses,
+    table_markdown,
+)
 from loraops.train import datasets
+from loraops.train.peak_memory import peak_memory, reset_peak_memory
 
 log = logging.getLogger(__name__)
 
 PARENT_RUN_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests the trials under the sweep run
 SWEEP_TAG = "loraops.sweep"  # on the sweep run: the swept settings; on a trial's run: its trial name
+SWEEP_ERROR_TAG = "loraops.sweep_error"  # on a failed trial's run: the error it failed with
 SWEEP_FOLDER = "sweep"
 TABLE_FILE, PLOT_FILE, RESULTS_FILE = "sweep.md", "val_loss.png", "sweep.json"
 
@@ -70,20 +80,20 @@ def train_trial(
     from loraops.train import trainer as training
 
     checkpoints, adapter_dir, history = trial_paths(cfg, root, trial)
-    _fresh_sweep_folder(adapter_dir)
+    fresh_sweep_folder(adapter_dir)
     local = config_for(cfg, trial)
     local = local.model_copy(update={"train": local.train.model_copy(update={"output_dir": str(checkpoints)})})
     base = modeling.read_base_model_ref(Path(root) / cfg.paths.base_model_dir)
     train_dataset, validation_dataset = datasets.tokenized_splits(local, root)
     client = store.client_for(cfg.registry, root)
     parent = client.get_run(parent_run_id)
-    tags = {**tracking.prefect_links(), PARENT_RUN_TAG: parent_run_id, SWEEP_TAG: trial.name}
+    tags = {**tracking.prefect_links(), **trial_tags(parent_run_id, trial)}
     run = client.create_run(parent.info.experiment_id, run_name=trial.name, tags=tags)
     live = tracking.LiveRun(client, parent.info.experiment_id, run.info.run_id)
     with tracking.ended_failed_on_error(live):
         log_new_params(client, live.run_id, local)
         device = modeling.resolve_device(local.train)
-        _reset_peak_memory(device)
+        reset_peak_memory(device)
         started = time.monotonic()
         result = training.train_adapter(
             local,
@@ -94,35 +104,18 @@ def train_trial(
             history_path=history,
             extra_callbacks=(tracking.metrics_callback(live),),
         )
-        seconds, peak = time.monotonic() - started, _peak_memory(device)
+        seconds, peak = time.monotonic() - started, peak_memory(device)
         tracking.tag_adapter(live, adapter_dir)
     result.mlflow_run_id = live.run_id
     return result, (seconds, peak)
 
 
-def _fresh_sweep_folder(adapter_dir: Path) -> None:
+def fresh_sweep_folder(adapter_dir: Path) -> None:
     """An empty trial folder; the sweep folder ignored by git so trials do not make the checkout dirty."""
     adapter_dir.parent.mkdir(parents=True, exist_ok=True)
     (adapter_dir.parent / ".gitignore").write_text("*\n")
     if adapter_dir.exists():
         shutil.rmtree(adapter_dir)
-
-
-def _reset_peak_memory(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.reset_peak_memory_stats()
-
-
-def _peak_memory(device: str) -> int:
-    """Peak GPU memory allocated during the trial on CUDA; on the CPU the process's peak resident memory so far."""
-    if device.startswith("cuda"):
-        import torch
-
-        return int(torch.cuda.max_memory_allocated())
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def adopt_trial(cfg: LoraopsConfig, root: Path, trial: Trial, trained: TrainResult) -> TrainResult:
@@ -151,12 +144,17 @@ def save_trial_experiment(cfg: LoraopsConfig, root: Path, lineage: Lineage, name
     return stages.save_experiment(cfg, root, lineage, name)
 
 
+def trial_tags(parent_run_id: str, trial: Trial) -> dict[str, str]:
+    """The tags that make a trial's MLflow run a child of the sweep run, named after the trial."""
+    return {PARENT_RUN_TAG: parent_run_id, SWEEP_TAG: trial.name, "mlflow.runName": trial.name}
+
+
 def finish_trial(
     cfg: LoraopsConfig,
     root: Path,
     trial: Trial,
     trained: TrainResult,
-    measured: tuple[float, int],
+    measured: tuple[float | None, int | None],
     candidate: EvalMetrics,
     lineage: Lineage | None = None,
 ) -> TrialResult:
@@ -174,6 +172,8 @@ def finish_trial(
     }
     with tracking.ended(client, trained.mlflow_run_id):
         for key, value in numbers.items():
+            if value is None:  # not measured (the peak memory of a trial trained on a train deployment)
+                continue
             client.log_metric(trained.mlflow_run_id, key, float(value), step=trained.steps)
         if lineage is not None and lineage.dvc_experiment:
             client.set_tag(trained.mlflow_run_id, DVC_EXPERIMENT_TAG, lineage.dvc_experiment)
@@ -191,6 +191,45 @@ def finish_trial(
     )
 
 
+def failure_reason(error: BaseException) -> str | None:
+    """What a failed trial reports, or None for an error that is not the trial's own and fails the sweep:
+    the tracking server stopped answering, or the process is being stopped."""
+    from loraops.registry.limits import TrackingServerLostError
+
+    if not isinstance(error, Exception) or isinstance(error, TrackingServerLostError):
+        return None
+    return f"{type(error).__name__}: {error}"
+
+
+def record_failed_trial(cfg: LoraopsConfig, root: Path, trial: Trial, parent_run_id: str, reason: str) -> TrialResult:
+    """The trial's child run ends FAILED, tagged with ``reason`` (a run is made for a trial that failed before
+    opening one); its row of the sweep table. The sweep goes on with the other trials."""
+    from loraops.registry import store, tracking
+
+    client = store.client_for(cfg.registry, root)
+    run_id = _trial_run(client, parent_run_id, trial)
+    if run_id is None:
+        experiment_id = client.get_run(parent_run_id).info.experiment_id
+        tags = {**tracking.prefect_links(), **trial_tags(parent_run_id, trial)}
+        run_id = client.create_run(experiment_id, run_name=trial.name, tags=tags).info.run_id
+    client.set_tag(run_id, SWEEP_ERROR_TAG, reason[:5000])  # MLflow tag values hold 8,000 characters at most
+    client.set_terminated(run_id, tracking.FAILED)
+    log.warning("trial %s failed, the sweep goes on: %s", trial.name, reason)
+    return TrialResult(trial=trial, status="failed", run_id=run_id, note=reason)
+
+
+def _trial_run(client, parent_run_id: str, trial: Trial) -> str | None:
+    """The newest child run of ``parent_run_id`` for ``trial``, here or on a train deployment's worker."""
+    experiment_id = client.get_run(parent_run_id).info.experiment_id
+    found = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}' and tags.`{SWEEP_TAG}` = '{trial.name}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return found[0].info.run_id if found else None
+
+
 def close_sweep_run(
     cfg: LoraopsConfig,
     root: Path,
@@ -203,21 +242,50 @@ def close_sweep_run(
     """Table, results and plot into reports/sweep/ and the sweep run's artifacts; the run ends. Returns the table."""
     from loraops.registry import store, tracking
 
-    folder = Path(root) / cfg.paths.reports_dir / SWEEP_FOLDER
-    folder.mkdir(parents=True, exist_ok=True)
-    table = f"# Sweep\n\n{table_markdown(params, results, winner)}\n\n{_outcome(winner, registration)}\n"
-    (folder / TABLE_FILE).write_text(table)
-    rows = [result.model_dump(mode="json", exclude={"trained"}) for result in results]
-    (folder / RESULTS_FILE).write_text(json.dumps(rows, indent=1) + "\n")
-    plot_losses(params, results, folder / PLOT_FILE)
+    table = _write_report(cfg, root, params, results, winner, _outcome(winner, registration))
     client = store.client_for(cfg.registry, root)
     with tracking.ended(client, parent_run_id):
-        client.log_artifacts(parent_run_id, str(folder), artifact_path=SWEEP_FOLDER)
+        client.log_artifacts(parent_run_id, str(Path(root) / cfg.paths.reports_dir / SWEEP_FOLDER), SWEEP_FOLDER)
         client.log_metric(parent_run_id, "best_val_loss", float(winner.val_loss))
         client.set_tag(parent_run_id, "loraops.sweep_winner", winner.trial.name)
         client.set_tag(parent_run_id, "loraops.sweep_winner_run_id", winner.run_id or "")
         if registration.version is not None:
             client.set_tag(parent_run_id, "loraops.sweep_registered_version", registration.version)
+    return table
+
+
+def fail_sweep_run(
+    cfg: LoraopsConfig, root: Path, parent_run_id: str, params: list[SweptParam], results: list[TrialResult]
+) -> str:
+    """No trial finished: the table goes out as ``close_sweep_run``'s does and the sweep run ends FAILED, tagged
+    with how each trial ended (``plan.failure_summary``, the SweepError the flow then raises). Returns the table."""
+    from loraops.registry import store, tracking
+
+    summary = failure_summary(results)
+    table = _write_report(cfg, root, params, results, None, summary[0].upper() + summary[1:] + ".")
+    client = store.client_for(cfg.registry, root)
+    client.log_artifacts(parent_run_id, str(Path(root) / cfg.paths.reports_dir / SWEEP_FOLDER), SWEEP_FOLDER)
+    client.set_tag(parent_run_id, SWEEP_ERROR_TAG, summary[:5000])
+    client.set_terminated(parent_run_id, tracking.FAILED)
+    return table
+
+
+def _write_report(
+    cfg: LoraopsConfig,
+    root: Path,
+    params: list[SweptParam],
+    results: list[TrialResult],
+    winner: TrialResult | None,
+    outcome: str,
+) -> str:
+    """reports/sweep/: the table (sweep.md), every trial's result (sweep.json) and the loss plot."""
+    folder = Path(root) / cfg.paths.reports_dir / SWEEP_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    table = f"# Sweep\n\n{table_markdown(params, results, winner)}\n\n{outcome}\n"
+    (folder / TABLE_FILE).write_text(table)
+    rows = [result.model_dump(mode="json", exclude={"trained"}) for result in results]
+    (folder / RESULTS_FILE).write_text(json.dumps(rows, indent=1) + "\n")
+    plot_losses(params, results, folder / PLOT_FILE)
     return table
 
 
