@@ -69,3 +69,30 @@ def test_the_temporary_prefect_server_dies_when_retrain_is_killed(tiny_project, 
             retrain.wait(timeout=20)
         if server_pid and _alive(server_pid):
             os.kill(server_pid, signal.SIGKILL)
+
+
+DRAIN_SCRIPT = """
+import logging
+from prefect import flow
+from loraops.cli.prefect_server import temporary_server
+
+@flow(log_prints=True)
+def chatty():
+    from prefect import get_run_logger
+    for i in range(200):
+        get_run_logger().info("line %d", i)
+
+with temporary_server():
+    chatty()
+"""
+
+
+def test_the_temporary_server_receives_the_runs_last_logs_before_it_stops(tmp_path):
+    """Logs a flow queued at its end reach the temporary server before it stops: no "Error logging to API"."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_API")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    done = subprocess.run(
+        [sys.executable, "-c", DRAIN_SCRIPT], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Error logging to API" not in done.stderr + done.stdout

@@ -50,9 +50,22 @@ def temporary_server() -> Iterator[str]:
     log.info("temporary Prefect server at %s (pid %s), stopped with this command", server.api_url, _pid(server))
     try:
         with temporary_settings({PREFECT_API_URL: server.api_url}):
-            yield server.api_url
+            try:
+                yield server.api_url
+            finally:
+                _drain_to_server()
     finally:
         server.stop()
+
+
+def _drain_to_server(timeout_s: float = 30) -> None:
+    """Send the run's queued logs and events now: at exit they would go to a server already stopped
+    ("Error logging to API")."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=timeout_s)
+    EventsWorker.drain_all(timeout=timeout_s)
 
 
 def _free_port() -> int:
